@@ -1,0 +1,370 @@
+"""Per-model request rules, kept as data, and the one validation function.
+
+The provider adds and retires models without notice, so the rules live in
+``sfbatch/data/models.toml`` and users can add or override models with a file of
+their own. :func:`validate_request` is shared by the engine (before any request is
+paid for) and by the emulator (to answer 400 exactly where the API would)::
+
+    >>> registry = ModelRegistry.builtin()
+    >>> v = validate_request({"prompt": "a cat", "batch_size": 9}, registry)
+    >>> v.errors
+    ('batch_size must be 1..4, got 9',)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from sfbatch.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "REQUEST_FIELDS",
+    "SEED_MAX",
+    "ModelRegistry",
+    "ModelRule",
+    "Validation",
+    "effective_params",
+    "validate_request",
+]
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3-5-large"
+SEED_MAX = 9_999_999_999
+REQUEST_FIELDS = (
+    "model",
+    "prompt",
+    "negative_prompt",
+    "image_size",
+    "batch_size",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "cfg",
+    "prompt_enhancement",
+    "image",
+)
+_SIZE_RE = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
+_RULE_KEYS = {
+    "image_sizes",
+    "max_pixels",
+    "default_size",
+    "steps",
+    "fixed_steps",
+    "default_steps",
+    "guidance_field",
+    "guidance",
+    "default_guidance",
+    "batch_size",
+    "takes_image",
+    "endpoints",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRule:
+    """What one model accepts. ``image_sizes=None`` means any size up to ``max_pixels``."""
+
+    name: str
+    image_sizes: tuple[str, ...] | None = None
+    max_pixels: int | None = None
+    default_size: str = "1024x1024"
+    steps: tuple[int, int] = (1, 50)
+    fixed_steps: int | None = None
+    default_steps: int = 20
+    guidance_field: str = "guidance_scale"
+    guidance: tuple[float, float] = (0.0, 20.0)
+    default_guidance: float | None = 7.5
+    batch_size: tuple[int, int] = (1, 4)
+    takes_image: bool = False
+    endpoints: tuple[str, ...] = ("cn", "com")
+
+    def __post_init__(self) -> None:
+        if self.image_sizes is None and self.max_pixels is None:
+            raise ConfigError(f"model {self.name}: give image_sizes or max_pixels")
+        if self.guidance_field not in ("guidance_scale", "cfg", ""):
+            raise ConfigError(
+                f"model {self.name}: guidance_field must be guidance_scale, cfg or empty, "
+                f"got {self.guidance_field!r}"
+            )
+        lo, hi = self.batch_size
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"model {self.name}: batch_size range {lo}..{hi} is empty")
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_size[1]
+
+
+# Used for a model the registry does not know: the loosest rules the API documents.
+def _generic_rule(name: str) -> ModelRule:
+    return ModelRule(name=name, max_pixels=4096 * 4096, steps=(1, 100))
+
+
+class ModelRegistry:
+    """An immutable mapping of model name to :class:`ModelRule`.
+
+    >>> reg = ModelRegistry.builtin()
+    >>> reg.get("Qwen/Qwen-Image").guidance_field
+    'cfg'
+    """
+
+    def __init__(self, rules: Mapping[str, ModelRule]) -> None:
+        self._rules = dict(rules)
+
+    @classmethod
+    def builtin(cls) -> ModelRegistry:
+        """The models shipped with sfbatch."""
+        text = resources.files("sfbatch").joinpath("data/models.toml").read_text("utf-8")
+        return cls(_parse_rules(text, "sfbatch/data/models.toml"))
+
+    @classmethod
+    def load(cls, path: Path | None) -> ModelRegistry:
+        """The built-in models, extended and overridden by the models in ``path``."""
+        registry = cls.builtin()
+        if path is None:
+            return registry
+        try:
+            text = Path(path).read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read models file: {exc.strerror}") from exc
+        return registry.merged(_parse_rules(text, str(path)))
+
+    def merged(self, rules: Mapping[str, ModelRule]) -> ModelRegistry:
+        return ModelRegistry({**self._rules, **rules})
+
+    def get(self, name: str) -> ModelRule | None:
+        return self._rules.get(name)
+
+    def rule_for(self, name: str) -> ModelRule:
+        """The model's rule, or the generic rule for a model we do not know."""
+        return self._rules.get(name) or _generic_rule(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rules
+
+    def __iter__(self) -> Iterator[ModelRule]:
+        return iter(self._rules.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._rules)
+
+
+def _parse_rules(text: str, source: str) -> dict[str, ModelRule]:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    models = doc.get("models")
+    if not isinstance(models, dict):
+        raise ConfigError(f'{source}: expected [models."NAME"] tables')
+    rules: dict[str, ModelRule] = {}
+    for name, spec in models.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{source}: models.{name} must be a table")
+        unknown = set(spec) - _RULE_KEYS
+        if unknown:
+            raise ConfigError(f"{source}: models.{name}: unknown key {sorted(unknown)[0]!r}")
+        try:
+            rules[name] = _rule_from_spec(name, spec)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: models.{name}: {exc}") from exc
+    return rules
+
+
+def _rule_from_spec(name: str, spec: dict[str, Any]) -> ModelRule:
+    kwargs: dict[str, Any] = {"name": name}
+    for key, value in spec.items():
+        if key in ("image_sizes", "endpoints"):
+            kwargs[key] = tuple(str(v) for v in value)
+        elif key in ("steps", "batch_size"):
+            lo, hi = value
+            kwargs[key] = (int(lo), int(hi))
+        elif key == "guidance":
+            lo, hi = value
+            kwargs[key] = (float(lo), float(hi))
+        else:
+            kwargs[key] = value
+    if kwargs.get("guidance_field") == "":
+        kwargs.setdefault("default_guidance", None)
+    if "fixed_steps" in kwargs:
+        kwargs.setdefault("default_steps", kwargs["fixed_steps"])
+    return ModelRule(**kwargs)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The outcome of :func:`validate_request`: a request to send, or why not."""
+
+    request: dict[str, Any] | None
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _as_int(name: str, value: Any, errors: list[str]) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        errors.append(f"{name} must be an integer, got {value!r}")
+        return None
+    if isinstance(value, float):
+        if not value.is_integer():
+            errors.append(f"{name} must be an integer, got {value!r}")
+            return None
+        return int(value)
+    return value
+
+
+def _as_number(name: str, value: Any, errors: list[str]) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        errors.append(f"{name} must be a number, got {value!r}")
+        return None
+    return value
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, errors: list[str]) -> None:
+    if not lo <= value <= hi:
+        errors.append(f"{name} must be {_num(lo)}..{_num(hi)}, got {_num(value)}")
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def validate_request(
+    body: Mapping[str, Any],
+    registry: ModelRegistry,
+    *,
+    unknown_model: Literal["warn", "error"] = "warn",
+) -> Validation:
+    """Check a request body against the rules of its model.
+
+    Returns the body to send (fields that are ``None`` dropped, the model filled in)
+    or every error found, each naming the field, the allowed range and the value.
+    A model the registry does not know is checked against the generic rules and
+    passes with a warning, unless ``unknown_model="error"`` (the emulator's choice).
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
+    out: dict[str, Any] = {k: v for k, v in body.items() if v is not None}
+
+    model = out.setdefault("model", DEFAULT_MODEL)
+    if not isinstance(model, str) or not model:
+        return Validation(None, (f"model must be a non-empty string, got {model!r}",))
+    rule = registry.get(model)
+    if rule is None:
+        if unknown_model == "error":
+            errors.append(f"Model does not exist: {model}")
+        else:
+            warnings.append(f"model {model!r} is not in the model rules; checked with generic rules")
+        rule = _generic_rule(model)
+
+    prompt = out.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        errors.append("prompt must be a non-empty string")
+
+    negative = out.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        errors.append(f"negative_prompt must be a string, got {negative!r}")
+    elif negative == "":
+        del out["negative_prompt"]
+
+    size = out.get("image_size")
+    if size is not None:
+        _check_size(size, rule, errors)
+
+    if "batch_size" in out:
+        batch = _as_int("batch_size", out["batch_size"], errors)
+        if batch is not None:
+            out["batch_size"] = batch
+            _check_range("batch_size", batch, *rule.batch_size, errors)
+
+    if "seed" in out:
+        seed = _as_int("seed", out["seed"], errors)
+        if seed is not None:
+            out["seed"] = seed
+            _check_range("seed", seed, 0, SEED_MAX, errors)
+
+    if "num_inference_steps" in out:
+        steps = _as_int("num_inference_steps", out["num_inference_steps"], errors)
+        if steps is not None:
+            out["num_inference_steps"] = steps
+            if rule.fixed_steps is not None:
+                if steps != rule.fixed_steps:
+                    errors.append(
+                        f"num_inference_steps is fixed at {rule.fixed_steps} for {model}, "
+                        f"got {steps}"
+                    )
+                else:
+                    del out["num_inference_steps"]
+            else:
+                _check_range("num_inference_steps", steps, *rule.steps, errors)
+
+    for name in ("guidance_scale", "cfg"):
+        if name not in out:
+            continue
+        value = _as_number(name, out[name], errors)
+        if value is None:
+            continue
+        if rule.guidance_field != name:
+            takes = f"takes {rule.guidance_field}" if rule.guidance_field else "takes no guidance"
+            errors.append(f"{name} is not accepted by {model} (it {takes})")
+        else:
+            _check_range(name, value, *rule.guidance, errors)
+
+    enhance = out.get("prompt_enhancement")
+    if enhance is not None and not isinstance(enhance, bool):
+        errors.append(f"prompt_enhancement must be true or false, got {enhance!r}")
+
+    image = out.get("image")
+    if rule.takes_image and not (isinstance(image, str) and image):
+        errors.append(f"image is required by {model} (an edit model): give a URL or data URI")
+    elif image is not None and not rule.takes_image:
+        errors.append(f"image is not accepted by {model}")
+
+    if errors:
+        return Validation(None, tuple(errors), tuple(warnings))
+    return Validation(out, (), tuple(warnings))
+
+
+def _check_size(size: Any, rule: ModelRule, errors: list[str]) -> None:
+    match = _SIZE_RE.match(size) if isinstance(size, str) else None
+    if match is None:
+        errors.append(f"image_size must look like WIDTHxHEIGHT, got {size!r}")
+    elif rule.image_sizes is not None:
+        if size not in rule.image_sizes:
+            allowed = ", ".join(rule.image_sizes)
+            errors.append(f"image_size {size} is not offered by {rule.name} (one of: {allowed})")
+    elif rule.max_pixels is not None:
+        pixels = int(match.group(1)) * int(match.group(2))
+        if pixels > rule.max_pixels:
+            errors.append(f"image_size {size} has {pixels} pixels, above {rule.max_pixels}")
+
+
+def effective_params(request: Mapping[str, Any], registry: ModelRegistry) -> dict[str, Any]:
+    """The parameters the server will use: the request's, else the model's defaults.
+
+    This is what the manifest records, so a record says exactly what was made.
+    """
+    model = request.get("model", DEFAULT_MODEL)
+    rule = registry.rule_for(model)
+    steps = rule.fixed_steps or request.get("num_inference_steps", rule.default_steps)
+    guidance = None
+    if rule.guidance_field:
+        guidance = request.get(rule.guidance_field, rule.default_guidance)
+    return {
+        "model": model,
+        "image_size": request.get("image_size", rule.default_size),
+        "batch_size": request.get("batch_size", 1),
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "prompt_enhancement": bool(request.get("prompt_enhancement", False)),
+    }
