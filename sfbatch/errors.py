@@ -14,9 +14,11 @@ image URLs. The tree, with the engine's reaction::
     │   │   └── EndpointNotFoundError      404 on the API path: wrong base URL
     │   ├── RateLimitError                 429: slow the whole engine down, retry
     │   │   └── DailyQuotaError            429 naming a daily limit (IPD/RPD)  → exit 4
+    │   │                                  (also a QuotaReachedError)
     │   └── ServerError                    5xx: retry with backoff
     ├── TransportError (ConnectionError)   reset, refused, truncated body: retry
     │   └── RequestTimeoutError (TimeoutError)
+    ├── QuotaReachedError                  our own ipd budget is used up       → exit 4
     ├── MalformedResponseError             a 200 that is not the documented JSON: retry
     └── DownloadError                      fetching an image URL failed
         ├── ExpiredUrlError                403/404/410: generate again with the same seed
@@ -46,6 +48,7 @@ __all__ = [
     "InputFileError",
     "MalformedResponseError",
     "NotAnImageError",
+    "QuotaReachedError",
     "RateLimitError",
     "RequestTimeoutError",
     "ServerError",
@@ -117,7 +120,11 @@ class RateLimitError(ApiError):
     retryable = True
 
 
-class DailyQuotaError(RateLimitError):
+class QuotaReachedError(SfbatchError):
+    """The images-per-day budget is used up: stop taking work, resume tomorrow (exit 4)."""
+
+
+class DailyQuotaError(RateLimitError, QuotaReachedError):
     """429 whose details name a daily limit: nothing more today (exit 4)."""
 
     retryable = False

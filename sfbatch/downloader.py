@@ -1,0 +1,186 @@
+"""Streams a temporary image URL to disk: the only boundary for download errors.
+
+Each download streams into ``DIR/.tmp/`` while hashing, checks the first bytes are an
+image (and takes the extension from them, not from the URL), enforces a size cap and
+one overall deadline, fsyncs, and only then renames into ``DIR/images/SHARD/``. So a
+file under ``images/`` is always complete, and a crash leaves at most a ``.part`` file
+that the next run removes::
+
+    downloader = Downloader(out_dir=Path("out"), session=session)
+    stored = await downloader.fetch(url, "images/000/000000042_0")
+    stored.path, stored.sha256, stored.bytes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+import aiohttp
+
+from sfbatch.errors import (
+    DownloadError,
+    ExpiredUrlError,
+    ImageTooLargeError,
+    NotAnImageError,
+)
+from sfbatch.retry import RetryPolicy
+
+__all__ = ["TMP_DIR", "Downloader", "StoredImage", "clean_tmp", "sniff_image_type"]
+
+TMP_DIR = ".tmp"
+_CHUNK = 64 * 1024
+_EXPIRED = (403, 404, 410)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """An image in place: ``path`` relative to the output directory."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+    def as_record(self) -> dict[str, str | int]:
+        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
+
+
+def sniff_image_type(head: bytes) -> str | None:
+    """The file extension for an image's first bytes, or None if they are not an image.
+
+    >>> sniff_image_type(b"\\x89PNG\\r\\n\\x1a\\n....")
+    'png'
+    """
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    return None
+
+
+def clean_tmp(out_dir: Path) -> int:
+    """Remove leftover temporary files of an earlier run; returns how many there were."""
+    tmp = out_dir / TMP_DIR
+    if not tmp.is_dir():
+        return 0
+    count = sum(1 for _ in tmp.iterdir())
+    shutil.rmtree(tmp, ignore_errors=True)
+    return count
+
+
+class Downloader:
+    """Downloads image URLs into the output tree, retrying transient failures."""
+
+    def __init__(
+        self,
+        *,
+        out_dir: Path,
+        session: aiohttp.ClientSession,
+        timeout_s: float = 120.0,
+        max_bytes: int = 64 * 1024 * 1024,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
+        fsync: bool = True,
+    ) -> None:
+        self.out_dir = out_dir
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_read=min(30.0, timeout_s))
+        self._max_bytes = max_bytes
+        self._retry = retry or RetryPolicy(max_retries=3, base_s=0.5, cap_s=10.0)
+        self._rng = rng or random.Random()
+        self._fsync = fsync
+        self._made_dirs: set[Path] = set()
+        self.retries = 0
+        self.bytes_written = 0
+
+    async def fetch(self, url: str, stem: str) -> StoredImage:
+        """Download ``url`` to ``out_dir/stem.EXT``, retrying transient failures.
+
+        Raises :class:`ExpiredUrlError` (generate again), :class:`ImageTooLargeError`, or
+        the last :class:`DownloadError` once the retries are used up.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._fetch_once(url, stem)
+            except DownloadError as exc:
+                if not exc.retryable or self._retry.gives_up(attempt):
+                    raise
+                self.retries += 1
+                await asyncio.sleep(self._retry.delay_s(attempt, self._rng))
+
+    async def _fetch_once(self, url: str, stem: str) -> StoredImage:
+        tmp_dir = self.out_dir / TMP_DIR
+        await self._ensure_dir(tmp_dir)
+        tmp_path = tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            digest, size, ext = await self._stream_to(url, tmp_path)
+            final_rel = f"{stem}.{ext}"
+            final = self.out_dir / final_rel
+            await self._ensure_dir(final.parent)
+            await aiofiles.os.replace(tmp_path, final)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)  # sync on purpose: must run even when cancelled
+            raise
+        self.bytes_written += size
+        return StoredImage(path=final_rel, sha256=digest, bytes=size)
+
+    async def _stream_to(self, url: str, tmp_path: Path) -> tuple[str, int, str]:
+        hasher = hashlib.sha256()
+        size = 0
+        ext: str | None = None
+        try:
+            async with self._session.get(url, timeout=self._timeout) as resp:
+                if resp.status in _EXPIRED:
+                    raise ExpiredUrlError(f"image URL answered {resp.status}: expired or gone")
+                if resp.status != 200:
+                    raise DownloadError(f"image URL answered {resp.status}")
+                declared = resp.content_length
+                if declared is not None and declared > self._max_bytes:
+                    raise ImageTooLargeError(
+                        f"image of {declared} bytes is over the cap of {self._max_bytes}"
+                    )
+                async with aiofiles.open(tmp_path, "wb") as out:
+                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                        if ext is None:
+                            ext = sniff_image_type(chunk)
+                            if ext is None:
+                                raise NotAnImageError(
+                                    f"URL served {resp.content_type or 'unknown type'} "
+                                    "that is not an image"
+                                )
+                        size += len(chunk)
+                        if size > self._max_bytes:
+                            raise ImageTooLargeError(f"image is over the cap of {self._max_bytes} bytes")
+                        hasher.update(chunk)
+                        await out.write(chunk)
+                    if declared is not None and size != declared:
+                        raise DownloadError(f"image body cut short: {size} of {declared} bytes")
+                    if self._fsync:
+                        await out.flush()
+                        await asyncio.to_thread(os.fsync, out.fileno())
+        except TimeoutError as exc:
+            raise DownloadError("image download passed its deadline") from exc
+        except aiohttp.ClientError as exc:
+            raise DownloadError(f"image download failed: {type(exc).__name__}: {exc}") from exc
+        if ext is None:
+            raise NotAnImageError("URL served an empty body")
+        return hasher.hexdigest(), size, ext
+
+    async def _ensure_dir(self, path: Path) -> None:
+        if path not in self._made_dirs:
+            await aiofiles.os.makedirs(path, exist_ok=True)
+            self._made_dirs.add(path)
