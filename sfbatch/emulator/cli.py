@@ -1,0 +1,157 @@
+"""``sfbatch emulator``: run the SiliconFlow emulator until Ctrl-C (or SIGTERM)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from sfbatch.emulator.server import Emulator, EmulatorConfig, FaultConfig
+
+__all__ = ["config_from_args", "register", "run"]
+
+_FAULT_FLAGS = {
+    "fault_503": "p_503",
+    "fault_504": "p_504",
+    "fault_500": "p_500",
+    "fault_reset": "p_reset",
+    "fault_truncated": "p_truncated_image",
+    "fault_stalled": "p_stalled_image",
+    "fault_expired": "p_expired_url",
+    "fault_not_image": "p_not_image",
+}
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``emulator`` subcommand to the ``sfbatch`` parser."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "emulator",
+        help="run a local SiliconFlow API emulator",
+        description=(
+            "Serve POST /v1/images/generations, GET /v1/models, image URLs, "
+            "GET /_stats and POST /_control, with limits, latency and faults."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=8765, help="port, 0 for any (default %(default)s)")
+    p.add_argument(
+        "--key",
+        action="append",
+        metavar="KEY",
+        help="an accepted API key (repeatable; default sk-emulator); --key '' accepts any",
+    )
+    p.add_argument("--rpm", type=int, help="requests per minute per key")
+    p.add_argument("--ipm", type=int, help="images per minute per key")
+    p.add_argument("--ipd", type=int, help="images per day per key")
+    p.add_argument(
+        "--retry-after",
+        type=float,
+        metavar="SECONDS",
+        help="send Retry-After on 429: this many seconds, or 0 for the computed wait",
+    )
+    p.add_argument(
+        "--day-utc-offset",
+        type=float,
+        default=8.0,
+        metavar="HOURS",
+        help="time zone of the IPD day (default UTC+%(default)s)",
+    )
+    p.add_argument(
+        "--latency", type=float, default=0.0, metavar="SECONDS", help="mean inference time"
+    )
+    p.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="uniform ± jitter around --latency",
+    )
+    p.add_argument(
+        "--image-px",
+        type=int,
+        default=64,
+        metavar="PX",
+        help="side of the square images served; 0 serves the requested size (default %(default)s)",
+    )
+    p.add_argument(
+        "--url-ttl", type=float, default=3600.0, metavar="SECONDS", help="image URL lifetime"
+    )
+    for flag in _FAULT_FLAGS:
+        name = flag.removeprefix("fault_").replace("_", "-")
+        p.add_argument(
+            f"--fault-{name}",
+            dest=flag,
+            type=float,
+            default=0.0,
+            metavar="P",
+            help=f"probability of the {name} fault",
+        )
+    p.add_argument(
+        "--stall", type=float, default=30.0, metavar="SECONDS", help="stalled-image pause"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of server-picked seeds, latency, faults"
+    )
+    p.add_argument("--models-file", type=Path, help="TOML of extra or overriding model rules")
+    p.set_defaults(handler=run)
+
+
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    """The :class:`EmulatorConfig` the flags describe."""
+    keys = args.key if args.key is not None else ["sk-emulator"]
+    faults = FaultConfig(
+        seed=args.seed,
+        stall_s=args.stall,
+        **{field: getattr(args, flag) for flag, field in _FAULT_FLAGS.items()},
+    )
+    return EmulatorConfig(
+        host=args.host,
+        port=args.port,
+        api_keys=frozenset(k for k in keys if k),
+        rpm=args.rpm,
+        ipm=args.ipm,
+        ipd=args.ipd,
+        retry_after_s=args.retry_after,
+        day_utc_offset_h=args.day_utc_offset,
+        latency_s=args.latency,
+        latency_jitter_s=args.latency_jitter,
+        image_px=args.image_px or None,
+        url_ttl_s=args.url_ttl,
+        faults=faults,
+        seed=args.seed,
+        models_file=args.models_file,
+    )
+
+
+async def _serve(config: EmulatorConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Emulator(config) as emulator:
+        shown = emulator.api_key if config.api_keys else "any"
+        print(f"sfbatch emulator listening on {emulator.base_url} (key: {shown})", flush=True)
+        await stop.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C or SIGTERM; exit 0 then, 2 on a bad flag."""
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"sfbatch emulator: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(config))
+    except OSError as exc:
+        print(
+            f"sfbatch emulator: cannot listen on {config.host}:{config.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover - only before the signal handler is set
+        pass
+    return 0
