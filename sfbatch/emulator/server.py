@@ -1,7 +1,7 @@
 """The SiliconFlow emulator: an aiohttp server that speaks ``/v1/images/generations``.
 
-What each route answers, in the order the checks run (see
-``/work/shared/api/images-generations.md`` for the real API)::
+What each route answers, in the order the checks run (the real API is SiliconFlow's
+"create image generation request")::
 
     POST /v1/images/generations
         401 "Invalid token"                    missing or unknown Bearer key
@@ -174,10 +174,10 @@ class Stats:
 
     def reset(self) -> None:
         self.generation_requests = 0
-        self.by_status: dict[str, int] = {}
+        self.status_counts: dict[str, int] = {}
         self.images_generated = 0
         self.downloads = 0
-        self.downloads_by_status: dict[str, int] = {}
+        self.download_status_counts: dict[str, int] = {}
         self.images_served = 0
         self.download_bytes = 0
         self.peak_in_flight = self.in_flight
@@ -210,12 +210,12 @@ class Stats:
     def snapshot(self) -> dict[str, Any]:
         return {
             "generation_requests": self.generation_requests,
-            "by_status": dict(self.by_status),
+            "status_counts": dict(self.status_counts),
             "images_generated": self.images_generated,
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,
             "downloads": self.downloads,
-            "downloads_by_status": dict(self.downloads_by_status),
+            "download_status_counts": dict(self.download_status_counts),
             "images_served": self.images_served,
             "download_bytes": self.download_bytes,
             "accepted_per_s": dict(self.accepted_per_s),
@@ -293,7 +293,8 @@ class _EmulatorApp:
         self.tokens = TokenCodec(secrets.token_bytes(16))
         self._trace_prefix = f"ti_{secrets.token_hex(6)}"
         self._trace_counter = itertools.count()
-        self.stopping = asyncio.Event()
+        self.stopping = asyncio.Event()  # replaced by Emulator.start, in the running loop
+        self.root_url = ""  # set by Emulator.start
 
     def set_faults(self, faults: FaultConfig) -> None:
         self.faults = faults
@@ -361,7 +362,7 @@ class _EmulatorApp:
             status, response = await self._generate(request, trace_id)
         finally:
             stats.in_flight -= 1
-        stats.by_status[status] = stats.by_status.get(status, 0) + 1
+        stats.status_counts[status] = stats.status_counts.get(status, 0) + 1
         return response
 
     async def _generate(self, request: web.Request, trace_id: str) -> tuple[str, web.Response]:
@@ -415,7 +416,8 @@ class _EmulatorApp:
         now_ms = self.clock.mono_ms()
         created_ms = int(self.clock.wall() * 1000)
         digest = prompt_digest(params["prompt"])
-        root = f"http://{request.host}/files/"
+        host = request.headers.get("Host")  # request.host would fall back to a DNS lookup
+        root = (f"http://{host}" if host else self.root_url) + "/files/"
         images = [
             {
                 "url": root
@@ -515,8 +517,8 @@ class _EmulatorApp:
         return response
 
     def _count_download(self, outcome: str) -> None:
-        by_status = self.stats.downloads_by_status
-        by_status[outcome] = by_status.get(outcome, 0) + 1
+        counts = self.stats.download_status_counts
+        counts[outcome] = counts.get(outcome, 0) + 1
 
     # ----------------------------------------------------------- test endpoints
 
@@ -618,7 +620,7 @@ class Emulator:
         """Bind the port and start answering."""
         if self._runner is not None:
             raise RuntimeError("the emulator is already running")
-        self._app.stopping.clear()
+        self._app.stopping = asyncio.Event()
         runner = web.AppRunner(self._app.build_app(), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
@@ -629,6 +631,7 @@ class Emulator:
             raise
         self._runner = runner
         self.port = runner.addresses[0][1]
+        self._app.root_url = self.root_url
 
     async def stop(self) -> None:
         """Stop answering; stalled and sleeping handlers finish at once."""
@@ -652,9 +655,9 @@ class Emulator:
     def stats(self) -> dict[str, Any]:
         """What the server saw; the same as ``GET /_stats``.
 
-        Keys: ``generation_requests``; ``by_status`` (``"200"``, ``"429"``, ...,
+        Keys: ``generation_requests``; ``status_counts`` (``"200"``, ``"429"``, ...,
         ``"reset"``); ``images_generated`` (billed); ``in_flight`` and
-        ``peak_in_flight`` generation requests; ``downloads``, ``downloads_by_status``
+        ``peak_in_flight`` generation requests; ``downloads``, ``download_status_counts``
         (``"200"``, ``"404"``, ``"truncated"``, ``"stalled"``, ``"not_image"``),
         ``images_served`` (complete PNGs), ``download_bytes``; ``accepted_per_s`` and
         ``images_per_s`` (second since the last reset → count, the last hour);
