@@ -1,0 +1,745 @@
+"""The emulator over real HTTP on 127.0.0.1: every answer the API reference lists.
+
+Time-dependent behaviour (sliding windows, the IPD day, URL expiry) is driven with
+``Emulator.advance_clock``; nothing here sleeps for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from PIL import Image
+
+from sfbatch.cli import build_parser
+from sfbatch.emulator import Emulator, EmulatorConfig, FaultConfig
+from sfbatch.emulator.cli import config_from_args
+from sfbatch.models import SEED_MAX
+
+EmulatorFactory = Callable[..., AbstractAsyncContextManager[Emulator]]
+
+TRACE = "x-siliconcloud-trace-id"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TURBO = "stabilityai/stable-diffusion-3-5-large-turbo"
+RATE_LIMITED = (
+    "Request was rejected due to rate limiting. If you want more, please contact "
+    "contact@siliconflow.cn. Details:"
+)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+    @property
+    def trace_id(self) -> str:
+        return self.headers[TRACE]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def call(session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> Reply:
+    """One request, read in full; every answer must carry a trace id."""
+    async with session.request(method, url, **kwargs) as resp:
+        body = await resp.read()
+        reply = Reply(resp.status, dict(resp.headers), body)
+    assert reply.headers.get(TRACE, "").startswith("ti_"), (reply.status, reply.headers)
+    return reply
+
+
+async def generate(
+    session: aiohttp.ClientSession,
+    emu: Emulator,
+    body: dict[str, Any] | None = None,
+    *,
+    key: str | None = None,
+    **kwargs: Any,
+) -> Reply:
+    headers = {"Authorization": f"Bearer {key or emu.api_key}"}
+    if body is None:
+        body = {"prompt": "a lighthouse at night"}
+    return await call(
+        session, "POST", emu.base_url + "/images/generations", json=body, headers=headers, **kwargs
+    )
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == PNG_MAGIC
+    assert png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    return width, height
+
+
+def seconds_to_day_end(emu: Emulator, utc_offset_h: float = 8.0) -> float:
+    now = time.time() + float(emu.stats()["clock_offset_s"])
+    shifted = now + utc_offset_h * 3600
+    return (math.floor(shifted / 86400) + 1) * 86400 - shifted
+
+
+# --------------------------------------------------------------------------- 200
+
+
+async def test_generation_answers_the_documented_json(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    body = {
+        "model": "stabilityai/stable-diffusion-3-5-large",
+        "prompt": "an island near sea",
+        "negative_prompt": "blurry",
+        "image_size": "1024x1024",
+        "batch_size": 3,
+        "seed": 4999999999,
+        "num_inference_steps": 20,
+        "guidance_scale": 7.5,
+        "prompt_enhancement": False,
+    }
+    reply = await generate(session, emulator, body)
+    assert reply.status == 200
+    assert reply.headers["Content-Type"].startswith("application/json")
+    data = reply.json()
+    assert set(data) == {"images", "timings", "seed"}
+    assert data["seed"] == 4999999999
+    assert isinstance(data["timings"]["inference"], float)
+    assert len(data["images"]) == 3
+    for index, image in enumerate(data["images"]):
+        assert image["url"].startswith(emulator.root_url + "/files/")
+        png = await call(session, "GET", image["url"])
+        assert png.status == 200
+        assert png.headers["Content-Type"] == "image/png"
+        expected = emulator.expected_png(
+            seed=4999999999, prompt="an island near sea", index=index, width=64, height=64
+        )
+        assert png.body == expected
+
+
+async def test_server_picks_a_seed_from_its_seeded_rng(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    picked = []
+    for _ in range(2):
+        async with emulator_factory(seed=7) as emu:
+            seeds = [(await generate(session, emu)).json()["seed"] for _ in range(3)]
+            assert all(isinstance(s, int) and 0 <= s <= SEED_MAX for s in seeds)
+            assert len(set(seeds)) == 3
+            picked.append(seeds)
+    assert picked[0] == picked[1]
+
+
+async def test_any_key_is_accepted_when_api_keys_is_empty(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(api_keys=frozenset()) as emu:
+        assert (await generate(session, emu, key="sk-whatever")).status == 200
+        reply = await call(
+            session, "POST", emu.base_url + "/images/generations",
+            json={"prompt": "x"}, headers={"Authorization": "Bearer "},
+        )  # fmt: skip
+        assert reply.status == 401
+
+
+async def test_latency_is_slept_and_reported(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(latency_s=0.05, latency_jitter_s=0.02, seed=3) as emu:
+        started = time.perf_counter()
+        replies = await asyncio.gather(*(generate(session, emu) for _ in range(4)))
+        elapsed = time.perf_counter() - started
+        inference = [r.json()["timings"]["inference"] for r in replies]
+        assert all(0.03 <= s <= 0.07 for s in inference), inference
+        assert len(set(inference)) > 1
+        assert elapsed >= min(inference)
+        stats = emu.stats()
+        assert stats["peak_in_flight"] == 4
+        assert stats["in_flight"] == 0
+
+
+# --------------------------------------------------------------------------- 401 / 404
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer sk-wrong", "Basic sk-emulator", "Bearer ", "sk-emulator"],
+)
+async def test_missing_or_wrong_key_is_401(
+    emulator: Emulator, session: aiohttp.ClientSession, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    reply = await call(
+        session, "POST", emulator.base_url + "/images/generations",
+        json={"prompt": "x"}, headers=headers,
+    )  # fmt: skip
+    assert reply.status == 401
+    assert reply.json() == "Invalid token"
+    assert emulator.stats()["status_counts"] == {"401": 1}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/nothing"),
+        ("POST", "/v2/images/generations"),
+        ("GET", "/v1/images/generations"),
+        ("POST", "/v1/models"),
+        ("GET", "/"),
+        ("DELETE", "/_stats"),
+    ],
+)
+async def test_unknown_path_or_method_is_404_page_not_found(
+    emulator: Emulator, session: aiohttp.ClientSession, method: str, path: str
+) -> None:
+    reply = await call(session, method, emulator.root_url + path)
+    assert reply.status == 404
+    assert reply.body == b"404 page not found"
+
+
+# --------------------------------------------------------------------------- 400
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"model": "acme/unknown", "prompt": "x"}, "Model does not exist: acme/unknown"),
+        ({}, "prompt must be a non-empty string"),
+        ({"prompt": ""}, "prompt must be a non-empty string"),
+        ({"prompt": "   "}, "prompt must be a non-empty string"),
+        ({"prompt": 5}, "prompt must be a non-empty string"),
+        ({"prompt": "x", "image_size": "1000x1000"}, "image_size 1000x1000 is not offered"),
+        ({"prompt": "x", "image_size": "big"}, "image_size must look like WIDTHxHEIGHT"),
+        ({"prompt": "x", "batch_size": 0}, "batch_size must be 1..4, got 0"),
+        ({"prompt": "x", "batch_size": 5}, "batch_size must be 1..4, got 5"),
+        ({"prompt": "x", "batch_size": "2"}, "batch_size must be an integer"),
+        ({"prompt": "x", "seed": -1}, "seed must be 0..9999999999, got -1"),
+        ({"prompt": "x", "seed": 10000000000}, "seed must be 0..9999999999, got 10000000000"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps must be 1..50, got 0"),
+        ({"prompt": "x", "num_inference_steps": 51}, "num_inference_steps must be 1..50, got 51"),
+        ({"prompt": "x", "guidance_scale": -1}, "guidance_scale must be 0..20, got -1"),
+        ({"prompt": "x", "guidance_scale": 21}, "guidance_scale must be 0..20, got 21"),
+        (
+            {"model": TURBO, "prompt": "x", "num_inference_steps": 20},
+            f"num_inference_steps is fixed at 4 for {TURBO}, got 20",
+        ),
+        ({"prompt": "x", "prompt_enhancement": "yes"}, "prompt_enhancement must be true or false"),
+        ({"prompt": "x", "negative_prompt": 3}, "negative_prompt must be a string"),
+    ],
+)
+async def test_invalid_field_is_400_20012(
+    emulator: Emulator, session: aiohttp.ClientSession, body: dict[str, Any], expected: str
+) -> None:
+    reply = await generate(session, emulator, body)
+    assert reply.status == 400
+    data = reply.json()
+    assert data["code"] == 20012
+    assert expected in data["message"]
+    assert data["data"] == reply.trace_id
+
+
+async def test_all_errors_are_joined(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    reply = await generate(session, emulator, {"prompt": "", "batch_size": 9, "seed": -1})
+    assert reply.json()["message"] == (
+        "prompt must be a non-empty string; batch_size must be 1..4, got 9; "
+        "seed must be 0..9999999999, got -1"
+    )
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"a prompt"'])
+async def test_body_that_is_not_a_json_object_is_400(
+    emulator: Emulator, session: aiohttp.ClientSession, raw: bytes
+) -> None:
+    reply = await call(
+        session, "POST", emulator.base_url + "/images/generations", data=raw,
+        headers={"Authorization": f"Bearer {emulator.api_key}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    assert reply.status == 400
+    assert reply.json()["code"] == 20012
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "x", "batch_size": 4, "seed": 0},
+        {"prompt": "x", "seed": SEED_MAX, "num_inference_steps": 1, "guidance_scale": 0},
+        {
+            "prompt": "x",
+            "num_inference_steps": 50,
+            "guidance_scale": 20,
+            "prompt_enhancement": True,
+        },
+        {"model": TURBO, "prompt": "x", "num_inference_steps": 4},
+        {"model": "black-forest-labs/FLUX.1-schnell", "prompt": "x", "image_size": "576x1024"},
+    ],
+)
+async def test_boundary_values_are_accepted(
+    emulator: Emulator, session: aiohttp.ClientSession, body: dict[str, Any]
+) -> None:
+    reply = await generate(session, emulator, body)
+    assert reply.status == 200, reply.body
+    assert len(reply.json()["images"]) == body.get("batch_size", 1)
+
+
+# --------------------------------------------------------------------------- /v1/models
+
+
+async def test_models_lists_the_registry(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    auth = {"Authorization": f"Bearer {emulator.api_key}"}
+    reply = await call(session, "GET", emulator.base_url + "/models?type=image", headers=auth)
+    assert reply.status == 200
+    data = reply.json()
+    assert data["object"] == "list"
+    ids = {m["id"] for m in data["data"]}
+    assert {"stabilityai/stable-diffusion-3-5-large", TURBO} <= ids
+    assert all(m["object"] == "model" for m in data["data"])
+
+    text = await call(session, "GET", emulator.base_url + "/models?type=text", headers=auth)
+    assert text.json()["data"] == []
+    anonymous = await call(session, "GET", emulator.base_url + "/models")
+    assert anonymous.status == 401
+
+
+# --------------------------------------------------------------------------- 429
+
+
+async def test_rpm_window_slides(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(rpm=2) as emu:
+        assert (await generate(session, emu)).status == 200  # A at t=0
+        emu.advance_clock(30)
+        assert (await generate(session, emu)).status == 200  # B at t=30
+        refused = await generate(session, emu)
+        assert refused.status == 429
+        assert refused.json() == {
+            "message": RATE_LIMITED + "RPM limit reached.",
+            "data": refused.trace_id,
+        }
+        assert "Retry-After" not in refused.headers
+        emu.advance_clock(30.01)  # A has left the window, B has not
+        assert (await generate(session, emu)).status == 200
+        assert (await generate(session, emu)).status == 429
+        stats = emu.stats()
+        assert stats["status_counts"] == {"200": 3, "429": 2}
+        assert stats["max_requests_60s"] == 2
+
+
+async def test_refused_requests_consume_nothing(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(rpm=2) as emu:
+        for _ in range(2):
+            assert (await generate(session, emu)).status == 200
+        for _ in range(5):
+            assert (await generate(session, emu)).status == 429
+        emu.advance_clock(60)
+        for _ in range(2):
+            assert (await generate(session, emu)).status == 200
+        assert emu.usage() == {"requests_60s": 2, "images_60s": 2, "images_today": 4}
+
+
+async def test_ipm_weighs_requests_by_batch_size(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(ipm=5) as emu:
+        assert (await generate(session, emu, {"prompt": "x", "batch_size": 4})).status == 200
+        refused = await generate(session, emu, {"prompt": "x", "batch_size": 2})
+        assert refused.status == 429
+        assert refused.json()["message"].endswith("Details:IPM limit reached.")
+        assert (await generate(session, emu, {"prompt": "x", "batch_size": 1})).status == 200
+        assert (await generate(session, emu, {"prompt": "x", "batch_size": 1})).status == 429
+        emu.advance_clock(60)
+        assert (await generate(session, emu, {"prompt": "x", "batch_size": 4})).status == 200
+        stats = emu.stats()
+        assert stats["images_generated"] == 9
+        assert stats["max_images_60s"] == 5
+
+
+async def test_ipd_resets_at_the_day_boundary_in_utc_plus_8(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(ipd=3, retry_after_s=0) as emu:
+        emu.advance_clock(seconds_to_day_end(emu) - 120)  # two minutes before midnight
+        assert (await generate(session, emu, {"prompt": "x", "batch_size": 3})).status == 200
+        refused = await generate(session, emu)
+        assert refused.status == 429
+        assert refused.json()["message"].endswith("Details:IPD limit reached.")
+        assert 110 <= int(refused.headers["Retry-After"]) <= 121
+        emu.advance_clock(61)  # the minute windows have slid, the day has not
+        assert (await generate(session, emu)).status == 429
+        emu.advance_clock(60)  # past midnight UTC+8
+        assert (await generate(session, emu, {"prompt": "x", "batch_size": 3})).status == 200
+        assert (await generate(session, emu)).status == 429
+
+
+async def test_day_offset_is_configurable(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(ipd=1, day_utc_offset_h=0) as emu:
+        emu.advance_clock(seconds_to_day_end(emu, 0) - 30)
+        assert (await generate(session, emu)).status == 200
+        assert (await generate(session, emu)).status == 429
+        emu.advance_clock(31)  # past midnight UTC
+        assert (await generate(session, emu)).status == 200
+
+
+async def test_retry_after_is_the_computed_wait_or_the_configured_value(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(rpm=1, retry_after_s=0) as emu:
+        await generate(session, emu)
+        assert (await generate(session, emu)).headers["Retry-After"] == "60"
+        emu.advance_clock(45)
+        assert (await generate(session, emu)).headers["Retry-After"] == "15"
+    async with emulator_factory(ipm=1, retry_after_s=7.5) as emu:
+        await generate(session, emu)
+        assert (await generate(session, emu)).headers["Retry-After"] == "8"
+
+
+async def test_a_concurrent_burst_admits_exactly_the_limit(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(rpm=10, latency_s=0.02) as emu:
+        replies = await asyncio.gather(*(generate(session, emu) for _ in range(30)))
+        assert sorted(r.status for r in replies) == [200] * 10 + [429] * 20
+        stats = emu.stats()
+        assert stats["max_requests_60s"] == 10
+        assert sum(stats["accepted_per_s"].values()) == 10
+
+
+async def test_limits_are_per_key(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(api_keys=frozenset({"sk-a", "sk-b"}), rpm=1) as emu:
+        assert (await generate(session, emu, key="sk-a")).status == 200
+        assert (await generate(session, emu, key="sk-a")).status == 429
+        assert (await generate(session, emu, key="sk-b")).status == 200
+
+
+async def test_limits_change_at_runtime(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(rpm=5) as emu:
+        for _ in range(2):
+            assert (await generate(session, emu)).status == 200
+        emu.set_limits(rpm=2)
+        assert emu.config.rpm == 2
+        assert (await generate(session, emu)).status == 429
+        emu.set_limits(rpm=None, ipm=3)
+        assert (await generate(session, emu)).status == 200
+        assert (await generate(session, emu)).status == 429  # 4 images in the window
+        emu.set_limits(ipm=None)
+        assert (await generate(session, emu)).status == 200
+
+
+# --------------------------------------------------------------------------- images
+
+
+async def test_images_are_deterministic_valid_pngs(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async def fetch(emu: Emulator, seed: int, prompt: str, batch: int = 1) -> list[bytes]:
+        reply = await generate(session, emu, {"prompt": prompt, "seed": seed, "batch_size": batch})
+        return [(await call(session, "GET", i["url"])).body for i in reply.json()["images"]]
+
+    async with emulator_factory() as one, emulator_factory() as other:
+        first = await fetch(one, 11, "a cat", batch=2)
+        assert await fetch(one, 11, "a cat", batch=2) == first
+        assert await fetch(other, 11, "a cat", batch=2) == first  # a different URL secret
+        assert first[0] != first[1]  # index matters
+        assert (await fetch(one, 12, "a cat"))[0] != first[0]
+        assert (await fetch(one, 11, "a dog"))[0] != first[0]
+    assert png_size(first[0]) == (64, 64)
+    image = Image.open(io.BytesIO(first[0]))
+    image.load()
+    assert image.size == (64, 64)
+    assert image.mode == "RGB"
+    pixels = image.tobytes()
+    assert len({pixels[i : i + 3] for i in range(0, len(pixels), 3)}) > 100  # not a flat colour
+
+
+async def test_image_px_none_serves_the_requested_size(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(image_px=None) as emu:
+        reply = await generate(session, emu, {"prompt": "x", "image_size": "768x512", "seed": 1})
+        png = (await call(session, "GET", reply.json()["images"][0]["url"])).body
+        assert png_size(png) == (768, 512)
+        assert png == emu.expected_png(seed=1, prompt="x", index=0, width=768, height=512)
+        default = await generate(session, emu, {"prompt": "x", "model": TURBO})
+        png = (await call(session, "GET", default.json()["images"][0]["url"])).body
+        assert png_size(png) == (1024, 1024)
+
+
+async def test_urls_expire_and_cannot_be_forged(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(url_ttl_s=100) as emu:
+        url = (await generate(session, emu)).json()["images"][0]["url"]
+        emu.advance_clock(99)
+        assert (await call(session, "GET", url)).status == 200
+        token = url.rsplit("/", 1)[1].removesuffix(".png")
+        forged = token[:-3] + ("AAA" if token[-3:] != "AAA" else "BBB")
+        for bad in (forged, "not-a-token", ""):
+            reply = await call(session, "GET", f"{emu.root_url}/files/{bad}.png")
+            assert reply.status == 404
+        assert (await call(session, "GET", url.removesuffix(".png"))).status == 404
+        emu.advance_clock(2)
+        expired = await call(session, "GET", url)
+        assert expired.status == 404
+        stats = emu.stats()
+        assert stats["images_served"] == 1
+        assert stats["download_status_counts"] == {"200": 1, "404": 5}
+
+
+# --------------------------------------------------------------------------- faults
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "expected"),
+    [
+        (
+            "p_503",
+            503,
+            {"code": 50505, "message": "Model service overloaded. Please try again later."},
+        ),
+        ("p_504", 504, "Gateway Timeout"),
+        ("p_500", 500, {"code": 50000, "message": "Internal server error"}),
+    ],
+)
+async def test_server_error_faults(
+    emulator_factory: EmulatorFactory,
+    session: aiohttp.ClientSession,
+    fault: str,
+    status: int,
+    expected: Any,
+) -> None:
+    faults: dict[str, Any] = {fault: 1.0}
+    async with emulator_factory(faults=FaultConfig(**faults), rpm=1) as emu:
+        for _ in range(3):  # a fault consumes no quota, so rpm=1 never trips
+            reply = await generate(session, emu)
+            assert reply.status == status
+            if isinstance(expected, dict):
+                assert reply.json() == {**expected, "data": reply.trace_id}
+            else:
+                assert reply.json() == expected
+        emu.set_faults(FaultConfig())
+        assert (await generate(session, emu)).status == 200
+        assert emu.stats()["status_counts"] == {str(status): 3, "200": 1}
+
+
+async def test_reset_fault_drops_the_connection(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(faults=FaultConfig(p_reset=1.0)) as emu:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await generate(session, emu)
+        assert emu.stats()["status_counts"] == {"reset": 1}
+        emu.set_faults(FaultConfig())
+        assert (await generate(session, emu)).status == 200
+
+
+async def test_faults_follow_their_seed(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    faults = FaultConfig(seed=5, p_503=0.3, p_504=0.2)
+    sequences = []
+    async with emulator_factory(faults=faults) as emu:
+        for _ in range(2):
+            emu.set_faults(faults)  # restarts the fault RNG
+            sequences.append([(await generate(session, emu)).status for _ in range(30)])
+    assert sequences[0] == sequences[1]
+    assert {200, 503, 504} == set(sequences[0])
+
+
+async def _one_image_url(session: aiohttp.ClientSession, emu: Emulator) -> str:
+    url: str = (await generate(session, emu, {"prompt": "x", "seed": 3})).json()["images"][0]["url"]
+    return url
+
+
+async def test_truncated_image_fault(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(faults=FaultConfig(p_truncated_image=1.0)) as emu:
+        url = await _one_image_url(session, emu)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await call(session, "GET", url)
+        assert emu.stats()["download_status_counts"] == {"truncated": 1}
+
+
+async def test_stalled_image_fault(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(faults=FaultConfig(p_stalled_image=1.0, stall_s=60)) as emu:
+        url = await _one_image_url(session, emu)
+        with pytest.raises(TimeoutError):
+            await call(session, "GET", url, timeout=aiohttp.ClientTimeout(total=0.3))
+        stopping = time.perf_counter()
+    # Stopping does not wait out the stall of the abandoned download.
+    assert time.perf_counter() - stopping < 10
+
+    async with emulator_factory(faults=FaultConfig(p_stalled_image=1.0, stall_s=0.1)) as emu:
+        url = await _one_image_url(session, emu)
+        reply = await call(session, "GET", url)
+        assert reply.body == emu.expected_png(seed=3, prompt="x", index=0, width=64, height=64)
+
+
+async def test_expired_url_and_not_image_faults(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    async with emulator_factory(faults=FaultConfig(p_expired_url=1.0)) as emu:
+        url = await _one_image_url(session, emu)
+        assert (await call(session, "GET", url)).status == 404
+        emu.set_faults(FaultConfig(p_not_image=1.0))
+        reply = await call(session, "GET", url)
+        assert reply.status == 200
+        assert reply.headers["Content-Type"] == "image/png"
+        assert not reply.body.startswith(PNG_MAGIC)
+        emu.set_faults(FaultConfig())
+        assert (await call(session, "GET", url)).body.startswith(PNG_MAGIC)
+
+
+async def test_an_emulator_can_be_restarted(session: aiohttp.ClientSession) -> None:
+    emu = Emulator(host="127.0.0.1", port=0)
+    for _ in range(2):
+        await emu.start()
+        try:
+            assert (await generate(session, emu)).status == 200
+        finally:
+            await emu.stop()
+    assert emu.stats()["generation_requests"] == 2
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="probability"):
+        FaultConfig(p_503=1.5)
+    with pytest.raises(ValueError, match="at most 1"):
+        FaultConfig(p_503=0.6, p_reset=0.6)
+    with pytest.raises(ValueError, match="at most 1"):
+        FaultConfig(p_truncated_image=0.5, p_not_image=0.6)
+    with pytest.raises(ValueError, match="rpm"):
+        EmulatorConfig(rpm=0)
+    with pytest.raises(ValueError, match="image_px"):
+        EmulatorConfig(image_px=0)
+    with pytest.raises(ValueError, match="forward"):
+        Emulator().advance_clock(-1)
+
+
+# --------------------------------------------------------------------------- /_stats, /_control
+
+
+async def test_stats_endpoint_counts_what_the_server_saw(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    ok = await generate(session, emulator, {"prompt": "x", "batch_size": 2})
+    await generate(session, emulator, {"prompt": ""})
+    await generate(session, emulator, key="sk-bad")
+    png = await call(session, "GET", ok.json()["images"][0]["url"])
+    reply = await call(session, "GET", emulator.root_url + "/_stats")
+    assert reply.status == 200
+    stats = reply.json()
+    assert stats["generation_requests"] == 3
+    assert stats["status_counts"] == {"200": 1, "400": 1, "401": 1}
+    assert stats["images_generated"] == 2
+    assert stats["images_served"] == 1
+    assert stats["download_bytes"] == len(png.body)
+    assert stats["accepted_per_s"] == {"0": 1}
+    assert stats["images_per_s"] == {"0": 2}
+    assert stats["max_requests_60s"] == 1
+    assert stats["max_images_60s"] == 2
+    assert stats["peak_in_flight"] == 1
+    assert stats["in_flight"] == 0
+    assert emulator.stats()["accepted_per_s"] == {0: 1}
+
+
+async def test_control_endpoint(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    control = emulator.root_url + "/_control"
+    reply = await call(session, "POST", control, json={"limits": {"rpm": 1}})
+    assert reply.json()["limits"] == {"rpm": 1, "ipm": None, "ipd": None}
+    assert (await generate(session, emulator)).status == 200
+    reply = await call(session, "POST", control, json={"faults": {"p_503": 1.0}, "advance_s": 5})
+    assert reply.status == 200
+    assert reply.json()["faults"]["p_503"] == 1.0
+    assert reply.json()["clock_offset_s"] == 5
+    assert (await generate(session, emulator)).status == 503
+    await call(session, "POST", control, json={"faults": {}, "reset_stats": True})
+    assert (await generate(session, emulator)).status == 429  # the first request is 5 s old
+    await call(session, "POST", control, json={"advance_s": 55})
+    assert (await generate(session, emulator)).status == 200
+    stats = emulator.stats()
+    assert stats["status_counts"] == {"429": 1, "200": 1}
+    assert stats["clock_offset_s"] == 60
+
+    bad_bodies: list[Any] = [
+        {"advance_s": -1},
+        {"limits": {"rpm": 0}},
+        {"faults": {"p_9": 1}},
+        {"nope": 1},
+        [],
+    ]
+    for bad in bad_bodies:
+        assert (await call(session, "POST", control, json=bad)).status == 400
+    assert (await call(session, "POST", control, data=b"{")).status == 400
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_flags_build_the_config() -> None:
+    args = build_parser().parse_args(
+        [
+            "emulator", "--port", "0", "--key", "sk-a", "--key", "sk-b", "--rpm", "5",
+            "--ipd", "400", "--retry-after", "0", "--latency", "0.5", "--image-px", "0",
+            "--fault-503", "0.1", "--fault-truncated", "0.2", "--stall", "2", "--seed", "9",
+        ]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.api_keys == frozenset({"sk-a", "sk-b"})
+    assert (config.rpm, config.ipm, config.ipd, config.retry_after_s) == (5, None, 400, 0)
+    assert config.latency_s == 0.5
+    assert config.image_px is None
+    assert config.faults == FaultConfig(seed=9, p_503=0.1, p_truncated_image=0.2, stall_s=2)
+    default = config_from_args(build_parser().parse_args(["emulator"]))
+    assert (default.port, default.image_px) == (8765, 64)
+    assert default.api_keys == frozenset({"sk-emulator"})
+
+
+def test_cli_serves_until_interrupted() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sfbatch", "emulator", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("sfbatch emulator listening on http://127.0.0.1:")
+        assert line.rstrip().endswith("/v1 (key: sk-emulator)")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
