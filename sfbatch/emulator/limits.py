@@ -175,8 +175,11 @@ class RateLimits:
         """The calendar day of epoch second ``wall`` in the configured time zone."""
         return math.floor((wall + self._day_offset_s) / _DAY_S)
 
-    def admit(self, key: str, images: int) -> Refusal | None:
-        """Admit (and record) a request costing ``images``, or say why not."""
+    def admit(self, key: str, images: int, *, now_ms: int | None = None) -> Refusal | None:
+        """Admit (and record) a request costing ``images``, or say why not.
+
+        ``now_ms`` is the clock's :meth:`Clock.mono_ms`, read now if not given.
+        """
         limits = self.limits
         if not limits.active:
             return None
@@ -184,7 +187,8 @@ class RateLimits:
         if state is None:
             state = self._keys[key] = _KeyState()
 
-        now_ms = self._clock.mono_ms()
+        if now_ms is None:
+            now_ms = self._clock.mono_ms()
         minute = state.minute
         minute.prune(now_ms)
         if limits.rpm is not None and minute.requests + 1 > limits.rpm:

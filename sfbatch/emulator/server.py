@@ -189,7 +189,7 @@ class Stats:
         self.max_images_60s = 0
 
     def accepted(self, now_ms: int, images: int) -> None:
-        """Record a 200 for ``images`` images at emulator time ``now_ms``."""
+        """Record a request admitted at ``now_ms`` (it is answered 200 after its latency)."""
         self.images_generated += images
         second = (now_ms - self._start_ms) // 1000
         per_s = self.accepted_per_s
@@ -395,7 +395,8 @@ class _EmulatorApp:
                 return "reset", _close_connection(request)
 
         batch_size: int = params.get("batch_size", 1)
-        refusal = self.limits.admit(key, batch_size)
+        now_ms = self.clock.mono_ms()
+        refusal = self.limits.admit(key, batch_size, now_ms=now_ms)
         if refusal is not None:
             payload = {"message": RATE_LIMIT_MESSAGE + refusal.details, "data": trace_id}
             response = _json(429, payload, trace_id)
@@ -404,6 +405,8 @@ class _EmulatorApp:
                 seconds = retry_after or refusal.wait_s
                 response.headers["Retry-After"] = str(max(1, math.ceil(seconds)))
             return "429", response
+        # Counted when admitted, like the limiter, so the two always agree on any window.
+        self.stats.accepted(now_ms, batch_size)
 
         seed: int = params["seed"] if "seed" in params else self._rng.randint(0, SEED_MAX)
         inference_s = self.config.latency_s
@@ -413,7 +416,6 @@ class _EmulatorApp:
         await self.pause(inference_s)
 
         width, height = self._image_dimensions(params)
-        now_ms = self.clock.mono_ms()
         created_ms = int(self.clock.wall() * 1000)
         digest = prompt_digest(params["prompt"])
         host = request.headers.get("Host")  # request.host would fall back to a DNS lookup
@@ -426,7 +428,6 @@ class _EmulatorApp:
             }
             for index in range(batch_size)
         ]
-        self.stats.accepted(now_ms, batch_size)
         payload = {"images": images, "timings": {"inference": round(inference_s, 3)}, "seed": seed}
         return "200", _json(200, payload, trace_id)
 
@@ -660,7 +661,8 @@ class Emulator:
         ``peak_in_flight`` generation requests; ``downloads``, ``download_status_counts``
         (``"200"``, ``"404"``, ``"truncated"``, ``"stalled"``, ``"not_image"``),
         ``images_served`` (complete PNGs), ``download_bytes``; ``accepted_per_s`` and
-        ``images_per_s`` (second since the last reset → count, the last hour);
+        ``images_per_s`` (second since the last reset → count, the last hour, by
+        the time each request was admitted);
         ``max_requests_60s`` and ``max_images_60s`` (most accepted in any 60 s window);
         ``clock_offset_s``.
         """
