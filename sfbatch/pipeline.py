@@ -50,7 +50,6 @@ __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats"]
 
 Outcome = Literal["done", "quota", "interrupted", "fatal"]
 _YIELD_EVERY_ROWS = 256
-_MAX_REGENERATIONS = 3
 # A "generated" record's URLs are reused only while this much of their lifetime is left.
 _URL_MARGIN_S = 120.0
 
@@ -78,7 +77,9 @@ class _Reservoir:
         out: dict[str, float | None] = {}
         for q in qs:
             key = f"p{int(q * 100)}"
-            out[key] = round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
+            out[key] = (
+                round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
+            )
         return out
 
 
@@ -239,12 +240,13 @@ class Pipeline:
             request_timeout_s=cfg.request_timeout_s,
             connect_timeout_s=cfg.connect_timeout_s,
         )
+        retry = RetryPolicy(
+            max_retries=cfg.max_retries, base_s=cfg.backoff_base_s, cap_s=cfg.backoff_cap_s
+        )
         self._generator = Generator(
             client=client,
             limiter=self._limiter,
-            retry=RetryPolicy(
-                max_retries=cfg.max_retries, base_s=cfg.backoff_base_s, cap_s=cfg.backoff_cap_s
-            ),
+            retry=retry,
             quota=self._quota,
             stopping=lambda: self.stopping,
         )
@@ -253,6 +255,7 @@ class Pipeline:
             session=dl_session,
             timeout_s=cfg.download_timeout_s,
             max_bytes=cfg.max_image_bytes,
+            retry=retry,
         )
         try:
             await self._run_stages()
@@ -388,7 +391,7 @@ class Pipeline:
             except ExpiredUrlError as exc:
                 regenerations += 1
                 self.stats.regenerated += 1
-                if regenerations > _MAX_REGENERATIONS:
+                if regenerations > self.config.max_retries:
                     await self._emit(self._record(item.row, "failed", item=item, error=exc))
                     return
                 try:
@@ -448,7 +451,9 @@ class Pipeline:
                 stats.inference.add(inference)
         elif record["error"]:
             error = record["error"]
-            stats.errors[f"{status}: {error.get('status') or ''} {error.get('code') or ''}".strip()] += 1
+            stats.errors[
+                f"{status}: {error.get('status') or ''} {error.get('code') or ''}".strip()
+            ] += 1
 
     async def _emit(self, record: dict[str, Any]) -> None:
         self._write(record)

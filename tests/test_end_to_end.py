@@ -1,0 +1,226 @@
+"""The real engine against the emulator over loopback: the issue's "done when" list."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sfbatch.config import RequestDefaults, RunConfig
+from sfbatch.emulator import Emulator, FaultConfig
+from sfbatch.loader import PromptSource
+from sfbatch.manifest import latest_records
+from sfbatch.models import ModelRegistry
+from sfbatch.pipeline import Pipeline, RunResult
+
+REG = ModelRegistry.builtin()
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    path.write_text("".join(f"prompt number {i}, a lighthouse at dusk\n" for i in range(n)))
+    return path
+
+
+def config_for(emulator: Emulator, out: Path, **overrides: Any) -> RunConfig:
+    settings: dict[str, Any] = {
+        "out_dir": out,
+        "api_key": emulator.api_key,
+        "base_url": emulator.base_url,
+        "concurrency": 8,
+        "download_concurrency": 8,
+        "backoff_base_s": 0.01,
+        "backoff_cap_s": 0.05,
+        "download_timeout_s": 5.0,
+        "request_timeout_s": 5.0,
+        **overrides,
+    }
+    return RunConfig(**settings)
+
+
+async def run(config: RunConfig, prompts: Path) -> RunResult:
+    source = PromptSource(
+        prompts,
+        defaults=config.defaults,
+        registry=REG,
+        base_seed=config.base_seed,
+        variations=config.variations,
+        limit=config.limit,
+    )
+    return await Pipeline(config, source, registry=REG).run()
+
+
+def final(out: Path) -> dict[str, dict[str, Any]]:
+    return latest_records([out / "manifest.jsonl"])
+
+
+def assert_images_match_server(emulator: Emulator, out: Path, record: dict[str, Any]) -> None:
+    for index, image in enumerate(record["images"]):
+        data = (out / image["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == image["sha256"]
+        assert len(data) == image["bytes"]
+        expected = emulator.expected_png(
+            seed=record["seed"], prompt=record["prompt"], index=index, width=64, height=64
+        )
+        assert data == expected
+
+
+def no_leftovers(out: Path) -> None:
+    tmp = out / ".tmp"
+    assert not tmp.exists() or not any(tmp.iterdir())
+
+
+async def test_a_few_hundred_prompts_all_ok_with_matching_bytes(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 300)
+    async with Emulator(latency_s=0.02, latency_jitter_s=0.01) as emu:
+        cfg = config_for(emu, tmp_path / "out", defaults=RequestDefaults(batch_size=2))
+        result = await run(cfg, prompts)
+        records = final(tmp_path / "out")
+        assert result.exit_code == 0, result.summary
+        assert len(records) == 300
+        for record in records.values():
+            assert record["status"] == "ok"
+            assert record["seed"] == record["requested_seed"]
+            assert record["timings"]["inference"] > 0
+            assert len(record["images"]) == 2
+            assert record["images"][0]["path"].startswith("images/000/")
+            assert_images_match_server(emu, tmp_path / "out", record)
+        assert emu.stats()["generation_requests"] == 300
+    summary = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())
+    assert summary["manifest"] == {"ok": 300}
+    assert summary["run"]["images"] == 600
+    no_leftovers(tmp_path / "out")
+
+
+async def test_rerun_skips_what_is_done_and_pays_nothing_twice(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 40)
+    async with Emulator() as emu:
+        cfg = config_for(emu, tmp_path / "out")
+        assert (await run(cfg, prompts)).exit_code == 0
+        again = await run(cfg, prompts)
+        assert again.exit_code == 0
+        assert again.summary["run"]["skipped"] == 40
+        assert emu.stats()["generation_requests"] == 40
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["p_503", "p_504", "p_500", "p_reset", "p_truncated_image", "p_expired_url", "p_not_image"],
+)
+async def test_each_fault_class_is_survived(tmp_path: Path, fault: str) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 60)
+    faults = FaultConfig(seed=7, **{fault: 0.3})
+    async with Emulator(faults=faults) as emu:
+        cfg = config_for(emu, tmp_path / "out", max_retries=12)
+        result = await run(cfg, prompts)
+        records = final(tmp_path / "out")
+        assert result.exit_code == 0, result.summary
+        assert {r["status"] for r in records.values()} == {"ok"}
+        for record in records.values():
+            assert_images_match_server(emu, tmp_path / "out", record)
+    no_leftovers(tmp_path / "out")
+
+
+async def test_stalled_download_hits_its_deadline_and_is_retried(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 10)
+    async with Emulator(faults=FaultConfig(seed=3, p_stalled_image=0.3, stall_s=30)) as emu:
+        cfg = config_for(emu, tmp_path / "out", download_timeout_s=0.5)
+        result = await run(cfg, prompts)
+    assert result.exit_code == 0, result.summary
+    assert {r["status"] for r in final(tmp_path / "out").values()} == {"ok"}
+    no_leftovers(tmp_path / "out")
+
+
+async def test_server_400_fails_the_item_without_retry_and_the_run_goes_on(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(
+        b'{"prompt": "fine"}\n{"prompt": "unknown to the server", "model": "acme/new-model"}\n'
+    )
+    async with Emulator() as emu:
+        result = await run(config_for(emu, tmp_path / "out"), prompts)
+        assert emu.stats()["generation_requests"] == 2
+    records = final(tmp_path / "out")
+    assert result.exit_code == 1
+    bad = records["000000002"]
+    assert bad["status"] == "failed" and bad["attempts"] == 1
+    assert bad["error"]["status"] == 400 and bad["error"]["code"] == 20012
+    assert records["000000001"]["status"] == "ok"
+
+
+async def test_bad_rows_are_reported_with_file_and_line(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(
+        b'{"prompt": "ok one"}\nnot json\n{"prompt": "x", "batch_size": 9}\n{"seed": 1}\n'
+        b'{"prompt": "ok two"}\n'
+    )
+    async with Emulator() as emu:
+        result = await run(config_for(emu, tmp_path / "out"), prompts)
+        assert emu.stats()["generation_requests"] == 2
+    records = final(tmp_path / "out")
+    assert result.exit_code == 1
+    assert records["000000002"]["status"] == "invalid"
+    assert records["000000002"]["error"]["message"].startswith(f"{prompts}:2:")
+    assert "batch_size must be 1..4, got 9" in records["000000003"]["error"]["message"]
+    assert records["000000004"]["status"] == "invalid"
+    assert records["000000005"]["status"] == "ok"
+
+
+async def test_stated_limit_is_used_without_429s(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 40)
+    async with Emulator(rpm=600) as emu:
+        cfg = config_for(emu, tmp_path / "out", rpm=600)
+        result = await run(cfg, prompts)
+        stats = emu.stats()
+    assert result.exit_code == 0
+    assert stats["status_counts"].get("429", 0) == 0
+    assert result.summary["run"]["rate_limited_429"] == 0
+
+
+async def test_overestimated_limit_converges_instead_of_hammering(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 40)
+    async with Emulator(rpm=600, retry_after_s=0.2) as emu:
+        cfg = config_for(emu, tmp_path / "out", rpm=6000)
+        result = await run(cfg, prompts)
+        stats = emu.stats()
+    assert result.exit_code == 0
+    refused = stats["status_counts"].get("429", 0)
+    assert refused < 40, stats  # without the shared slow-down it would be several per item
+
+
+async def test_expired_urls_are_generated_again_with_the_same_seed(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 20)
+    async with Emulator(faults=FaultConfig(seed=1, p_expired_url=0.5)) as emu:
+        result = await run(config_for(emu, tmp_path / "out", max_retries=20), prompts)
+        records = final(tmp_path / "out")
+        assert result.exit_code == 0
+        assert result.summary["run"]["regenerated_expired"] > 0
+        for record in records.values():
+            assert record["seed"] == record["requested_seed"]
+            assert_images_match_server(emu, tmp_path / "out", record)
+
+
+async def test_bad_key_stops_the_job_with_exit_3_and_no_key_anywhere(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 50)
+    secret = "sk-this-is-the-secret-key-123"
+    async with Emulator() as emu:
+        cfg = config_for(emu, tmp_path / "out", api_key=secret)
+        result = await run(cfg, prompts)
+        assert emu.stats()["generation_requests"] <= cfg.concurrency
+    assert result.exit_code == 3
+    assert "401" in result.message
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="replace")
+    assert secret not in result.message and secret not in orjson.dumps(result.summary).decode()
+    assert secret not in repr(cfg)
+
+
+async def test_wrong_base_url_path_stops_with_exit_3(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 5)
+    async with Emulator() as emu:
+        cfg = config_for(emu, tmp_path / "out", base_url=emu.root_url + "/wrong")
+        result = await run(cfg, prompts)
+    assert result.exit_code == 3
+    assert "base URL" in result.message
