@@ -1,0 +1,753 @@
+"""``sfbatch status`` and ``sfbatch verify``: what an output directory holds, from its manifests.
+
+Both read every ``DIR/manifest*.jsonl`` (a sharded run writes one per shard) and take the
+latest record of each id across all of them, so they work on a finished run, on one that
+was interrupted, and while one is still writing (a torn last line is skipped).
+
+``status`` counts items by status (failures grouped by reason), sums images and bytes,
+reports throughput, latency percentiles, billed images, and with the input file how many
+rows are pending and how many nights the daily quota needs for them::
+
+    >>> report = status_report(Path("out"), input_path=Path("in.txt"), ipd=400)  # doctest: +SKIP
+    >>> report["counts"]["ok"], report["quota"]["nights_left"]                   # doctest: +SKIP
+    (10000, 13)
+
+``verify`` checks that every image of the latest ``ok`` records is on disk with the
+recorded size and sha256, and lists orphan files under ``DIR/images/`` and leftover
+``DIR/.tmp/*.part`` files. Missing or mismatched images make it exit 1; orphans and
+leftovers alone are warnings (exit 0): they waste space but lose nothing, and a resumed
+run clears ``.tmp/`` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import itertools
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import orjson
+
+from sfbatch.manifest import STATUSES, day_start_iso, iter_records, manifest_paths
+
+__all__ = [
+    "DONE_STATUSES",
+    "FileProblem",
+    "NoManifestError",
+    "VerifyReport",
+    "message_class",
+    "percentile",
+    "register",
+    "status_report",
+    "verify",
+]
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+
+#: Statuses that need no more work: an input row in none of them is pending.
+#: ``duplicate`` is done (with dedupe on it is never requested); ``generated`` is not
+#: (its images still have to be downloaded, or made again once the URLs expire).
+DONE_STATUSES = frozenset({"ok", "failed", "invalid", "duplicate"})
+_REASON_STATUSES = ("failed", "invalid")
+# Gaps between finished records longer than this are idle time (e.g. between nightly runs).
+_IDLE_GAP_S = 600.0
+_HASH_CHUNK = 1 << 20
+_HASH_BATCH = 1024
+_LIST_LIMIT = 50
+_DEFAULT_TZ_OFFSET_H = 8.0
+
+
+class NoManifestError(FileNotFoundError):
+    """The directory holds no ``manifest*.jsonl``."""
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+@dataclass
+class _Scan:
+    """One pass over every manifest line: the latest record per id, plus per-line sums."""
+
+    paths: list[Path]
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lines: int = 0
+    billed_total: int = 0
+    billed_today: int = 0
+
+
+def _scan(out_dir: Path, day_start: str = "") -> _Scan:
+    paths = manifest_paths(out_dir) if out_dir.is_dir() else []
+    if not paths:
+        raise NoManifestError(f"{out_dir}: no manifest (manifest.jsonl or manifest-I-of-N.jsonl)")
+    scan = _Scan(paths=paths)
+    latest = scan.latest
+    for path in paths:
+        for record in iter_records(path):
+            scan.lines += 1
+            latest[record["id"]] = record
+            # billed_images counts what one run was charged for this record, so a
+            # superseded line's charge still happened: sum every line, not the latest.
+            billed = record.get("billed_images")
+            if isinstance(billed, int) and billed > 0:
+                scan.billed_total += billed
+                finished = record.get("finished_at")
+                if isinstance(finished, str) and finished >= day_start:
+                    scan.billed_today += billed
+    return scan
+
+
+def _images(record: dict[str, Any]) -> list[dict[str, Any]]:
+    images = record.get("images")
+    if not isinstance(images, list):
+        return []
+    return [image for image in images if isinstance(image, dict)]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+# -- status --------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-quantile (0..1) of ``values`` by linear interpolation; ``None`` if empty.
+
+    Same definition as NumPy's default (and ``statistics.quantiles(method="inclusive")``)::
+
+        >>> percentile([1.0, 2.0, 3.0, 4.0], 0.5)
+        2.5
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+_FILE_LINE = re.compile(r"^[^\s:]+:\d+: ")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_HEXISH = re.compile(r"\b[0-9a-fA-F-]{16,}\b")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_MESSAGE_CLASS_LEN = 72
+
+
+def message_class(message: str) -> str:
+    """An error message with its particulars blanked, so alike failures group together.
+
+    >>> message_class("prompts.jsonl:12: batch_size must be 1..4, got 9")
+    'batch_size must be N..N, got N'
+    """
+    text = _FILE_LINE.sub("", message.strip(), count=1)
+    text = _QUOTED.sub("'…'", text)
+    text = _HEXISH.sub("…", text)
+    text = _NUMBER.sub("N", text)
+    text = " ".join(text.split())
+    if len(text) > _MESSAGE_CLASS_LEN:
+        text = text[: _MESSAGE_CLASS_LEN - 1] + "…"
+    return text
+
+
+def _reason(record: dict[str, Any]) -> str:
+    error = record.get("error")
+    if not isinstance(error, dict):
+        return "(no error recorded)"
+    status = error.get("status")
+    code = error.get("code")
+    head = " ".join(str(part) for part in (status, code) if part not in (None, ""))
+    message = message_class(str(error.get("message") or ""))
+    return f"{head}: {message}" if head and message else head or message or "(empty error)"
+
+
+def _parse_time(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def _throughput(ok: int, finished: list[str]) -> dict[str, Any]:
+    times = sorted(t for t in map(_parse_time, finished) if t is not None)
+    if len(times) < 2:
+        return {"ok_per_hour": None, "span_h": 0.0, "ok_per_active_hour": None, "active_h": 0.0}
+    span_s = times[-1] - times[0]
+    gaps = (b - a for a, b in itertools.pairwise(times))
+    active_s = sum(gap for gap in gaps if gap <= _IDLE_GAP_S)
+    return {
+        "ok_per_hour": round(ok * 3600 / span_s, 1) if span_s > 0 else None,
+        "span_h": round(span_s / 3600, 3),
+        "ok_per_active_hour": round(ok * 3600 / active_s, 1) if active_s > 0 else None,
+        "active_h": round(active_s / 3600, 3),
+    }
+
+
+def _summary_ipd(out_dir: Path) -> tuple[int | None, str | None]:
+    """``quota.ipd`` from ``summary.json`` (or a shard's ``summary-I-of-N.json``)."""
+    candidates = [out_dir / "summary.json", *sorted(out_dir.glob("summary-*.json"))]
+    for path in candidates:
+        try:
+            summary = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        quota = summary.get("quota") if isinstance(summary, dict) else None
+        ipd = quota.get("ipd") if isinstance(quota, dict) else None
+        if isinstance(ipd, int) and not isinstance(ipd, bool) and ipd > 0:
+            return ipd, path.name
+    return None, None
+
+
+def _variations(latest: dict[str, dict[str, Any]]) -> int:
+    most = 0
+    for record in latest.values():
+        variation = record.get("variation")
+        if isinstance(variation, int) and variation > most:
+            most = variation
+    return most + 1
+
+
+def _pending(input_path: Path, latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Input rows not yet done, and the images they still need.
+
+    Cheap when the loader can count rows (plain .txt/.jsonl): rows minus done records,
+    images estimated at the mean batch size recorded. Otherwise every row is read and
+    looked up by id, which is exact.
+    """
+    done = sum(1 for record in latest.values() if record.get("status") in DONE_STATUSES)
+    sizes = [b for r in latest.values() if isinstance(b := r.get("batch_size"), int) and b > 0]
+    per_row = sum(sizes) / len(sizes) if sizes else 1.0
+    try:
+        from sfbatch.loader import PromptSource
+    except ImportError:  # pragma: no cover - the loader ships with sfbatch
+        rows = _count_lines(input_path)
+        pending = max(0, rows - done)
+        return _pending_dict(rows, pending, math.ceil(pending * per_row), "lines")
+
+    source = PromptSource(input_path, variations=_variations(latest))
+    rows_known = source.count_rows()
+    if rows_known is not None:
+        pending = max(0, rows_known - done)
+        return _pending_dict(rows_known, pending, math.ceil(pending * per_row), "count")
+    rows = pending = images = 0
+    for row in source:
+        rows += 1
+        record = latest.get(row.id)
+        if record is None or record.get("status") not in DONE_STATUSES:
+            pending += 1
+            if row.request is not None:
+                batch = row.request.get("batch_size")
+                images += batch if isinstance(batch, int) and batch > 0 else 1
+    return _pending_dict(rows, pending, images, "scan")
+
+
+def _pending_dict(rows: int, pending: int, images: int, method: str) -> dict[str, Any]:
+    return {"input_rows": rows, "pending": pending, "pending_images": images, "method": method}
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def status_report(
+    out_dir: Path,
+    *,
+    input_path: Path | None = None,
+    ipd: int | None = None,
+    tz_offset_h: float = _DEFAULT_TZ_OFFSET_H,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Everything ``sfbatch status`` shows, as one JSON-ready dict.
+
+    ``input_path`` enables ``pending`` and the nights-left estimate; ``ipd`` overrides the
+    ``quota.ipd`` recorded in ``summary.json``; ``tz_offset_h`` is the UTC offset of the
+    account's day (for "billed today"). Raises :class:`NoManifestError` when ``out_dir``
+    has no manifest, and :class:`~sfbatch.errors.InputFileError` for an unreadable input.
+    """
+    day_start = day_start_iso(tz_offset_h, now)
+    scan = _scan(out_dir, day_start)
+    counts: Counter[str] = Counter({status: 0 for status in STATUSES})
+    reasons: dict[str, Counter[str]] = {status: Counter() for status in _REASON_STATUSES}
+    examples: dict[str, str] = {}
+    images = size = 0
+    latency: list[float] = []
+    inference: list[float] = []
+    finished: list[str] = []
+    for record in scan.latest.values():
+        status = str(record.get("status"))
+        counts[status] += 1
+        if isinstance(stamp := record.get("finished_at"), str):
+            finished.append(stamp)
+        if status == "ok":
+            for image in _images(record):
+                images += 1
+                size += image["bytes"] if isinstance(image.get("bytes"), int) else 0
+            if (value := _number(record.get("latency_s"))) is not None:
+                latency.append(value)
+            timings = record.get("timings")
+            if (
+                isinstance(timings, dict)
+                and (value := _number(timings.get("inference"))) is not None
+            ):
+                inference.append(value)
+        elif status in reasons:
+            reason = _reason(record)
+            reasons[status][reason] += 1
+            if reason not in examples and isinstance(record.get("error"), dict):
+                examples[reason] = str(record["error"].get("message") or "")
+
+    pending = _pending(input_path, scan.latest) if input_path is not None else None
+    ipd_source: str | None = "--ipd" if ipd is not None else None
+    if ipd is None:
+        ipd, ipd_source = _summary_ipd(out_dir)
+    nights_left = None
+    if pending is not None and ipd:
+        nights_left = math.ceil(pending["pending_images"] / ipd)
+    return {
+        "out_dir": str(out_dir),
+        "manifests": [path.name for path in scan.paths],
+        "lines": scan.lines,
+        "ids": len(scan.latest),
+        "counts": dict(counts),
+        "reasons": {
+            status: [
+                {"reason": reason, "count": n, "example": examples.get(reason, "")}
+                for reason, n in found.most_common()
+            ]
+            for status, found in reasons.items()
+        },
+        "input_rows": pending["input_rows"] if pending else None,
+        "pending": pending["pending"] if pending else None,
+        "pending_images": pending["pending_images"] if pending else None,
+        "pending_method": pending["method"] if pending else None,
+        "images": images,
+        "bytes": size,
+        "first_finished_at": min(finished) if finished else None,
+        "last_finished_at": max(finished) if finished else None,
+        "throughput": _throughput(counts["ok"], finished),
+        "latency_s": _percentiles(latency),
+        "inference_s": _percentiles(inference),
+        "billed": {
+            "today": scan.billed_today,
+            "total": scan.billed_total,
+            "day_start": day_start,
+            "tz_offset_h": tz_offset_h,
+        },
+        "quota": {
+            "ipd": ipd,
+            "ipd_from": ipd_source,
+            "left_today": max(0, ipd - scan.billed_today) if ipd else None,
+            "nights_left": nights_left,
+        },
+    }
+
+
+def _percentiles(values: list[float]) -> dict[str, Any]:
+    p50, p95 = percentile(values, 0.5), percentile(values, 0.95)
+    return {
+        "n": len(values),
+        "p50": None if p50 is None else round(p50, 3),
+        "p95": None if p95 is None else round(p95, 3),
+    }
+
+
+# -- verify --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """One image of an ``ok`` record that is not as recorded."""
+
+    id: str
+    path: str
+    problem: str  # "missing", "size", "sha256", "unreadable" or "bad path"
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found; ``ok`` is False when an image is missing or mismatched."""
+
+    out_dir: Path
+    manifests: list[str] = field(default_factory=list)
+    records: int = 0
+    files: int = 0
+    bytes: int = 0
+    missing: list[FileProblem] = field(default_factory=list)
+    mismatched: list[FileProblem] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    leftover_parts: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.mismatched
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every image checks out (orphans and leftovers only warn), else 1."""
+        return EXIT_OK if self.ok else EXIT_PROBLEMS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "ok": self.ok,
+            "manifests": self.manifests,
+            "records": self.records,
+            "files": self.files,
+            "bytes": self.bytes,
+            "missing": [vars(p) for p in self.missing],
+            "mismatched": [vars(p) for p in self.mismatched],
+            "orphans": self.orphans,
+            "leftover_parts": self.leftover_parts,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+def _safe_relpath(path: Any) -> str | None:
+    """``path`` if it is a relative path that stays inside the output directory."""
+    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
+        return None
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts:
+        return None
+    return pure.as_posix()
+
+
+def _check(out_dir: Path, row_id: str, image: dict[str, Any]) -> FileProblem | int:
+    """The file's problem, or its size when it matches the record."""
+    path = image.get("path")
+    rel = _safe_relpath(path)
+    if rel is None:
+        return FileProblem(row_id, str(path), "bad path", "not a relative path inside DIR")
+    full = out_dir / rel
+    try:
+        with open(full, "rb") as f:
+            actual_size = os.fstat(f.fileno()).st_size
+            expected_size = image.get("bytes")
+            if isinstance(expected_size, int) and actual_size != expected_size:
+                return FileProblem(
+                    row_id, rel, "size", f"{actual_size} bytes on disk, {expected_size} recorded"
+                )
+            digest = hashlib.sha256()
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return FileProblem(row_id, rel, "missing")
+    except OSError as exc:
+        return FileProblem(row_id, rel, "unreadable", exc.strerror or str(exc))
+    expected = image.get("sha256")
+    if digest.hexdigest() != expected:
+        return FileProblem(
+            row_id, rel, "sha256", f"{digest.hexdigest()} on disk, {expected} recorded"
+        )
+    return actual_size
+
+
+def _batches(
+    items: Iterable[tuple[str, dict[str, Any]]],
+) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    batch: list[tuple[str, dict[str, Any]]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= _HASH_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        for name in filenames:
+            yield base / name
+
+
+def verify(out_dir: Path, *, workers: int | None = None) -> VerifyReport:
+    """Check every image of the latest ``ok`` records against its size and sha256.
+
+    Files are hashed in 1 MiB chunks on a thread pool (hashlib releases the GIL on
+    large buffers, so hashing runs in parallel with the disk reads). Also lists files
+    under ``images/`` no latest record refers to, and ``.tmp/*.part`` leftovers.
+    Raises :class:`NoManifestError` when ``out_dir`` has no manifest.
+    """
+    started = time.monotonic()
+    scan = _scan(out_dir)
+    report = VerifyReport(out_dir=out_dir, manifests=[p.name for p in scan.paths])
+    referenced: set[str] = set()
+    to_check: list[tuple[str, dict[str, Any]]] = []
+    for row_id, record in scan.latest.items():
+        images = _images(record)
+        for image in images:
+            rel = _safe_relpath(image.get("path"))
+            if rel is not None:
+                referenced.add(rel)
+        if record.get("status") == "ok":
+            report.records += 1
+            to_check.extend((row_id, image) for image in images)
+
+    pool_size = workers or min(8, (os.cpu_count() or 1) * 2)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=pool_size) as pool:
+        for batch in _batches(to_check):
+            for result in pool.map(lambda item: _check(out_dir, *item), batch):
+                if isinstance(result, FileProblem):
+                    bucket = report.missing if result.problem == "missing" else report.mismatched
+                    bucket.append(result)
+                else:
+                    report.files += 1
+                    report.bytes += result
+
+    images_dir = out_dir / "images"
+    report.orphans = sorted(
+        rel
+        for rel in (path.relative_to(out_dir).as_posix() for path in _walk_files(images_dir))
+        if rel not in referenced
+    )
+    tmp_dir = out_dir / ".tmp"
+    if tmp_dir.is_dir():
+        report.leftover_parts = sorted(
+            path.relative_to(out_dir).as_posix() for path in tmp_dir.rglob("*.part")
+        )
+    report.elapsed_s = time.monotonic() - started
+    return report
+
+
+# -- output --------------------------------------------------------------------------
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` → ``"1.5 KiB"``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}{unit}"
+
+
+def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
+    """The human table of :func:`status_report`'s result."""
+    counts = report["counts"]
+    rows: list[tuple[str, str, str]] = []
+
+    def row(label: str, value: str, note: str = "") -> None:
+        rows.append((label, value, note))
+
+    row(
+        "ok",
+        f"{counts.get('ok', 0):,}",
+        f"{report['images']:,} images, {human_bytes(report['bytes'])}",
+    )
+    for status in ("failed", "invalid"):
+        row(status, f"{counts.get(status, 0):,}")
+        found = report["reasons"].get(status, [])
+        for entry in found[:reasons_shown]:
+            row("", f"{entry['count']:,}", entry["reason"])
+        if len(found) > reasons_shown:
+            row("", "", f"... {len(found) - reasons_shown} more reasons (--json lists all)")
+    row(
+        "generated",
+        f"{counts.get('generated', 0):,}",
+        "paid for, not downloaded (resume fetches them)",
+    )
+    row("duplicate", f"{counts.get('duplicate', 0):,}")
+    for status, n in counts.items():
+        if status not in STATUSES:
+            row(status, f"{n:,}", "unknown status")
+    if report["pending"] is None:
+        row("pending", "?", "give --input PROMPTS to count")
+    else:
+        row(
+            "pending",
+            f"{report['pending']:,}",
+            f"of {report['input_rows']:,} input rows; ~{report['pending_images']:,} images",
+        )
+    tp = report["throughput"]
+    if tp["ok_per_hour"] is None:
+        row("throughput", "-")
+    else:
+        note = f"ok/h over {tp['span_h']:g} h"
+        if tp["ok_per_active_hour"] is not None and tp["active_h"] < tp["span_h"]:
+            note += f"; {tp['ok_per_active_hour']:,} ok/h over {tp['active_h']:g} h active"
+        row("throughput", f"{tp['ok_per_hour']:,}", note)
+    for key, label in (("latency_s", "latency"), ("inference_s", "inference")):
+        p = report[key]
+        row(f"{label} p50", _fmt(p["p50"], " s"), f"p95 {_fmt(p['p95'], ' s')} (n={p['n']:,})")
+    billed = report["billed"]
+    row(
+        "billed today",
+        f"{billed['today']:,}",
+        f"day from {billed['day_start']} (UTC{billed['tz_offset_h']:+g})",
+    )
+    row("billed total", f"{billed['total']:,}")
+    quota = report["quota"]
+    if quota["ipd"] is None:
+        row("nights left", "?", "give --ipd N (or run with --ipd so summary.json records it)")
+    else:
+        note = f"at {quota['ipd']:,} images/day ({quota['left_today']:,} left today)"
+        row(
+            "nights left",
+            "?" if quota["nights_left"] is None else f"{quota['nights_left']:,}",
+            note if quota["nights_left"] is not None else note + "; give --input PROMPTS",
+        )
+
+    head = (
+        f"{report['out_dir']}: {report['ids']:,} items from {len(report['manifests'])} "
+        f"manifest{'s' if len(report['manifests']) != 1 else ''} ({report['lines']:,} records)"
+    )
+    label_w = max(len(r[0]) for r in rows)
+    value_w = max(len(r[1]) for r in rows)
+    lines = [head]
+    for label, value, note in rows:
+        # Rows without a label are the reasons under "failed" / "invalid".
+        note = note if label else f"· {note}"
+        lines.append(f"  {label:<{label_w}}  {value:>{value_w}}  {note}".rstrip())
+    return "\n".join(lines)
+
+
+def _list(title: str, items: list[str], show_all: bool) -> list[str]:
+    shown = items if show_all else items[:_LIST_LIMIT]
+    lines = [f"{title} ({len(items):,}):"] + [f"  {item}" for item in shown]
+    if len(items) > len(shown):
+        lines.append(f"  ... {len(items) - len(shown):,} more (--all or --json lists all)")
+    return lines
+
+
+def format_verify(report: VerifyReport, *, show_all: bool = False) -> str:
+    """The human report of :func:`verify`."""
+    checked = report.files + len(report.missing) + len(report.mismatched)
+    lines = [
+        f"{report.out_dir}: checked {checked:,} "
+        f"images of {report.records:,} ok records ({human_bytes(report.bytes)} hashed "
+        f"in {report.elapsed_s:.1f} s)"
+    ]
+    if report.missing:
+        lines += _list("MISSING", [f"{p.id}  {p.path}" for p in report.missing], show_all)
+    if report.mismatched:
+        lines += _list(
+            "MISMATCHED",
+            [f"{p.id}  {p.path}  {p.problem}: {p.detail}".rstrip(": ") for p in report.mismatched],
+            show_all,
+        )
+    if report.orphans:
+        lines += _list(
+            "warning: orphan files (no latest record refers to them)", report.orphans, show_all
+        )
+    if report.leftover_parts:
+        lines += _list(
+            "warning: leftover partial downloads (the next run removes them)",
+            report.leftover_parts,
+            show_all,
+        )
+    lines.append(
+        "OK: every image matches the manifest"
+        if report.ok
+        else f"FAILED: {len(report.missing):,} missing, {len(report.mismatched):,} mismatched"
+    )
+    return "\n".join(lines)
+
+
+# -- CLI -----------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    """Add ``status`` and ``verify`` to the ``sfbatch`` command."""
+    status = subparsers.add_parser(
+        "status",
+        help="summarise an output directory from its manifests",
+        description="Counts by status (failures by reason), images and bytes, throughput, "
+        "latency percentiles, billed images, and with --input the pending rows and the "
+        "nights the daily quota needs for them. Reads DIR/manifest*.jsonl only.",
+    )
+    status.add_argument("dir", type=Path, metavar="DIR")
+    status.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    status.add_argument(
+        "--input", type=Path, metavar="PROMPTS", help="the prompt file, to count pending rows"
+    )
+    status.add_argument(
+        "--ipd", type=int, help="images per day (default: quota.ipd of DIR/summary.json)"
+    )
+    status.add_argument(
+        "--tz-offset",
+        type=float,
+        default=_DEFAULT_TZ_OFFSET_H,
+        dest="tz_offset_h",
+        help="UTC offset in hours of the account's day (default 8)",
+    )
+    status.set_defaults(handler=status_command)
+
+    check = subparsers.add_parser(
+        "verify",
+        help="check every image against the manifest's sha256 and size",
+        description="Exit 0 when every image of the latest ok records is present and matches; "
+        "1 when any is missing or mismatched; 2 when DIR has no manifest. Orphan files under "
+        "DIR/images/ and leftover DIR/.tmp/*.part files are reported as warnings (exit 0).",
+    )
+    check.add_argument("dir", type=Path, metavar="DIR")
+    check.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    check.add_argument(
+        "--all",
+        action="store_true",
+        dest="show_all",
+        help=f"list every problem (default: the first {_LIST_LIMIT} of each kind)",
+    )
+    check.set_defaults(handler=verify_command)
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from sfbatch.errors import SfbatchError
+
+    if args.ipd is not None and args.ipd < 1:
+        print("sfbatch status: --ipd must be 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = status_report(
+            args.dir, input_path=args.input, ipd=args.ipd, tz_offset_h=args.tz_offset_h
+        )
+    except NoManifestError as exc:
+        print(f"sfbatch status: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SfbatchError, OSError) as exc:
+        print(f"sfbatch status: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+    else:
+        print(format_status(report))
+    return EXIT_OK
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    try:
+        report = verify(args.dir)
+    except NoManifestError as exc:
+        print(f"sfbatch verify: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        sys.stdout.write(orjson.dumps(report.as_dict()).decode() + "\n")
+    else:
+        print(format_verify(report, show_all=args.show_all))
+    return report.exit_code
