@@ -35,7 +35,7 @@ import logging
 import os
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Final
@@ -336,6 +336,7 @@ class PromptSource:
 
         self._raw: IO[bytes] | None = None
         self._bytes_read = 0
+        self._records: Iterable[str | Mapping[str, Any]] | None = None
 
         # Validate the defaults once: a row that adds only a prompt (and the seed we
         # derive) is valid exactly when this probe is, so it skips validate_request.
@@ -352,6 +353,23 @@ class PromptSource:
             if "seed" in self._base:
                 self._fixed_seed = seed
             self._template = template
+
+    @classmethod
+    def from_records(
+        cls, records: Iterable[str | Mapping[str, Any]], **options: Any
+    ) -> PromptSource:
+        """Rows from memory: each item a prompt string or a mapping of row fields.
+
+        The item's 1-based position stands in for the line number; options are those
+        of the constructor. This is what :func:`sfbatch.generate` reads.
+
+        >>> [r.id for r in PromptSource.from_records(["a cat", {"id": "dog", "prompt": "a dog"}])]
+        ['000000001', 'dog']
+        """
+        source = cls("-", stdin=io.BytesIO(b""), **options)
+        source.file = "<records>"
+        source._records = records
+        return source
 
     @property
     def bytes_read(self) -> int:
@@ -394,7 +412,10 @@ class PromptSource:
         if self._limit == 0:
             return
         with contextlib.ExitStack() as stack:
-            parsed = self._open(stack)
+            if self._records is not None:
+                parsed = self._parse_records(self._records)
+            else:
+                parsed = self._open(stack)
             if self._limit is not None:
                 # islice stops without reading past the limit (matters for stdin).
                 parsed = itertools.islice(parsed, self._limit)
@@ -449,6 +470,19 @@ class PromptSource:
                 fmt = ".jsonl" if line.lstrip().startswith(b"{") else ".txt"
                 return fmt, itertools.chain(itertools.repeat(b"\n", blanks), (line,), lines)
         return ".txt", iter(())
+
+    def _parse_records(self, records: Iterable[str | Mapping[str, Any]]) -> Iterator[_Parsed]:
+        for line, item in enumerate(records, start=1):
+            if isinstance(item, str):
+                if item.strip():
+                    yield line, item.strip(), None, None
+            elif isinstance(item, Mapping):
+                for key in item:
+                    if key not in _KNOWN_KEYS:
+                        self._warn(f"{self.file}: unknown field {key!r} ignored")
+                yield line, None, dict(item), None
+            else:
+                yield line, None, None, [f"not a prompt or a mapping (got {type(item).__name__})"]
 
     def _parse_lines(self, fmt: str, lines: Iterator[bytes]) -> Iterator[_Parsed]:
         if fmt == ".jsonl":

@@ -20,10 +20,12 @@ Stopping, in order of severity:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,12 +43,12 @@ from sfbatch.errors import (
 )
 from sfbatch.generator import DailyQuota, Generator, Stopped, WorkItem
 from sfbatch.limiter import RateLimiter
-from sfbatch.loader import Row, image_shard_dir
+from sfbatch.loader import PromptSource, Row, image_shard_dir
 from sfbatch.manifest import ManifestState, ManifestWriter, day_start_iso, now_iso, read_state
 from sfbatch.models import ModelRegistry, effective_params
 from sfbatch.retry import RetryPolicy
 
-__all__ = ["Outcome", "Pipeline", "RunResult", "RunStats"]
+__all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
 
 Outcome = Literal["done", "quota", "interrupted", "fatal"]
 _YIELD_EVERY_ROWS = 256
@@ -164,6 +166,7 @@ class Pipeline:
         self._generator: Generator | None = None
         self._downloader: Downloader | None = None
         self._quota: DailyQuota | None = None
+        self.fatal_error: FatalApiError | None = None
 
     # -- control ---------------------------------------------------------------
 
@@ -223,9 +226,10 @@ class Pipeline:
             self._quota = DailyQuota(
                 limit=cfg.ipd, used=self._state.billed_today, utc_offset_h=cfg.day_utc_offset_h
             )
-        default_batch = cfg.defaults.batch_size or 1
-        self._limiter = RateLimiter(rpm=cfg.rpm, ipm=cfg.ipm, max_batch_size=default_batch)
-        self._limiter.check_batch_size(default_batch)
+        # Rows may set their own batch_size: size the limiter for the largest any model takes.
+        max_batch = max(rule.max_batch_size for rule in self.registry)
+        self._limiter = RateLimiter(rpm=cfg.rpm, ipm=cfg.ipm, max_batch_size=max_batch)
+        self._limiter.check_batch_size(cfg.defaults.batch_size or 1)
         self._writer = ManifestWriter(manifest_path)
         api_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=cfg.concurrency), raise_for_status=False
@@ -260,7 +264,10 @@ class Pipeline:
         try:
             await self._run_stages()
         except* FatalApiError as group:
-            self._request_stop("fatal", str(group.exceptions[0]))
+            fatal = group.exceptions[0]
+            assert isinstance(fatal, FatalApiError)
+            self.fatal_error = fatal
+            self._request_stop("fatal", str(fatal))
         finally:
             await self._save_undownloaded()
             self._writer.close()
@@ -551,3 +558,79 @@ class Pipeline:
 
 def _invalid(row: Row) -> dict[str, Any]:
     return {"status": None, "code": "invalid", "message": row.error}
+
+
+async def generate(
+    rows: Iterable[str | Mapping[str, Any]] | Iterable[Row],
+    config: RunConfig,
+    *,
+    registry: ModelRegistry | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """Generate images for ``rows`` and yield each manifest record as it is written.
+
+    ``rows`` are prompt strings, mappings of row fields (``prompt``, ``seed``,
+    ``batch_size``, ...; the same as a JSONL line), or :class:`~sfbatch.loader.Row`
+    objects (e.g. a :class:`~sfbatch.loader.PromptSource`). The records are those of
+    ``config.out_dir``'s manifest, so a second call resumes like the command does::
+
+        async for record in sfbatch.generate(["a cat", {"prompt": "a dog", "seed": 7}], config):
+            print(record["status"], record["images"])
+
+    Raises the :class:`~sfbatch.errors.FatalApiError` that stopped the job (bad key,
+    wrong base URL) or :class:`~sfbatch.errors.QuotaReachedError` once the daily
+    quota ends it early, after yielding every record written before.
+    """
+    registry = registry or ModelRegistry.load(config.models_file)
+    source: Iterable[Row]
+    if isinstance(rows, PromptSource):
+        source = rows
+    else:
+        source = _as_rows(rows, config, registry)
+    records: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(config.queue_size)
+    pipeline = Pipeline(config, source, registry=registry, on_record=records.put)
+
+    async def drive() -> RunResult:
+        try:
+            return await pipeline.run()
+        finally:
+            await records.put(None)
+
+    task = asyncio.create_task(drive())
+    try:
+        while (record := await records.get()) is not None:
+            yield record
+        result = await task
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if pipeline.fatal_error is not None:
+        raise pipeline.fatal_error
+    if result.outcome == "quota":
+        raise QuotaReachedError(result.message)
+
+
+def _as_rows(
+    rows: Iterable[str | Mapping[str, Any]] | Iterable[Row],
+    config: RunConfig,
+    registry: ModelRegistry,
+) -> Iterable[Row]:
+    """Rows as given, or validated rows built from strings and mappings."""
+    items = iter(rows)
+    first = next(items, None)
+    if first is None:
+        return ()
+    chained = itertools.chain((first,), items)
+    if isinstance(first, Row):
+        return chained  # type: ignore[return-value]
+    return PromptSource.from_records(
+        chained,  # type: ignore[arg-type]
+        defaults=config.defaults,
+        registry=registry,
+        base_seed=config.base_seed,
+        variations=config.variations,
+        shard=config.shard,
+        limit=config.limit,
+        dedupe=config.dedupe,
+    )
