@@ -1,0 +1,455 @@
+"""Per-account rate limiting shared by all generation workers of one run.
+
+Every worker calls ``await limiter.acquire(images=batch_size)`` before each request, then
+reports the answer: :meth:`RateLimiter.on_success` or :meth:`RateLimiter.on_rate_limited`.
+
+What it guarantees, for each configured limit (``rpm`` requests, ``ipm`` images per minute):
+
+* **No start-up burst, over any window.** Requests are paced by a leaky bucket that holds
+  only one request's worth (1 request; ``max_batch_size`` images, or ``ipm`` if smaller),
+  draining at the configured rate times ``safety``. Over any window of ``w`` seconds at
+  most ``rate * w / 60`` plus one request's worth is admitted. A plain
+  ``AsyncLimiter(n, 60)`` would let a whole minute's worth through at once.
+* **Never more than the limit in any minute.** A small bucket alone still allows
+  ``ipm + max_batch_size`` images per minute when batches are larger than one (4-image
+  requests at ``ipm=10`` would go at 0 s, 24 s and 48 s: 12 images). So each limit also
+  keeps a log of the last minute's admissions and never lets it exceed the limit.
+* **Margin.** Pacing runs at ``safety`` (99.5 %) of the limit and the minute log spans
+  ``60 / safety`` seconds (60.3 s): timing jitter of up to 0.3 s between us and a server
+  that counts exactly ``rpm`` per sliding 60 s does not cause a 429.
+* **A batch that can never fit is an error, not a hang.** All of a request's images count
+  in the same instant, so a request of ``n`` images needs ``n <= ipm``;
+  :meth:`RateLimiter.check_batch_size` (and ``acquire``) raise :class:`ConfigError` otherwise.
+
+After a 429 the whole engine slows down (AIMD):
+
+* A shared **cooldown**: no request is admitted until it ends. It lasts ``Retry-After``
+  when the server sent one (at most an hour), else 1 s doubling per consecutive 429, at
+  most 30 s. 429s of requests that were in flight together count as one.
+* **Multiplicative decrease**: each limit's rate becomes half of the lower of its current
+  rate and the rate actually admitted over the last minute, but not below one full request
+  per minute. A limit that was never configured starts unlimited and gets its first rate
+  this way, so an absent or overestimated limit converges instead of hammering the server.
+  At most one decrease a minute: a server counting a sliding minute keeps refusing for up
+  to a minute after it was overrun whatever we do now, so those 429s only extend the
+  cooldown (halving on each of them would drive the rate to the floor).
+* **Additive increase**: each :meth:`RateLimiter.on_success` after the cooldown adds
+  ``r * dt / 120 s`` (``r`` the rate before the decrease, ``dt`` the time since the last
+  adjustment, at most 60 s), so a halving is undone after 60 s of successful requests;
+  the configured limit (times ``safety``) is the ceiling. An unconfigured limit keeps
+  growing, probing for the server's limit the way TCP does: against a simulated server
+  allowing 20 (or 300) requests per sliding minute, an unconfigured limiter settles at
+  about 85 % of it with a 429 every minute and a half.
+
+How it is built: a FIFO lock lets one waiter at a time through the gates (cooldown,
+adaptive leaky buckets, minute logs). Each gate says how long until it admits the request
+without consuming anything; the waiter sleeps that long and checks again, and only when
+all are open does it record the admission in all of them in one step. Waiting in one
+gate therefore never spends capacity in another, a 429 during the sleep is seen before
+admission, and a cancelled waiter leaves nothing behind. aiolimiter's ``AsyncLimiter``,
+sized as above at each configured limit, is acquired at that instant as a hard ceiling:
+the adaptive buckets never run faster than it, so it only waits if the adaptive logic
+is wrong. Why not simply ``await rpm.acquire(); await ipm.acquire(n)``: an
+``AsyncLimiter`` cannot wait without taking capacity, so the first records an admission
+that the second may then delay, and with mixed batch sizes two requests can go out closer
+together than one request interval. And its rate cannot be changed once built (rebuilding
+empties the bucket: a burst), which is why the adaptive rate lives in the small
+:class:`_LeakyBucket` here.
+
+All timing uses the running loop's clock (``loop.time()``, ``asyncio.sleep``), like
+aiolimiter; tests run it in an event loop with virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+
+from aiolimiter import AsyncLimiter
+
+from sfbatch.errors import ConfigError
+
+__all__ = ["RateLimiter"]
+
+_MINUTE_S = 60.0
+_DECREASE = 0.5
+_RECOVERY_S = 120.0
+_MAX_RECOVERY_STEP_S = 60.0
+# A server counting a sliding minute refuses for up to a minute after being overrun,
+# however slowly we go now: 429s in that minute are no news about the lowered rate.
+_HOLD_S = 60.0
+_BACKOFF_BASE_S = 1.0
+_BACKOFF_CAP_S = 30.0
+_MAX_COOLDOWN_S = 3600.0
+# Float rounding can leave a wait of a few nanoseconds; don't sleep for those.
+_EPSILON_S = 1e-9
+
+
+class _LeakyBucket:
+    """Holds up to ``capacity``, drains ``per_minute`` per minute; ``None`` is unlimited."""
+
+    __slots__ = ("_at", "_level", "capacity", "per_minute")
+
+    def __init__(self, capacity: float, per_minute: float | None) -> None:
+        self.capacity = capacity
+        self.per_minute = per_minute
+        self._level = 0.0
+        self._at = -math.inf
+
+    def _drain(self, now: float) -> None:
+        if self.per_minute is not None and self._level:
+            elapsed = max(0.0, now - self._at)
+            self._level = max(0.0, self._level - elapsed * self.per_minute / _MINUTE_S)
+        self._at = now
+
+    def delay_s(self, amount: float, now: float) -> float:
+        if self.per_minute is None:
+            return 0.0
+        self._drain(now)
+        excess = self._level + amount - self.capacity
+        return max(0.0, excess * _MINUTE_S / self.per_minute)
+
+    def add(self, amount: float, now: float) -> None:
+        if self.per_minute is not None:
+            self._drain(now)
+            self._level += amount
+
+    def set_rate(self, per_minute: float | None, now: float) -> None:
+        self._drain(now)
+        self.per_minute = per_minute
+
+
+class _MinuteLog:
+    """At most ``limit`` admitted in any ``window_s`` seconds."""
+
+    __slots__ = ("_log", "_total", "limit", "window_s")
+
+    def __init__(self, limit: float, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._log: deque[tuple[float, float]] = deque()
+        self._total = 0.0
+
+    def _expire(self, now: float) -> None:
+        while self._log and self._log[0][0] + self.window_s - now <= _EPSILON_S:
+            self._total -= self._log.popleft()[1]
+
+    def delay_s(self, amount: float, now: float) -> float:
+        self._expire(now)
+        excess = self._total + amount - self.limit
+        if excess <= 0:
+            return 0.0
+        for at, admitted in self._log:
+            excess -= admitted
+            if excess <= 0:
+                return at + self.window_s - now
+        raise AssertionError(f"{amount} can never fit a limit of {self.limit}")  # see check
+
+    def add(self, amount: float, now: float) -> None:
+        self._expire(now)
+        self._log.append((now, amount))
+        self._total += amount
+
+
+class _Limit:
+    """One per-minute limit (requests or images): adaptive pacing under a hard ceiling."""
+
+    __slots__ = ("_backstop", "_log", "bucket", "ceiling", "configured", "floor", "reference")
+
+    def __init__(self, *, configured: float | None, capacity: float, safety: float) -> None:
+        self.configured = configured
+        self.ceiling = None if configured is None else configured * safety
+        self.floor = capacity if self.ceiling is None else min(capacity, self.ceiling)
+        self.bucket = _LeakyBucket(capacity, self.ceiling)
+        # the rate before the latest decrease; None when not recovering
+        self.reference: float | None = None
+        self._log: _MinuteLog | None = None
+        self._backstop: AsyncLimiter | None = None
+        if configured is not None and self.ceiling is not None:
+            # below 1 per minute the bucket alone paces; the log must still admit one request
+            self._log = _MinuteLog(max(configured, 1.0), _MINUTE_S / safety)
+            self._backstop = AsyncLimiter(capacity, capacity * _MINUTE_S / self.ceiling)
+
+    @property
+    def per_minute(self) -> float | None:
+        return self.bucket.per_minute
+
+    def delay_s(self, amount: float, now: float) -> float:
+        delay = self.bucket.delay_s(amount, now)
+        if self._log is not None:
+            delay = max(delay, self._log.delay_s(amount, now))
+        return delay
+
+    def add(self, amount: float, now: float) -> None:
+        self.bucket.add(amount, now)
+        if self._log is not None:
+            self._log.add(amount, now)
+
+    async def acquire_ceiling(self, amount: float) -> None:
+        if self._backstop is not None:
+            await self._backstop.acquire(amount)
+
+    def decrease(self, observed: float | None, now: float) -> None:
+        known = [rate for rate in (self.per_minute, observed) if rate is not None]
+        base = min(known) if known else self.floor
+        self.reference = base
+        self.bucket.set_rate(max(self.floor, base * _DECREASE), now)
+
+    def recover(self, dt_s: float, now: float) -> None:
+        if self.reference is None or self.per_minute is None:
+            return
+        rate = self.per_minute + self.reference * dt_s / _RECOVERY_S
+        if self.ceiling is not None and rate >= self.ceiling:
+            rate, self.reference = self.ceiling, None
+        self.bucket.set_rate(rate, now)
+
+
+def _check_rate(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name} must be a positive number per minute or None, got {value!r}")
+
+
+class RateLimiter:
+    """Requests-per-minute and images-per-minute limits shared by a pool of workers.
+
+    Create one per run and per event loop; ``None`` means no known limit (the rate is then
+    learned from 429s). See the module docstring for the exact guarantees::
+
+        limiter = RateLimiter(rpm=60, ipm=120, max_batch_size=4)
+        limiter.check_batch_size(4)          # at start: ConfigError if it can never fit
+        ...
+        await limiter.acquire(images=4)      # in each worker, before each request
+    """
+
+    def __init__(
+        self,
+        *,
+        rpm: float | None,
+        ipm: float | None,
+        max_batch_size: int = 1,
+        safety: float = 0.995,
+    ) -> None:
+        _check_rate("rpm", rpm)
+        _check_rate("ipm", ipm)
+        if (
+            isinstance(max_batch_size, bool)
+            or not isinstance(max_batch_size, int)
+            or max_batch_size < 1
+        ):
+            raise ConfigError(
+                f"max_batch_size must be a whole number of at least 1, got {max_batch_size!r}"
+            )
+        if isinstance(safety, bool) or not isinstance(safety, int | float) or not 0 < safety <= 1:
+            raise ConfigError(f"safety must be in (0, 1], got {safety!r}")
+        self._max_batch_size = max_batch_size
+        image_capacity = float(max_batch_size if ipm is None else min(max_batch_size, ipm))
+        self._requests = _Limit(configured=rpm, capacity=1.0, safety=safety)
+        self._images = _Limit(configured=ipm, capacity=image_capacity, safety=safety)
+        self._turnstile = asyncio.Lock()
+        self._cooldown_until = -math.inf
+        self._recovery_from = -math.inf
+        self._consecutive_429 = 0
+        # a request went out since the last 429: a new one is not just its in-flight sibling
+        self._fresh = True
+        self._last_decrease_at = -math.inf
+        self._recent: deque[tuple[float, int]] = deque()
+        self._first_admitted_at: float | None = None
+        self._acquires = 0
+        self._images_admitted = 0
+        self._waiting = 0
+        self._wait_s_total = 0.0
+        self._rate_limited = 0
+        self._decreases = 0
+        self._successes = 0
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise :class:`ConfigError` if a request of ``batch_size`` images can never be admitted.
+
+        A request's images all count at once, so it needs ``batch_size <= ipm``; it must
+        also fit the ``max_batch_size`` the limiter was built for.
+
+        >>> limiter = RateLimiter(rpm=None, ipm=2, max_batch_size=4)
+        >>> limiter.check_batch_size(2)
+        >>> limiter.check_batch_size(4)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sfbatch.errors.ConfigError: batch_size 4 can never fit an images-per-minute limit of 2: ...
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(
+                f"batch_size must be a whole number of at least 1, got {batch_size!r}"
+            )
+        ipm = self._images.configured
+        if ipm is not None and batch_size > ipm:
+            raise ConfigError(
+                f"batch_size {batch_size} can never fit an images-per-minute limit of {ipm:g}: "
+                f"all of a request's images count in the same minute, so it needs "
+                f"ipm >= batch_size; lower the batch_size or raise the ipm limit"
+            )
+        if batch_size > self._max_batch_size:
+            raise ConfigError(
+                f"batch_size {batch_size} is larger than max_batch_size {self._max_batch_size} "
+                f"the rate limiter was sized for: build it with the largest batch_size of the run"
+            )
+
+    async def acquire(self, images: int = 1) -> None:
+        """Wait until one request of ``images`` images may be sent, and count it as sent.
+
+        Waiters are admitted in arrival order. Cancelling a waiting ``acquire`` uses up
+        nothing. Raises :class:`ConfigError` at once if ``images`` can never fit
+        (see :meth:`check_batch_size`)::
+
+            await limiter.acquire(images=row.batch_size)
+            response = await client.generate(row)
+        """
+        self.check_batch_size(images)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._waiting += 1
+        try:
+            async with self._turnstile:
+                while True:
+                    delay = self._delay_s(images, loop.time())
+                    if delay > _EPSILON_S:
+                        await asyncio.sleep(delay)
+                        continue
+                    # the ceilings have capacity whenever the gates are open (they only
+                    # wait if the adaptive logic is wrong), so this does not suspend; if it
+                    # does, a 429 may have come meanwhile, and its cooldown comes first
+                    await self._requests.acquire_ceiling(1)
+                    await self._images.acquire_ceiling(images)
+                    now = loop.time()
+                    if self._delay_s(images, now) <= _EPSILON_S:
+                        break
+                self._admit(images, now)
+        finally:
+            self._waiting -= 1
+        self._wait_s_total += now - started
+
+    def on_rate_limited(self, retry_after_s: float | None = None) -> None:
+        """Slow every worker down after a 429: shared cooldown, then a lower rate.
+
+        ``retry_after_s`` is the server's ``Retry-After`` in seconds, if it sent one::
+
+            except RateLimitError as exc:
+                limiter.on_rate_limited(exc.retry_after_s)
+        """
+        now = self._now()
+        self._rate_limited += 1
+        if self._fresh:
+            self._fresh = False
+            self._consecutive_429 += 1
+        if now >= self._last_decrease_at + _HOLD_S:
+            self._last_decrease_at = now
+            self._decreases += 1
+            observed_rpm, observed_ipm = self._observed(now)
+            self._requests.decrease(observed_rpm, now)
+            self._images.decrease(observed_ipm, now)
+        if retry_after_s is not None and math.isfinite(retry_after_s) and retry_after_s >= 0:
+            pause_s = min(float(retry_after_s), _MAX_COOLDOWN_S)
+        else:
+            exponent = max(self._consecutive_429, 1) - 1
+            pause_s = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2.0 ** min(exponent, 32))
+        self._cooldown_until = max(self._cooldown_until, now + pause_s)
+        self._recovery_from = max(self._recovery_from, self._cooldown_until)
+
+    def on_success(self) -> None:
+        """Report a successful request: ends a run of 429s and lets the rate recover.
+
+        ::
+
+            response = await client.generate(row)
+            limiter.on_success()
+        """
+        now = self._now()
+        self._successes += 1
+        self._consecutive_429 = 0
+        dt_s = now - self._recovery_from
+        if dt_s > 0:
+            dt_s = min(dt_s, _MAX_RECOVERY_STEP_S)
+            self._requests.recover(dt_s, now)
+            self._images.recover(dt_s, now)
+            self._recovery_from = now
+
+    def statistics(self) -> dict[str, float | int | bool | None]:
+        """Counters and current rates, for progress lines and tests. Rates are per minute.
+
+        >>> stats = RateLimiter(rpm=60, ipm=None).statistics()
+        >>> stats["effective_rpm"], stats["effective_ipm"], stats["cooldown_active"]
+        (59.7, None, False)
+        """
+        now = self._now()
+        observed_rpm, observed_ipm = self._observed(now)
+        return {
+            "rpm_limit": self._requests.configured,
+            "ipm_limit": self._images.configured,
+            "effective_rpm": self._requests.per_minute,
+            "effective_ipm": self._images.per_minute,
+            "observed_rpm": observed_rpm,
+            "observed_ipm": observed_ipm,
+            "acquires": self._acquires,
+            "images": self._images_admitted,
+            "waiting": self._waiting,
+            "wait_s_total": self._wait_s_total,
+            "rate_limited": self._rate_limited,
+            "rate_decreases": self._decreases,
+            "consecutive_rate_limited": self._consecutive_429,
+            "successes": self._successes,
+            "cooldown_active": now < self._cooldown_until,
+            "cooldown_remaining_s": max(0.0, self._cooldown_until - now),
+        }
+
+    def _delay_s(self, images: int, now: float) -> float:
+        return max(
+            self._cooldown_until - now,
+            self._requests.delay_s(1, now),
+            self._images.delay_s(images, now),
+        )
+
+    def _admit(self, images: int, now: float) -> None:
+        self._requests.add(1, now)
+        self._images.add(images, now)
+        self._recent.append((now, images))
+        while self._recent[0][0] <= now - _MINUTE_S:
+            self._recent.popleft()
+        if self._first_admitted_at is None:
+            self._first_admitted_at = now
+        self._fresh = True
+        self._acquires += 1
+        self._images_admitted += images
+
+    def _observed(self, now: float) -> tuple[float | None, float | None]:
+        """Requests and images per minute admitted over the last minute (or since the start)."""
+        while self._recent and self._recent[0][0] <= now - _MINUTE_S:
+            self._recent.popleft()
+        if not self._recent or self._first_admitted_at is None:
+            return None, None
+        span_s = max(1.0, min(_MINUTE_S, now - self._first_admitted_at))
+        per_minute = _MINUTE_S / span_s
+        return (
+            len(self._recent) * per_minute,
+            sum(images for _, images in self._recent) * per_minute,
+        )
+
+    @staticmethod
+    def _now() -> float:
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:
+            # outside a loop (e.g. statistics() from a sync caller): the default loops' clock
+            return time.monotonic()
+
+    def __repr__(self) -> str:
+        return (
+            f"<RateLimiter rpm={self._requests.per_minute!r} ipm={self._images.per_minute!r} "
+            f"waiting={self._waiting}>"
+        )

@@ -1,0 +1,659 @@
+"""RateLimiter tests, in virtual time.
+
+Most tests run in :class:`VirtualTimeLoop`, an event loop whose clock jumps straight to
+the next timer whenever every task is waiting: ten simulated minutes take milliseconds,
+and nothing depends on how loaded the machine is. Like aiolimiter's own tests it fakes
+``loop.time()``; here the selector advances it, so ``asyncio.sleep`` and aiolimiter's
+timers follow the same clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import doctest
+import itertools
+import math
+import random
+import selectors
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import pytest
+from aiolimiter import AsyncLimiter
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sfbatch.limiter
+from sfbatch.errors import ConfigError
+from sfbatch.limiter import RateLimiter
+
+SAFETY = 0.995
+HORIZON_S = 7 * 24 * 3600.0
+
+
+class _FastForwardSelector(selectors.DefaultSelector):
+    def __init__(self, loop: VirtualTimeLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready: list[Any] = super().select(0)
+        if ready:
+            return ready
+        if timeout is None:
+            raise RuntimeError("deadlock: every task is waiting and no timer is set")
+        self._loop.advance(timeout)
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose ``time()`` only moves when all tasks wait for a timer."""
+
+    def __init__(self) -> None:
+        self._now = 1000.0
+        super().__init__(_FastForwardSelector(self))
+
+    def time(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        # always move by at least one ulp, so a timer due "now" can never spin forever
+        self._now = max(self._now + seconds, math.nextafter(self._now, math.inf))
+        if self._now > HORIZON_S:
+            raise RuntimeError("virtual time ran past a simulated week: something waits forever")
+
+
+def virtual_time(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """Run an ``async def`` test in a fresh :class:`VirtualTimeLoop`."""
+
+    def run() -> None:
+        with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+            runner.run(test())
+
+    run.__name__ = test.__name__
+    run.__doc__ = test.__doc__
+    return run
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+Admission = tuple[float, int]
+
+
+async def run_workers(
+    limiter: RateLimiter,
+    *,
+    workers: int,
+    duration_s: float,
+    batch_sizes: Sequence[int] = (1,),
+    latency_s: float = 0.0,
+) -> list[Admission]:
+    """Workers acquire in a loop until ``duration_s`` has passed; returns (time, images)."""
+    admissions: list[Admission] = []
+    end = now() + duration_s
+
+    async def worker(index: int) -> None:
+        turn = index
+        while True:
+            images = batch_sizes[turn % len(batch_sizes)]
+            turn += 1
+            await limiter.acquire(images)
+            if now() > end:
+                return
+            admissions.append((now(), images))
+            limiter.on_success()
+            if latency_s:
+                await asyncio.sleep(latency_s)
+
+    async with asyncio.TaskGroup() as group:
+        for index in range(workers):
+            group.create_task(worker(index))
+    return sorted(admissions)
+
+
+def most_in_window(admissions: Sequence[Admission], window_s: float) -> tuple[int, int]:
+    """The most requests and the most images admitted in any closed window of ``window_s``."""
+    most_requests = most_images = 0
+    inside: deque[Admission] = deque()
+    images = 0
+    for at, amount in admissions:
+        inside.append((at, amount))
+        images += amount
+        while inside[0][0] < at - window_s:
+            images -= inside.popleft()[1]
+        most_requests = max(most_requests, len(inside))
+        most_images = max(most_images, images)
+    return most_requests, most_images
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rpm": 0, "ipm": None},
+        {"rpm": -1, "ipm": None},
+        {"rpm": math.nan, "ipm": None},
+        {"rpm": math.inf, "ipm": None},
+        {"rpm": True, "ipm": None},
+        {"rpm": None, "ipm": "10"},
+        {"rpm": None, "ipm": None, "max_batch_size": 0},
+        {"rpm": None, "ipm": None, "max_batch_size": 2.0},
+        {"rpm": None, "ipm": None, "safety": 0},
+        {"rpm": None, "ipm": None, "safety": 1.5},
+    ],
+)
+def test_invalid_configuration_is_a_config_error(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        RateLimiter(**kwargs)
+
+
+def test_created_outside_a_loop() -> None:
+    limiter = RateLimiter(rpm=60, ipm=120, max_batch_size=4)
+    stats = limiter.statistics()
+    assert stats["acquires"] == 0
+    assert stats["cooldown_active"] is False
+
+
+def test_batch_larger_than_ipm_is_a_config_error() -> None:
+    limiter = RateLimiter(rpm=None, ipm=2, max_batch_size=4)
+    limiter.check_batch_size(1)
+    limiter.check_batch_size(2)
+    with pytest.raises(ConfigError) as caught:
+        limiter.check_batch_size(4)
+    assert str(caught.value).startswith(
+        "batch_size 4 can never fit an images-per-minute limit of 2: "
+    )
+
+
+def test_batch_larger_than_max_batch_size_is_a_config_error() -> None:
+    limiter = RateLimiter(rpm=60, ipm=None, max_batch_size=2)
+    with pytest.raises(ConfigError, match="larger than max_batch_size 2"):
+        limiter.check_batch_size(3)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.0, True, None])
+def test_batch_size_must_be_a_positive_whole_number(bad: Any) -> None:
+    with pytest.raises(ConfigError):
+        RateLimiter(rpm=None, ipm=None, max_batch_size=4).check_batch_size(bad)
+
+
+@virtual_time
+async def test_acquire_that_can_never_fit_raises_at_once() -> None:
+    limiter = RateLimiter(rpm=None, ipm=2, max_batch_size=4)
+    started = now()
+    with pytest.raises(ConfigError, match="can never fit"):
+        await limiter.acquire(4)
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        await RateLimiter(rpm=None, ipm=None, max_batch_size=1).acquire(2)
+    assert now() == pytest.approx(started)
+    assert limiter.statistics()["waiting"] == 0
+
+
+async def test_unlimited_acquire_does_not_wait_in_a_real_loop() -> None:
+    limiter = RateLimiter(rpm=None, ipm=None, max_batch_size=4)
+    for _ in range(200):
+        await asyncio.wait_for(limiter.acquire(4), timeout=5)
+    stats = limiter.statistics()
+    assert stats["acquires"] == 200
+    assert stats["images"] == 800
+
+
+# --- pacing: no burst, never over the limit ------------------------------------------
+
+
+@virtual_time
+async def test_no_start_up_burst_for_requests() -> None:
+    limiter = RateLimiter(rpm=600, ipm=None)
+    start = now()
+    admissions = await run_workers(limiter, workers=16, duration_s=1.0)
+    # AsyncLimiter(600, 60) would let 600 through in this second
+    assert len(admissions) <= 600 / 60 + 1
+    assert admissions[0][0] == pytest.approx(start)
+
+
+@virtual_time
+async def test_no_start_up_burst_for_images() -> None:
+    limiter = RateLimiter(rpm=None, ipm=120, max_batch_size=4)
+    admissions = await run_workers(limiter, workers=8, duration_s=1.0, batch_sizes=[4])
+    assert sum(images for _, images in admissions) <= 120 / 60 * 1 + 4
+
+
+@virtual_time
+async def test_requests_stay_within_rpm_over_1s_and_60s_windows() -> None:
+    rpm = 30
+    limiter = RateLimiter(rpm=rpm, ipm=None)
+    admissions = await run_workers(limiter, workers=6, duration_s=600.0)
+    assert most_in_window(admissions, 1.0)[0] <= rpm / 60 * 1.0 + 1
+    assert most_in_window(admissions, 60.0)[0] <= rpm
+    # ...with the 0.3 s jitter margin
+    assert most_in_window(admissions, 60.0 / SAFETY - 1e-6)[0] <= rpm
+    # and not needlessly slow: within the safety margin of the limit
+    assert len(admissions) >= rpm * SAFETY * 10 - 1
+
+
+@virtual_time
+async def test_large_batches_stay_within_ipm_over_every_minute() -> None:
+    # a bucket of 4 images alone would admit 4 at 0 s, 24 s and 48 s: 12 in one minute
+    ipm = 10
+    limiter = RateLimiter(rpm=None, ipm=ipm, max_batch_size=4)
+    admissions = await run_workers(limiter, workers=3, duration_s=600.0, batch_sizes=[4])
+    assert most_in_window(admissions, 60.0 / SAFETY - 1e-6)[1] <= ipm
+    assert most_in_window(admissions, 1.0)[1] <= ipm / 60 + 4
+    # two 4-image requests per minute is the most any schedule can do under "10 per minute"
+    assert sum(images for _, images in admissions) >= 8 * 10 - 4
+
+
+@virtual_time
+async def test_images_are_weighted_by_batch_size() -> None:
+    limiter = RateLimiter(rpm=None, ipm=60, max_batch_size=4)
+    start = now()
+    times = []
+    for images in (4, 1, 4, 2):
+        await limiter.acquire(images)
+        times.append(now() - start)
+    # 60 images a minute at 99.5 %: one image drains every 1/0.995 s; the bucket holds 4
+    unit = 1 / SAFETY
+    assert times == pytest.approx([0.0, 1 * unit, 5 * unit, 7 * unit], abs=1e-6)
+
+
+@virtual_time
+async def test_rpm_and_ipm_together() -> None:
+    limiter = RateLimiter(rpm=20, ipm=40, max_batch_size=4)
+    admissions = await run_workers(
+        limiter, workers=4, duration_s=600.0, batch_sizes=[1, 4, 2, 4, 1, 1]
+    )
+    requests, images = most_in_window(admissions, 60.0 / SAFETY - 1e-6)
+    assert requests <= 20
+    assert images <= 40
+    one_s_requests, one_s_images = most_in_window(admissions, 1.0)
+    assert one_s_requests <= 20 / 60 + 1
+    assert one_s_images <= 40 / 60 + 4
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    rpm=st.none() | st.integers(min_value=1, max_value=120),
+    ipm=st.none() | st.integers(min_value=4, max_value=200),
+    batch_sizes=st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=6),
+    workers=st.integers(min_value=1, max_value=6),
+    latency_s=st.sampled_from([0.0, 0.5, 7.0]),
+)
+def test_never_over_any_limit(
+    rpm: int | None,
+    ipm: int | None,
+    batch_sizes: list[int],
+    workers: int,
+    latency_s: float,
+) -> None:
+    if rpm is None and ipm is None:
+        rpm = 60
+
+    @virtual_time
+    async def scenario() -> None:
+        limiter = RateLimiter(rpm=rpm, ipm=ipm, max_batch_size=4)
+        admissions = await run_workers(
+            limiter,
+            workers=workers,
+            duration_s=300.0,
+            batch_sizes=batch_sizes,
+            latency_s=latency_s,
+        )
+        minute = most_in_window(admissions, 60.0 / SAFETY - 1e-6)
+        second = most_in_window(admissions, 1.0)
+        if rpm is not None:
+            assert minute[0] <= rpm
+            assert second[0] <= rpm / 60 + 1
+        if ipm is not None:
+            assert minute[1] <= ipm
+            assert second[1] <= ipm / 60 + 4
+
+    scenario()
+
+
+def test_ceiling_backstop_has_capacity_whenever_the_gates_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The adaptive buckets never run faster than aiolimiter's ceiling: it never waits."""
+    short: list[float] = []
+
+    class CountingLimiter(AsyncLimiter):
+        async def acquire(self, amount: float = 1) -> None:
+            if not self.has_capacity(amount):
+                short.append(amount)
+            await super().acquire(amount)
+
+    monkeypatch.setattr(sfbatch.limiter, "AsyncLimiter", CountingLimiter)
+
+    @virtual_time
+    async def scenario() -> None:
+        limiter = RateLimiter(rpm=45, ipm=100, max_batch_size=4)
+        await run_workers(limiter, workers=5, duration_s=300.0, batch_sizes=[1, 4, 3])
+        limiter.on_rate_limited(None)
+        await run_workers(limiter, workers=5, duration_s=120.0, batch_sizes=[2, 4])
+        acquires = limiter.statistics()["acquires"]
+        assert isinstance(acquires, int) and acquires > 100
+
+    scenario()
+    assert short == []
+
+
+# --- 429: shared cooldown, AIMD ----------------------------------------------------------
+
+
+@virtual_time
+async def test_429_pauses_every_waiter_for_retry_after() -> None:
+    limiter = RateLimiter(rpm=60, ipm=None)
+    start = now()
+    admitted: list[float] = []
+
+    async def worker() -> None:
+        await limiter.acquire()
+        admitted.append(now() - start)
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(4):
+            group.create_task(worker())
+        await asyncio.sleep(0.5)
+        assert admitted == [pytest.approx(0.0)]
+        limiter.on_rate_limited(retry_after_s=10.0)
+        assert limiter.statistics()["cooldown_active"] is True
+    assert all(at >= 10.5 for at in admitted[1:])
+    # after the cooldown the waiters go one at a time at the lowered rate, not all at once
+    rate = limiter.statistics()["effective_rpm"]
+    assert isinstance(rate, float)
+    gaps = [b - a for a, b in itertools.pairwise(admitted[1:])]
+    assert all(gap >= 60 / rate - 1e-6 for gap in gaps)
+
+
+@virtual_time
+async def test_cooldown_without_retry_after_grows_then_caps() -> None:
+    limiter = RateLimiter(rpm=None, ipm=None)
+    pauses = []
+    for _ in range(8):
+        await limiter.acquire()  # each 429 follows a fresh request: a new event
+        limiter.on_rate_limited(None)
+        remaining = limiter.statistics()["cooldown_remaining_s"]
+        assert isinstance(remaining, float)
+        pauses.append(round(remaining, 6))
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    limiter.on_success()
+    await limiter.acquire()
+    limiter.on_rate_limited(None)
+    assert limiter.statistics()["cooldown_remaining_s"] == pytest.approx(1.0)
+
+
+@virtual_time
+async def test_429s_in_flight_together_count_once() -> None:
+    limiter = RateLimiter(rpm=60, ipm=None)
+    for _ in range(4):
+        await limiter.acquire()
+    for _ in range(4):  # four requests sent before the first 429 all come back 429
+        limiter.on_rate_limited(None)
+    stats = limiter.statistics()
+    assert stats["rate_limited"] == 4
+    assert stats["rate_decreases"] == 1
+    assert stats["consecutive_rate_limited"] == 1
+    assert stats["cooldown_remaining_s"] == pytest.approx(1.0)
+
+
+@virtual_time
+async def test_rate_is_lowered_at_most_once_a_minute() -> None:
+    # the server's sliding minute still holds what overran it: its 429s say nothing new
+    limiter = RateLimiter(rpm=60, ipm=None)
+    await run_workers(limiter, workers=2, duration_s=60.0)
+    limiter.on_rate_limited(None)
+    lowered = limiter.statistics()["effective_rpm"]
+    start = now()
+    for _ in range(5):
+        await limiter.acquire()
+        limiter.on_rate_limited(None)
+    assert now() - start < 35
+    stats = limiter.statistics()
+    assert stats["rate_decreases"] == 1
+    assert stats["effective_rpm"] == lowered
+    assert stats["cooldown_remaining_s"] == pytest.approx(30.0)  # but the cooldown grew
+    await asyncio.sleep(30.0)
+    await limiter.acquire()
+    limiter.on_rate_limited(None)
+    assert limiter.statistics()["rate_decreases"] == 2
+
+
+@virtual_time
+async def test_rate_halves_on_429_then_recovers_in_a_minute() -> None:
+    limiter = RateLimiter(rpm=60, ipm=None)
+    ceiling = 60 * SAFETY
+    await run_workers(limiter, workers=4, duration_s=120.0)
+    limiter.on_rate_limited(None)
+    assert limiter.statistics()["effective_rpm"] == pytest.approx(ceiling / 2, rel=0.02)
+    seen: list[tuple[float, float]] = []
+    start = now()
+
+    async def watch() -> None:
+        while now() - start < 90:
+            rate = limiter.statistics()["effective_rpm"]
+            assert isinstance(rate, float)
+            seen.append((now() - start, rate))
+            await asyncio.sleep(5)
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(watch())
+        group.create_task(run_workers(limiter, workers=4, duration_s=90.0))
+    rates = [rate for _, rate in seen]
+    assert rates == sorted(rates)
+    half_way = min(seen, key=lambda item: abs(item[0] - 31.0))[1]
+    assert half_way == pytest.approx(ceiling * 0.75, rel=0.05)
+    assert all(rate < ceiling for at, rate in seen if at < 55)
+    assert all(rate == ceiling for at, rate in seen if at > 65)
+
+
+@virtual_time
+async def test_rate_never_drops_below_one_request_a_minute() -> None:
+    limiter = RateLimiter(rpm=60, ipm=None)
+    for _ in range(10):
+        await limiter.acquire()
+        limiter.on_rate_limited(retry_after_s=0.0)
+        await asyncio.sleep(60.0)
+    assert limiter.statistics()["effective_rpm"] == 1.0
+
+
+class FakeServer:
+    """Accepts at most ``rpm`` requests in any sliding 60 s, like the real API."""
+
+    def __init__(self, rpm: int) -> None:
+        self.rpm = rpm
+        self._accepted: deque[float] = deque()
+        self.refused: list[float] = []
+        self.accepted: list[float] = []
+
+    def request(self, at: float) -> bool:
+        while self._accepted and self._accepted[0] <= at - 60:
+            self._accepted.popleft()
+        if len(self._accepted) >= self.rpm:
+            self.refused.append(at)
+            return False
+        self._accepted.append(at)
+        self.accepted.append(at)
+        return True
+
+
+async def drive(limiter: RateLimiter, server: FakeServer, *, workers: int, minutes: int) -> None:
+    end = now() + minutes * 60
+
+    async def worker() -> None:
+        while now() < end:
+            await limiter.acquire()
+            if server.request(now()):
+                await asyncio.sleep(2.0)  # generation latency
+                limiter.on_success()
+            else:
+                limiter.on_rate_limited(None)
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(workers):
+            group.create_task(worker())
+
+
+@virtual_time
+async def test_exact_limit_gets_no_429_from_an_exact_server_despite_jitter() -> None:
+    server = FakeServer(rpm=30)
+    limiter = RateLimiter(rpm=30, ipm=None)
+    jitter = random.Random(3)
+    end = now() + 30 * 60
+
+    async def worker() -> None:
+        while now() < end:
+            await limiter.acquire()
+            await asyncio.sleep(jitter.uniform(0.0, 0.25))  # network delay on the way
+            assert server.request(now())
+            await asyncio.sleep(jitter.uniform(0.5, 5.0))
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(6):
+            group.create_task(worker())
+    assert server.refused == []
+    assert len(server.accepted) >= 30 * SAFETY * 30 - 1
+
+
+@pytest.mark.parametrize("configured_rpm", [None, 200])
+def test_absent_or_overestimated_limit_converges(configured_rpm: int | None) -> None:
+    @virtual_time
+    async def scenario() -> None:
+        server = FakeServer(rpm=20)
+        limiter = RateLimiter(rpm=configured_rpm, ipm=None)
+        start = now()
+        await drive(limiter, server, workers=8, minutes=40)
+        late = start + 20 * 60
+        refused_late = [at for at in server.refused if at >= late]
+        accepted_late = [at for at in server.accepted if at >= late]
+        # settled: most of the server's 20/minute used, few 429s (AIMD probes now and then)
+        assert len(accepted_late) >= 0.6 * 20 * 20
+        assert len(refused_late) <= 0.1 * len(accepted_late)
+        assert len(server.refused) < len(server.accepted)
+        rate = limiter.statistics()["effective_rpm"]
+        assert rate is not None and rate < 40
+
+    scenario()
+
+
+@virtual_time
+async def test_unlimited_learns_a_rate_from_what_it_sent() -> None:
+    limiter = RateLimiter(rpm=None, ipm=None, max_batch_size=2)
+    assert limiter.statistics()["effective_rpm"] is None
+    # 40 requests of 2 images in 10 s, then a 429
+    for _ in range(40):
+        await limiter.acquire(2)
+        await asyncio.sleep(0.25)
+    limiter.on_rate_limited(None)
+    stats = limiter.statistics()
+    assert stats["observed_rpm"] == pytest.approx(240.0, rel=0.05)
+    assert stats["effective_rpm"] == pytest.approx(120.0, rel=0.05)
+    assert stats["effective_ipm"] == pytest.approx(240.0, rel=0.05)
+
+
+# --- cancellation ----------------------------------------------------------------------
+
+
+@virtual_time
+async def test_cancelled_waiter_does_not_use_up_capacity() -> None:
+    limiter = RateLimiter(rpm=60, ipm=120, max_batch_size=2)
+    start = now()
+    await limiter.acquire(2)
+    waiting = asyncio.create_task(limiter.acquire(2))
+    behind = asyncio.create_task(limiter.acquire(1))  # queued behind it
+    await asyncio.sleep(0.5)
+    waiting.cancel()
+    await asyncio.sleep(0.1)
+    behind.cancel()
+    await asyncio.gather(waiting, behind, return_exceptions=True)
+    assert waiting.cancelled() and behind.cancelled()
+    await limiter.acquire(2)
+    # as if the cancelled ones had never asked
+    assert now() - start == pytest.approx(1 / SAFETY, abs=1e-6)
+    stats = limiter.statistics()
+    assert stats["acquires"] == 2
+    assert stats["images"] == 4
+    assert stats["waiting"] == 0
+
+
+@virtual_time
+async def test_cancelling_waiters_in_any_order_never_deadlocks() -> None:
+    limiter = RateLimiter(rpm=120, ipm=None)
+    tasks = [asyncio.create_task(limiter.acquire()) for _ in range(12)]
+    limiter.on_rate_limited(retry_after_s=5.0)
+    await asyncio.sleep(1.0)
+    for task in tasks[::3]:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    done = [result for result in results if not isinstance(result, asyncio.CancelledError)]
+    assert len(done) == 8
+    assert limiter.statistics()["acquires"] == 8
+    assert limiter.statistics()["waiting"] == 0
+
+
+@virtual_time
+async def test_waiters_are_served_in_arrival_order() -> None:
+    limiter = RateLimiter(rpm=None, ipm=60, max_batch_size=4)
+    order: list[int] = []
+
+    async def worker(index: int, images: int) -> None:
+        await limiter.acquire(images)
+        order.append(index)
+
+    async with asyncio.TaskGroup() as group:
+        for index, images in enumerate([4, 4, 1, 1, 4, 1]):
+            group.create_task(worker(index, images))
+            await asyncio.sleep(0)
+    assert order == [0, 1, 2, 3, 4, 5]
+
+
+# --- statistics ------------------------------------------------------------------------
+
+
+@virtual_time
+async def test_statistics() -> None:
+    limiter = RateLimiter(rpm=60, ipm=120, max_batch_size=2)
+    await limiter.acquire(2)
+    await limiter.acquire(1)
+    limiter.on_success()
+    stats = limiter.statistics()
+    assert set(stats) == {
+        "rpm_limit",
+        "ipm_limit",
+        "effective_rpm",
+        "effective_ipm",
+        "observed_rpm",
+        "observed_ipm",
+        "acquires",
+        "images",
+        "waiting",
+        "wait_s_total",
+        "rate_limited",
+        "rate_decreases",
+        "consecutive_rate_limited",
+        "successes",
+        "cooldown_active",
+        "cooldown_remaining_s",
+    }
+    assert stats["rpm_limit"] == 60
+    assert stats["ipm_limit"] == 120
+    assert stats["effective_rpm"] == pytest.approx(59.7)
+    assert stats["effective_ipm"] == pytest.approx(119.4)
+    assert stats["acquires"] == 2
+    assert stats["images"] == 3
+    assert stats["wait_s_total"] == pytest.approx(1 / SAFETY)
+    assert stats["successes"] == 1
+    assert stats["rate_limited"] == 0
+    assert stats["cooldown_active"] is False
+
+
+def test_docstring_examples() -> None:
+    assert doctest.testmod(sfbatch.limiter).failed == 0
