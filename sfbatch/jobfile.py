@@ -170,12 +170,12 @@ def load_job_file(path: Path) -> dict[str, Any]:
             if section == "emulator":
                 settings["emulator_settings"][target] = value
             elif target in _PATH_FIELDS:
-                settings[target] = base / value
+                settings[target] = Path(os.path.normpath(base / value))
             elif target == "inputs":
                 items = [value] if isinstance(value, str) else value
                 if not items or not all(isinstance(item, str) for item in items):
                     raise ConfigError(f"{path}: job.inputs must be a list of file paths")
-                settings["inputs"] = [i if i == "-" else str(base / i) for i in items]
+                settings["inputs"] = [i if i == "-" else os.path.normpath(base / i) for i in items]
             else:
                 settings[target] = value
     return settings
@@ -248,6 +248,10 @@ def build_run(args: argparse.Namespace) -> Job:
         )
     except TypeError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+    except ConfigError as exc:
+        if job_path is None:
+            raise
+        raise ConfigError(f"{job_path} (or a flag overriding it): {exc}") from exc
     registry = ModelRegistry.load(config.models_file)
     return Job(
         config=config,

@@ -420,7 +420,9 @@ class Pipeline:
 
     def _stem(self, row: Row, index: int) -> str:
         name = self.config.name_template.format(id=row.id, index=index)
-        return f"images/{image_shard_dir(row.id)}/{name}"
+        # A prompt's variations share its shard directory.
+        base_id = row.id.removesuffix(f"-v{row.variation}") if self.config.variations > 1 else row.id
+        return f"images/{image_shard_dir(base_id)}/{name}"
 
     # -- records -------------------------------------------------------------------
 

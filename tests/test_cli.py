@@ -1,0 +1,258 @@
+"""The ``sfbatch`` command run as a user would: a subprocess against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sfbatch.emulator import Emulator
+from sfbatch.manifest import iter_records, latest_records, manifest_paths
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def env_with(key: str | None = "sk-emulator", **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SILICONFLOW_")}
+    if key is not None:
+        env["SILICONFLOW_API_KEY"] = key
+    env.update(extra)
+    return env
+
+
+async def start(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sfbatch",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env if env is not None else env_with(),
+        cwd=REPO,
+    )
+
+
+async def sfbatch(*args: str, env: dict[str, str] | None = None, timeout: float = 90) -> tuple[int, str]:
+    proc = await start(*args, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode() + err.decode()
+
+
+def prompts(path: Path, n: int) -> Path:
+    path.write_text("".join(f"a lighthouse, study {i}\n" for i in range(n)))
+    return path
+
+
+def ok_counts(out: Path) -> Counter[str]:
+    """How many ok records each id has, over every line of every manifest."""
+    counts: Counter[str] = Counter()
+    for path in manifest_paths(out):
+        for record in iter_records(path):
+            if record["status"] == "ok":
+                counts[record["id"]] += 1
+    return counts
+
+
+async def test_kill_9_twice_then_resume_makes_every_item_once(tmp_path: Path) -> None:
+    src = prompts(tmp_path / "p.txt", 150)
+    out = tmp_path / "out"
+    async with Emulator(latency_s=0.15, latency_jitter_s=0.05) as emu:
+        args = ("run", str(src), "--out", str(out), "--base-url", emu.base_url,
+                "--concurrency", "6", "--download-concurrency", "4", "--no-progress")
+        for _ in range(2):
+            proc = await start(*args)
+            await asyncio.sleep(1.5)
+            assert proc.returncode is None, "the run ended before it could be killed"
+            proc.kill()
+            await proc.wait()
+        code, output = await sfbatch(*args)
+        requests = emu.stats()["generation_requests"]
+    assert code == 0, output
+    counts = ok_counts(out)
+    assert len(counts) == 150 and set(counts.values()) == {1}
+    # Extra generations are bounded by what was in flight at each kill:
+    # generation slots + the download queue (2 x downloaders) + downloaders.
+    assert requests - 150 <= 2 * (6 + 8 + 4)
+    assert not list((out / ".tmp").glob("*")) if (out / ".tmp").exists() else True
+
+
+async def test_ctrl_c_finishes_in_flight_work_exits_130_and_resumes(tmp_path: Path) -> None:
+    src = prompts(tmp_path / "p.txt", 300)
+    out = tmp_path / "out"
+    async with Emulator(latency_s=0.1) as emu:
+        args = ("run", str(src), "--out", str(out), "--base-url", emu.base_url, "--no-progress")
+        proc = await start(*args)
+        await asyncio.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 130, err.decode()
+        first = emu.stats()["generation_requests"]
+        done = latest_records([out / "manifest.jsonl"])
+        assert 0 < len(done) < 300
+        # Every request that was paid for landed: nothing generated was dropped.
+        assert sum(r["billed_images"] for r in done.values()) == first
+        code, output = await sfbatch(*args)
+        assert code == 0, output
+        assert emu.stats()["generation_requests"] == 300
+    assert "run the same command again" in err.decode()
+
+
+async def test_daily_quota_nights_then_union_equals_one_unlimited_run(tmp_path: Path) -> None:
+    src = prompts(tmp_path / "p.txt", 50)
+    job = tmp_path / "nightly.toml"
+    job.write_text(
+        '[job]\ninputs = ["p.txt"]\nout = "out"\n[build]\nbase_seed = 99\n'
+        "[limits]\nconcurrency = 3\n"
+    )
+    nights = []
+    async with Emulator(ipd=20) as emu:
+        for _ in range(4):
+            code, output = await sfbatch("run", str(job), "--base-url", emu.base_url, "--no-progress")
+            nights.append(code)
+            if code == 0:
+                break
+            assert code == 4, output
+            assert "quota" in output
+            emu.advance_clock(86_400)
+    assert nights == [4, 4, 0]
+    built = {k: (r["status"], r["seed"]) for k, r in latest_records([tmp_path / "out/manifest.jsonl"]).items()}
+    async with Emulator() as emu:
+        code, output = await sfbatch("run", str(job), "--out", str(tmp_path / "once"), "--base-url", emu.base_url)
+    assert code == 0, output
+    once = {k: (r["status"], r["seed"]) for k, r in latest_records([tmp_path / "once/manifest.jsonl"]).items()}
+    assert built == once and len(once) == 50
+    assert src.exists()
+
+
+async def test_our_own_ipd_stops_before_the_server_refuses(tmp_path: Path) -> None:
+    src = prompts(tmp_path / "p.txt", 30)
+    out = tmp_path / "out"
+    async with Emulator() as emu:
+        args = ("run", str(src), "--out", str(out), "--base-url", emu.base_url, "--ipd", "12",
+                "--batch-size", "2", "--concurrency", "4")
+        code, output = await sfbatch(*args)
+        assert code == 4, output
+        assert emu.stats()["images_generated"] == 12
+        code, output = await sfbatch(*args)  # same day: nothing more
+        assert code == 4
+        assert emu.stats()["images_generated"] == 12
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["outcome"] == "quota" and summary["quota"]["billed_today"] == 12
+
+
+async def test_two_builds_of_one_job_make_the_same_seeds_and_bytes(tmp_path: Path) -> None:
+    src = tmp_path / "p.jsonl"
+    src.write_bytes(b'{"id": "a", "prompt": "a fox"}\n{"id": "b", "prompt": "a cat", "seed": 5}\n')
+    results = []
+    for name in ("one", "two"):
+        async with Emulator(seed=hash(name) % 1000) as emu:
+            code, output = await sfbatch("run", str(src), "--out", str(tmp_path / name),
+                                         "--base-url", emu.base_url, "--variations", "2", "--base-seed", "7")
+        assert code == 0, output
+        records = latest_records([tmp_path / name / "manifest.jsonl"])
+        results.append({k: (r["seed"], r["images"][0]["sha256"]) for k, r in records.items()})
+    assert results[0] == results[1]
+    assert set(results[0]) == {"a-v0", "a-v1", "b-v0", "b-v1"}
+    assert results[0]["b-v0"][0] == 5 and results[0]["a-v0"][0] != results[0]["a-v1"][0]
+
+
+async def test_shards_split_one_file_and_status_understands_the_set(tmp_path: Path) -> None:
+    src = prompts(tmp_path / "p.txt", 40)
+    out = tmp_path / "out"
+    async with Emulator() as emu:
+        for shard in ("0/3", "1/3", "2/3"):
+            code, output = await sfbatch("run", str(src), "--out", str(out), "--base-url", emu.base_url,
+                                         "--shard", shard)
+            assert code == 0, output
+    assert sorted(p.name for p in manifest_paths(out)) == [
+        "manifest-0-of-3.jsonl", "manifest-1-of-3.jsonl", "manifest-2-of-3.jsonl"
+    ]
+    counts = ok_counts(out)
+    assert len(counts) == 40 and set(counts.values()) == {1}
+    code, output = await sfbatch("status", str(out), "--json")
+    assert code == 0
+    report: dict[str, Any] = orjson.loads(output[output.index("{"):])
+    assert report["counts"]["ok"] == 40
+    code, output = await sfbatch("verify", str(out))
+    assert code == 0, output
+
+
+async def test_bad_key_exits_3_fast_and_never_prints_the_key(tmp_path: Path) -> None:
+    secret = "sk-top-secret-value-0042"
+    src = prompts(tmp_path / "p.txt", 100)
+    async with Emulator() as emu:
+        code, output = await sfbatch("run", str(src), "--out", str(tmp_path / "out"), "--base-url",
+                                     emu.base_url, "-v", env=env_with(secret), timeout=20)
+        assert emu.stats()["generation_requests"] <= 4
+    assert code == 3
+    assert "401" in output and secret not in output
+    for path in (tmp_path / "out").rglob("*"):
+        assert secret not in path.read_text(errors="replace")
+
+
+async def test_missing_key_is_exit_3_with_advice(tmp_path: Path) -> None:
+    src = prompts(tmp_path / "p.txt", 1)
+    code, output = await sfbatch("run", str(src), "--out", str(tmp_path / "o"), env=env_with(None))
+    assert code == 3 and "SILICONFLOW_API_KEY" in output
+
+
+async def test_demo_job_runs_on_the_embedded_emulator_without_a_key(tmp_path: Path) -> None:
+    code, output = await sfbatch("run", "jobs/demo.toml", "--out", str(tmp_path / "demo"),
+                                 env=env_with(None), timeout=120)
+    assert code == 0, output
+    assert "embedded emulator" in output
+    assert len(ok_counts(tmp_path / "demo")) == 24
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        ("[job]\ninputs = ['p.txt']\nout = 'o'\nbogus = 1\n", "unknown key job.bogus"),
+        ("[limits]\nrpm = 'fast'\n[job]\ninputs = ['p.txt']\nout = 'o'\n", "limits.rpm must be int or float"),
+        ("[nope]\n", "unknown section [nope]"),
+        ("[job\n", "not valid TOML"),
+        ("[job]\nout = 'o'\n", "names no prompt file"),
+        ("[limits]\nconcurrency = 0\n[job]\ninputs = ['p.txt']\nout = 'o'\n", "concurrency must be"),
+        ("[api]\nprofile = 'eu'\n[job]\ninputs = ['p.txt']\nout = 'o'\n", "profile must be cn or com"),
+    ],
+)
+async def test_bad_job_files_name_the_key_and_file(tmp_path: Path, job: str, message: str) -> None:
+    prompts(tmp_path / "p.txt", 2)
+    path = tmp_path / "job.toml"
+    path.write_text(job)
+    for command in ("run", "validate"):
+        code, output = await sfbatch(command, str(path))
+        assert code == 2, output
+        assert message in output and "job.toml" in output
+
+
+async def test_validate_reports_every_bad_row_with_file_and_line(tmp_path: Path) -> None:
+    src = tmp_path / "p.jsonl"
+    src.write_bytes(b'{"prompt": "fine"}\n{"prompt": "x", "seed": -4}\nnot json\n{"prompt": "y", "batch_size": 3}\n')
+    code, output = await sfbatch("validate", str(src), "--ipm", "2")
+    assert code == 2
+    assert f"{src}:2: seed must be 0..9999999999, got -4" in output
+    assert f"{src}:3: not a JSON object" in output
+    assert f"{src}:4: batch_size 3 can never fit an images-per-minute limit of 2" in output
+    assert "4 rows: 1 valid, 3 invalid" in output
+    code, output = await sfbatch("validate", "jobs/nightly.toml")
+    assert code == 0, output
+    assert "40 rows: 40 valid" in output
+
+
+async def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    code, output = await sfbatch("run", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "cannot open" in output
+    code, output = await sfbatch("run", str(prompts(tmp_path / "p.txt", 1)))
+    assert code == 2 and "--out" in output
+    code, output = await sfbatch("run", str(tmp_path / "p.txt"), "--out", "o", "--batch-size", "3", "--ipm", "2")
+    assert code == 2 and "can never fit" in output
