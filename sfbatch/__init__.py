@@ -1,9 +1,9 @@
 """sfbatch: asyncio batch image generation for the SiliconFlow images API.
 
-    >>> import sfbatch
-    >>> config = sfbatch.RunConfig(out_dir="out", api_key="sk-...")      # doctest: +SKIP
-    >>> async for record in sfbatch.generate(["a cat", "a dog"], config):  # doctest: +SKIP
-    ...     print(record["status"], record["images"])
+>>> import sfbatch
+>>> config = sfbatch.RunConfig(out_dir="out", api_key="sk-...")      # doctest: +SKIP
+>>> async for record in sfbatch.generate(["a cat", "a dog"], config):  # doctest: +SKIP
+...     print(record["status"], record["images"])
 """
 
 from sfbatch.client import Generation, SiliconFlowClient

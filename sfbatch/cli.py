@@ -56,10 +56,23 @@ def _shard(text: str) -> tuple[int, int]:
 
 def add_request_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``run`` and ``validate``: the input, request defaults, limits."""
-    parser.add_argument("input", metavar="PROMPTS|JOB.toml", help="prompt file (.txt .jsonl .csv .tsv, optionally .gz; - for stdin) or a job file")
-    parser.add_argument("--out", type=Path, help="output directory (required unless the job file sets it)")
-    parser.add_argument("--base-url", help="API base URL including /v1 (default: $SILICONFLOW_BASE_URL or https://api.siliconflow.cn/v1)")
-    parser.add_argument("--profile", choices=("cn", "com"), help="base URL profile: cn = api.siliconflow.cn, com = api.siliconflow.com")
+    parser.add_argument(
+        "input",
+        metavar="PROMPTS|JOB.toml",
+        help="prompt file (.txt .jsonl .csv .tsv, optionally .gz; - for stdin) or a job file",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output directory (required unless the job file sets it)"
+    )
+    parser.add_argument(
+        "--base-url",
+        help="API base URL including /v1 (default: $SILICONFLOW_BASE_URL or https://api.siliconflow.cn/v1)",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=("cn", "com"),
+        help="base URL profile: cn = api.siliconflow.cn, com = api.siliconflow.com",
+    )
     parser.add_argument("--model", help="model for rows that do not name one")
     parser.add_argument("--image-size", help="WIDTHxHEIGHT for rows that do not set one")
     parser.add_argument("--batch-size", type=int, help="images per request (1..4)")
@@ -67,17 +80,36 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float)
     parser.add_argument("--cfg", type=float, help="cfg, for Qwen/Qwen-Image models")
     parser.add_argument("--negative-prompt")
-    parser.add_argument("--seed", type=int, help="seed for rows without one (else derived from --base-seed and the row id)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="seed for rows without one (else derived from --base-seed and the row id)",
+    )
     parser.add_argument("--prompt-enhancement", action="store_true", default=None)
-    parser.add_argument("--base-seed", type=int, help="base of the derived per-row seeds (default 0)")
-    parser.add_argument("--variations", type=int, help="images per prompt, each with its own derived seed")
-    parser.add_argument("--dedupe", action="store_true", default=None, help="make identical prompt+parameters once")
-    parser.add_argument("--models-file", type=Path, help="TOML file adding or overriding model rules")
+    parser.add_argument(
+        "--base-seed", type=int, help="base of the derived per-row seeds (default 0)"
+    )
+    parser.add_argument(
+        "--variations", type=int, help="images per prompt, each with its own derived seed"
+    )
+    parser.add_argument(
+        "--dedupe", action="store_true", default=None, help="make identical prompt+parameters once"
+    )
+    parser.add_argument(
+        "--models-file", type=Path, help="TOML file adding or overriding model rules"
+    )
     parser.add_argument("--rpm", type=float, help="requests per minute the account allows")
     parser.add_argument("--ipm", type=float, help="images per minute the account allows")
     parser.add_argument("--ipd", type=int, help="images per day: stop cleanly (exit 4) when made")
-    parser.add_argument("--tz-offset", type=float, dest="day_utc_offset_h", help="UTC offset in hours of the account's day (default 8)")
-    parser.add_argument("--shard", type=_shard, help="I/N: take only the rows whose id hashes to shard I of N")
+    parser.add_argument(
+        "--tz-offset",
+        type=float,
+        dest="day_utc_offset_h",
+        help="UTC offset in hours of the account's day (default 8)",
+    )
+    parser.add_argument(
+        "--shard", type=_shard, help="I/N: take only the rows whose id hashes to shard I of N"
+    )
     parser.add_argument("--limit", type=int, help="read only the first N rows of the input")
 
 
@@ -92,9 +124,24 @@ def _add_run(subparsers: Any) -> None:
     parser.add_argument("--concurrency", type=int, help="generation requests in flight (default 4)")
     parser.add_argument("--download-concurrency", type=int, help="downloads in flight (default 8)")
     parser.add_argument("--max-retries", type=int, help="retries of a failing request (default 5)")
-    parser.add_argument("--retry-failed", action="store_true", default=None, help="try items recorded as failed again")
-    parser.add_argument("--emulator", action="store_true", default=None, help="run against an embedded emulator (what the demo job does when no API key is set)")
-    parser.add_argument("--grace", type=float, dest="grace_s", help="seconds in-flight work may take after Ctrl-C (default 30)")
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        default=None,
+        help="try items recorded as failed again",
+    )
+    parser.add_argument(
+        "--emulator",
+        action="store_true",
+        default=None,
+        help="run against an embedded emulator (what the demo job does when no API key is set)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        dest="grace_s",
+        help="seconds in-flight work may take after Ctrl-C (default 30)",
+    )
     add_output_flags(parser)
     parser.set_defaults(handler=run_command)
 
@@ -103,7 +150,9 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +203,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 async def _run(job: Any, args: argparse.Namespace) -> int:
-    from sfbatch.loader import PromptSource
     from sfbatch.pipeline import Pipeline
     from sfbatch.progress import Progress
 

@@ -203,14 +203,24 @@ class SiliconFlowClient:
             retry_after = _retry_after_s(resp.headers.get("Retry-After"))
             cls = DailyQuotaError if any(m in message for m in _DAILY_MARKERS) else RateLimitError
             return cls(
-                f"429: {message}", status=429, code=code, trace_id=trace_id, retry_after_s=retry_after
+                f"429: {message}",
+                status=429,
+                code=code,
+                trace_id=trace_id,
+                retry_after_s=retry_after,
             )
         if status >= 500:
             return ServerError(
-                f"{status}: {message or 'server error'}", status=status, code=code, trace_id=trace_id
+                f"{status}: {message or 'server error'}",
+                status=status,
+                code=code,
+                trace_id=trace_id,
             )
         return BadRequestError(
-            f"{status}: {message or 'request rejected'}", status=status, code=code, trace_id=trace_id
+            f"{status}: {message or 'request rejected'}",
+            status=status,
+            code=code,
+            trace_id=trace_id,
         )
 
 

@@ -54,7 +54,9 @@ class RequestDefaults:
     prompt_enhancement: bool | None = None
 
     def as_request(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
 
 
 def _positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
@@ -106,7 +108,9 @@ class RunConfig:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"base URL must start with http:// or https://, got {self.base_url!r}")
+            raise ConfigError(
+                f"base URL must start with http:// or https://, got {self.base_url!r}"
+            )
         for name in ("rpm", "ipm"):
             _positive(name, getattr(self, name))
         if self.ipd is not None and (isinstance(self.ipd, bool) or self.ipd < 0):

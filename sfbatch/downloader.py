@@ -164,7 +164,9 @@ class Downloader:
                                 )
                         size += len(chunk)
                         if size > self._max_bytes:
-                            raise ImageTooLargeError(f"image is over the cap of {self._max_bytes} bytes")
+                            raise ImageTooLargeError(
+                                f"image is over the cap of {self._max_bytes} bytes"
+                            )
                         hasher.update(chunk)
                         await out.write(chunk)
                     if declared is not None and size != declared:

@@ -37,7 +37,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from sfbatch.config import BASE_URLS, RequestDefaults, RunConfig, base_url_from_env
 from sfbatch.errors import ConfigError
@@ -156,13 +156,14 @@ def load_job_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
+        value: Any
         for key, value in table.items():
             if key not in schema:
                 raise ConfigError(
                     f"{path}: unknown key {section}.{key} (known: {', '.join(schema)})"
                 )
             types, target = schema[key]
-            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
                 names = " or ".join(t.__name__ for t in types)
                 raise ConfigError(
                     f"{path}: {section}.{key} must be {names}, got {type(value).__name__} {value!r}"
@@ -170,9 +171,9 @@ def load_job_file(path: Path) -> dict[str, Any]:
             if section == "emulator":
                 settings["emulator_settings"][target] = value
             elif target in _PATH_FIELDS:
-                settings[target] = Path(os.path.normpath(base / value))
+                settings[target] = Path(os.path.normpath(base / str(value)))
             elif target == "inputs":
-                items = [value] if isinstance(value, str) else value
+                items: list[Any] = [value] if isinstance(value, str) else cast(list[Any], value)
                 if not items or not all(isinstance(item, str) for item in items):
                     raise ConfigError(f"{path}: job.inputs must be a list of file paths")
                 settings["inputs"] = [i if i == "-" else os.path.normpath(base / i) for i in items]

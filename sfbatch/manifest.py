@@ -64,7 +64,7 @@ def day_start_iso(utc_offset_h: float, now: float | None = None) -> str:
 
 
 def manifest_paths(out_dir: Path) -> list[Path]:
-    """Every manifest in ``out_dir``: ``manifest.jsonl`` and the shards' ``manifest-I-of-N.jsonl``."""
+    """``out_dir``'s ``manifest.jsonl`` and the shards' ``manifest-I-of-N.jsonl``."""
     return sorted(p for p in out_dir.glob("manifest*.jsonl") if p.is_file())
 
 

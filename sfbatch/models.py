@@ -264,7 +264,9 @@ def validate_request(
         if unknown_model == "error":
             errors.append(f"Model does not exist: {model}")
         else:
-            warnings.append(f"model {model!r} is not in the model rules; checked with generic rules")
+            warnings.append(
+                f"model {model!r} is not in the model rules; checked with generic rules"
+            )
         rule = _generic_rule(model)
 
     prompt = out.get("prompt")

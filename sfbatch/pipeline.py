@@ -175,7 +175,7 @@ class Pipeline:
         return self._stop_reason is not None
 
     def interrupt(self) -> None:
-        """First call: stop taking rows, let in-flight work land for ``grace_s``. Second: stop now."""
+        """First call: stop taking rows, let in-flight work land for ``grace_s``; second: now."""
         self._interrupts += 1
         if self._interrupts == 1:
             self._request_stop("interrupted", "interrupted: finishing in-flight work")
@@ -421,7 +421,9 @@ class Pipeline:
     def _stem(self, row: Row, index: int) -> str:
         name = self.config.name_template.format(id=row.id, index=index)
         # A prompt's variations share its shard directory.
-        base_id = row.id.removesuffix(f"-v{row.variation}") if self.config.variations > 1 else row.id
+        base_id = (
+            row.id.removesuffix(f"-v{row.variation}") if self.config.variations > 1 else row.id
+        )
         return f"images/{image_shard_dir(base_id)}/{name}"
 
     # -- records -------------------------------------------------------------------
@@ -583,11 +585,7 @@ async def generate(
     quota ends it early, after yielding every record written before.
     """
     registry = registry or ModelRegistry.load(config.models_file)
-    source: Iterable[Row]
-    if isinstance(rows, PromptSource):
-        source = rows
-    else:
-        source = _as_rows(rows, config, registry)
+    source = rows if isinstance(rows, PromptSource) else _as_rows(rows, config, registry)
     records: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(config.queue_size)
     pipeline = Pipeline(config, source, registry=registry, on_record=records.put)
 

@@ -56,7 +56,9 @@ def _config_problems(config: RunConfig, registry: ModelRegistry) -> list[str]:
     if not url.netloc:
         problems.append(f"base URL {config.base_url!r} has no host")
     elif url.scheme == "http" and url.hostname not in ("127.0.0.1", "localhost", "::1"):
-        problems.append(f"base URL {config.base_url} is plain http: the API key would travel unencrypted")
+        problems.append(
+            f"base URL {config.base_url} is plain http: the API key would travel unencrypted"
+        )
     if not url.path.rstrip("/").endswith("/v1"):
         problems.append(f"base URL {config.base_url} should end in /v1 (e.g. {BASE_URLS['cn']})")
     batch = config.defaults.batch_size or 1

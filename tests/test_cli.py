@@ -40,9 +40,11 @@ async def start(*args: str, env: dict[str, str] | None = None) -> asyncio.subpro
     )
 
 
-async def sfbatch(*args: str, env: dict[str, str] | None = None, timeout: float = 90) -> tuple[int, str]:
+async def sfbatch(
+    *args: str, env: dict[str, str] | None = None, deadline_s: float = 90
+) -> tuple[int, str]:
     proc = await start(*args, env=env)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    out, err = await asyncio.wait_for(proc.communicate(), deadline_s)
     assert proc.returncode is not None
     return proc.returncode, out.decode() + err.decode()
 
@@ -66,8 +68,19 @@ async def test_kill_9_twice_then_resume_makes_every_item_once(tmp_path: Path) ->
     src = prompts(tmp_path / "p.txt", 150)
     out = tmp_path / "out"
     async with Emulator(latency_s=0.15, latency_jitter_s=0.05) as emu:
-        args = ("run", str(src), "--out", str(out), "--base-url", emu.base_url,
-                "--concurrency", "6", "--download-concurrency", "4", "--no-progress")
+        args = (
+            "run",
+            str(src),
+            "--out",
+            str(out),
+            "--base-url",
+            emu.base_url,
+            "--concurrency",
+            "6",
+            "--download-concurrency",
+            "4",
+            "--no-progress",
+        )
         for _ in range(2):
             proc = await start(*args)
             await asyncio.sleep(1.5)
@@ -116,7 +129,9 @@ async def test_daily_quota_nights_then_union_equals_one_unlimited_run(tmp_path: 
     nights = []
     async with Emulator(ipd=20) as emu:
         for _ in range(4):
-            code, output = await sfbatch("run", str(job), "--base-url", emu.base_url, "--no-progress")
+            code, output = await sfbatch(
+                "run", str(job), "--base-url", emu.base_url, "--no-progress"
+            )
             nights.append(code)
             if code == 0:
                 break
@@ -124,11 +139,19 @@ async def test_daily_quota_nights_then_union_equals_one_unlimited_run(tmp_path: 
             assert "quota" in output
             emu.advance_clock(86_400)
     assert nights == [4, 4, 0]
-    built = {k: (r["status"], r["seed"]) for k, r in latest_records([tmp_path / "out/manifest.jsonl"]).items()}
+    built = {
+        k: (r["status"], r["seed"])
+        for k, r in latest_records([tmp_path / "out/manifest.jsonl"]).items()
+    }
     async with Emulator() as emu:
-        code, output = await sfbatch("run", str(job), "--out", str(tmp_path / "once"), "--base-url", emu.base_url)
+        code, output = await sfbatch(
+            "run", str(job), "--out", str(tmp_path / "once"), "--base-url", emu.base_url
+        )
     assert code == 0, output
-    once = {k: (r["status"], r["seed"]) for k, r in latest_records([tmp_path / "once/manifest.jsonl"]).items()}
+    once = {
+        k: (r["status"], r["seed"])
+        for k, r in latest_records([tmp_path / "once/manifest.jsonl"]).items()
+    }
     assert built == once and len(once) == 50
     assert src.exists()
 
@@ -137,8 +160,20 @@ async def test_our_own_ipd_stops_before_the_server_refuses(tmp_path: Path) -> No
     src = prompts(tmp_path / "p.txt", 30)
     out = tmp_path / "out"
     async with Emulator() as emu:
-        args = ("run", str(src), "--out", str(out), "--base-url", emu.base_url, "--ipd", "12",
-                "--batch-size", "2", "--concurrency", "4")
+        args = (
+            "run",
+            str(src),
+            "--out",
+            str(out),
+            "--base-url",
+            emu.base_url,
+            "--ipd",
+            "12",
+            "--batch-size",
+            "2",
+            "--concurrency",
+            "4",
+        )
         code, output = await sfbatch(*args)
         assert code == 4, output
         assert emu.stats()["images_generated"] == 12
@@ -155,8 +190,18 @@ async def test_two_builds_of_one_job_make_the_same_seeds_and_bytes(tmp_path: Pat
     results = []
     for name in ("one", "two"):
         async with Emulator(seed=hash(name) % 1000) as emu:
-            code, output = await sfbatch("run", str(src), "--out", str(tmp_path / name),
-                                         "--base-url", emu.base_url, "--variations", "2", "--base-seed", "7")
+            code, output = await sfbatch(
+                "run",
+                str(src),
+                "--out",
+                str(tmp_path / name),
+                "--base-url",
+                emu.base_url,
+                "--variations",
+                "2",
+                "--base-seed",
+                "7",
+            )
         assert code == 0, output
         records = latest_records([tmp_path / name / "manifest.jsonl"])
         results.append({k: (r["seed"], r["images"][0]["sha256"]) for k, r in records.items()})
@@ -170,17 +215,20 @@ async def test_shards_split_one_file_and_status_understands_the_set(tmp_path: Pa
     out = tmp_path / "out"
     async with Emulator() as emu:
         for shard in ("0/3", "1/3", "2/3"):
-            code, output = await sfbatch("run", str(src), "--out", str(out), "--base-url", emu.base_url,
-                                         "--shard", shard)
+            code, output = await sfbatch(
+                "run", str(src), "--out", str(out), "--base-url", emu.base_url, "--shard", shard
+            )
             assert code == 0, output
     assert sorted(p.name for p in manifest_paths(out)) == [
-        "manifest-0-of-3.jsonl", "manifest-1-of-3.jsonl", "manifest-2-of-3.jsonl"
+        "manifest-0-of-3.jsonl",
+        "manifest-1-of-3.jsonl",
+        "manifest-2-of-3.jsonl",
     ]
     counts = ok_counts(out)
     assert len(counts) == 40 and set(counts.values()) == {1}
     code, output = await sfbatch("status", str(out), "--json")
     assert code == 0
-    report: dict[str, Any] = orjson.loads(output[output.index("{"):])
+    report: dict[str, Any] = orjson.loads(output[output.index("{") :])
     assert report["counts"]["ok"] == 40
     code, output = await sfbatch("verify", str(out))
     assert code == 0, output
@@ -190,8 +238,17 @@ async def test_bad_key_exits_3_fast_and_never_prints_the_key(tmp_path: Path) -> 
     secret = "sk-top-secret-value-0042"
     src = prompts(tmp_path / "p.txt", 100)
     async with Emulator() as emu:
-        code, output = await sfbatch("run", str(src), "--out", str(tmp_path / "out"), "--base-url",
-                                     emu.base_url, "-v", env=env_with(secret), timeout=20)
+        code, output = await sfbatch(
+            "run",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+            "--base-url",
+            emu.base_url,
+            "-v",
+            env=env_with(secret),
+            timeout=20,
+        )
         assert emu.stats()["generation_requests"] <= 4
     assert code == 3
     assert "401" in output and secret not in output
@@ -206,8 +263,9 @@ async def test_missing_key_is_exit_3_with_advice(tmp_path: Path) -> None:
 
 
 async def test_demo_job_runs_on_the_embedded_emulator_without_a_key(tmp_path: Path) -> None:
-    code, output = await sfbatch("run", "jobs/demo.toml", "--out", str(tmp_path / "demo"),
-                                 env=env_with(None), timeout=120)
+    code, output = await sfbatch(
+        "run", "jobs/demo.toml", "--out", str(tmp_path / "demo"), env=env_with(None), timeout=120
+    )
     assert code == 0, output
     assert "embedded emulator" in output
     assert len(ok_counts(tmp_path / "demo")) == 24
@@ -217,12 +275,21 @@ async def test_demo_job_runs_on_the_embedded_emulator_without_a_key(tmp_path: Pa
     ("job", "message"),
     [
         ("[job]\ninputs = ['p.txt']\nout = 'o'\nbogus = 1\n", "unknown key job.bogus"),
-        ("[limits]\nrpm = 'fast'\n[job]\ninputs = ['p.txt']\nout = 'o'\n", "limits.rpm must be int or float"),
+        (
+            "[limits]\nrpm = 'fast'\n[job]\ninputs = ['p.txt']\nout = 'o'\n",
+            "limits.rpm must be int or float",
+        ),
         ("[nope]\n", "unknown section [nope]"),
         ("[job\n", "not valid TOML"),
         ("[job]\nout = 'o'\n", "names no prompt file"),
-        ("[limits]\nconcurrency = 0\n[job]\ninputs = ['p.txt']\nout = 'o'\n", "concurrency must be"),
-        ("[api]\nprofile = 'eu'\n[job]\ninputs = ['p.txt']\nout = 'o'\n", "profile must be cn or com"),
+        (
+            "[limits]\nconcurrency = 0\n[job]\ninputs = ['p.txt']\nout = 'o'\n",
+            "concurrency must be",
+        ),
+        (
+            "[api]\nprofile = 'eu'\n[job]\ninputs = ['p.txt']\nout = 'o'\n",
+            "profile must be cn or com",
+        ),
     ],
 )
 async def test_bad_job_files_name_the_key_and_file(tmp_path: Path, job: str, message: str) -> None:
@@ -237,7 +304,10 @@ async def test_bad_job_files_name_the_key_and_file(tmp_path: Path, job: str, mes
 
 async def test_validate_reports_every_bad_row_with_file_and_line(tmp_path: Path) -> None:
     src = tmp_path / "p.jsonl"
-    src.write_bytes(b'{"prompt": "fine"}\n{"prompt": "x", "seed": -4}\nnot json\n{"prompt": "y", "batch_size": 3}\n')
+    src.write_bytes(
+        b'{"prompt": "fine"}\n{"prompt": "x", "seed": -4}\nnot json\n'
+        b'{"prompt": "y", "batch_size": 3}\n'
+    )
     code, output = await sfbatch("validate", str(src), "--ipm", "2")
     assert code == 2
     assert f"{src}:2: seed must be 0..9999999999, got -4" in output
@@ -254,5 +324,7 @@ async def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert code == 2 and "cannot open" in output
     code, output = await sfbatch("run", str(prompts(tmp_path / "p.txt", 1)))
     assert code == 2 and "--out" in output
-    code, output = await sfbatch("run", str(tmp_path / "p.txt"), "--out", "o", "--batch-size", "3", "--ipm", "2")
+    code, output = await sfbatch(
+        "run", str(tmp_path / "p.txt"), "--out", "o", "--batch-size", "3", "--ipm", "2"
+    )
     assert code == 2 and "can never fit" in output

@@ -16,8 +16,21 @@ from sfbatch.manifest import (
 )
 
 
-def rec(row_id: str, status: str, *, finished_at: str = "2026-11-24T10:00:00.000Z", billed: int = 0, **extra: Any) -> dict[str, Any]:
-    return {"id": row_id, "status": status, "finished_at": finished_at, "billed_images": billed, **extra}
+def rec(
+    row_id: str,
+    status: str,
+    *,
+    finished_at: str = "2026-11-24T10:00:00.000Z",
+    billed: int = 0,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "id": row_id,
+        "status": status,
+        "finished_at": finished_at,
+        "billed_images": billed,
+        **extra,
+    }
 
 
 def test_append_and_read_back(tmp_path: Path) -> None:
@@ -35,7 +48,12 @@ def test_append_and_read_back(tmp_path: Path) -> None:
     assert state.status("3") is None
     assert state.counts() == {"ok": 2, "invalid": 1}
     assert state.billed_today == 4
-    assert [r["id"] for r in iter_records(path)] == ["000000001", "000000002", "custom-id", "000000002"]
+    assert [r["id"] for r in iter_records(path)] == [
+        "000000001",
+        "000000002",
+        "custom-id",
+        "000000002",
+    ]
 
 
 def test_billed_today_counts_only_the_accounts_day(tmp_path: Path) -> None:

@@ -71,7 +71,9 @@ def test_valid_request_passes_and_drops_nones() -> None:
         ({"model": ""}, "model must be a non-empty string"),
     ],
 )
-def test_every_field_is_checked_with_a_precise_message(body: dict[str, object], message: str) -> None:
+def test_every_field_is_checked_with_a_precise_message(
+    body: dict[str, object], message: str
+) -> None:
     errors = errors_of(**body) if "prompt" not in body else validate_request(body, REG).errors
     assert any(message in e for e in errors), errors
 
