@@ -94,6 +94,7 @@ class RunConfig:
     download_timeout_s: float = 120.0
     max_image_bytes: int = 64 * 1024 * 1024
     url_ttl_s: float = 3600.0
+    fsync_images: bool = True
     grace_s: float = 30.0
 
     limit: int | None = None

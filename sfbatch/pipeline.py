@@ -36,6 +36,7 @@ from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.config import RunConfig
 from sfbatch.downloader import Downloader, StoredImage, clean_tmp
 from sfbatch.errors import (
+    ConfigError,
     ExpiredUrlError,
     FatalApiError,
     QuotaReachedError,
@@ -260,6 +261,7 @@ class Pipeline:
             timeout_s=cfg.download_timeout_s,
             max_bytes=cfg.max_image_bytes,
             retry=retry,
+            fsync=cfg.fsync_images,
         )
         try:
             await self._run_stages()
@@ -320,6 +322,10 @@ class Pipeline:
                     else:
                         await self._emit(self._record(row, "invalid", error=_invalid(row)))
                     continue
+                unfit = self._batch_problem(row)
+                if unfit is not None:
+                    await self._emit(self._record(row, "invalid", error=_invalid(row, unfit)))
+                    continue
                 if row.duplicate_of is not None:
                     if status == "duplicate":
                         stats.skipped += 1
@@ -333,6 +339,15 @@ class Pipeline:
         finally:
             for _ in range(self.config.concurrency):
                 await self._gen_queue.put(None)
+
+    def _batch_problem(self, row: Row) -> str | None:
+        """Why the limiter can never admit this row's batch, if it cannot."""
+        assert self._limiter is not None and row.request is not None
+        try:
+            self._limiter.check_batch_size(row.request.get("batch_size", 1))
+        except ConfigError as exc:
+            return f"{row.file}:{row.line}: {exc}"
+        return None
 
     def _attach_pending(self, item: WorkItem, record: dict[str, Any] | None) -> None:
         if not record:
@@ -461,10 +476,7 @@ class Pipeline:
             if inference is not None:
                 stats.inference.add(inference)
         elif record["error"]:
-            error = record["error"]
-            stats.errors[
-                f"{status}: {error.get('status') or ''} {error.get('code') or ''}".strip()
-            ] += 1
+            stats.errors[_reason(status, record["error"])] += 1
 
     async def _emit(self, record: dict[str, Any]) -> None:
         self._write(record)
@@ -560,8 +572,14 @@ class Pipeline:
         }
 
 
-def _invalid(row: Row) -> dict[str, Any]:
-    return {"status": None, "code": "invalid", "message": row.error}
+def _invalid(row: Row, message: str | None = None) -> dict[str, Any]:
+    return {"status": None, "code": "invalid", "message": message or row.error}
+
+
+def _reason(status: str, error: dict[str, Any]) -> str:
+    """A short key to count errors by: ``failed: 400 20012``, ``failed: DownloadError``."""
+    parts = [str(part) for part in (error.get("status"), error.get("code")) if part is not None]
+    return f"{status}: {' '.join(parts) or 'unknown'}"
 
 
 async def generate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,13 @@ def assert_images_match_server(emulator: Emulator, out: Path, record: dict[str, 
             seed=record["seed"], prompt=record["prompt"], index=index, width=64, height=64
         )
         assert data == expected
+
+
+async def requests_reach(emulator: Emulator, count: int) -> None:
+    """Wait until the server has seen ``count`` generation requests."""
+    async with asyncio.timeout(10):
+        while emulator.stats()["generation_requests"] < count:  # noqa: ASYNC110  (polling the server)
+            await asyncio.sleep(0.01)
 
 
 def no_leftovers(out: Path) -> None:
@@ -224,3 +232,63 @@ async def test_wrong_base_url_path_stops_with_exit_3(tmp_path: Path) -> None:
         result = await run(cfg, prompts)
     assert result.exit_code == 3
     assert "base URL" in result.message
+
+
+async def test_interrupt_keeps_paid_generations_and_resume_downloads_them(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 12)
+    out = tmp_path / "out"
+    stall = FaultConfig(seed=2, p_stalled_image=1.0, stall_s=30)
+    async with Emulator(faults=stall) as emu:
+        cfg = config_for(emu, out, grace_s=0.3, download_timeout_s=60, concurrency=4)
+        source = PromptSource(prompts, registry=REG)
+        pipeline = Pipeline(cfg, source, registry=REG)
+        task = asyncio.create_task(pipeline.run())
+        await requests_reach(emu, 4)
+        pipeline.interrupt()
+        result = await task
+        assert result.exit_code == 130
+        paid = emu.stats()["generation_requests"]
+        saved = final(out)
+        assert {r["status"] for r in saved.values()} == {"generated"}
+        assert len(saved) == paid  # every paid generation is kept, with its URLs
+        assert all(r["urls"] and r["generated_at"] for r in saved.values())
+
+        emu.set_faults(FaultConfig())
+        resumed = await run(cfg, prompts)
+        assert resumed.exit_code == 0
+        # The saved URLs were downloaded, not paid for again.
+        assert emu.stats()["generation_requests"] == 12
+        for record in final(out).values():
+            assert_images_match_server(emu, out, record)
+    no_leftovers(out)
+
+
+async def test_saved_generations_past_the_url_lifetime_are_made_again(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 3)
+    out = tmp_path / "out"
+    async with Emulator(faults=FaultConfig(p_stalled_image=1.0, stall_s=30)) as emu:
+        cfg = config_for(emu, out, grace_s=0.2, download_timeout_s=60)
+        pipeline = Pipeline(cfg, PromptSource(prompts, registry=REG), registry=REG)
+        task = asyncio.create_task(pipeline.run())
+        await requests_reach(emu, 3)
+        pipeline.interrupt()
+        assert (await task).exit_code == 130
+        emu.set_faults(FaultConfig())
+        emu.advance_clock(3600)  # the URLs have expired on the server
+        later = config_for(emu, out, url_ttl_s=60)  # and by our clock too
+        assert (await run(later, prompts)).exit_code == 0
+        assert emu.stats()["generation_requests"] == 6
+        for record in final(out).values():
+            assert record["status"] == "ok" and record["seed"] == record["requested_seed"]
+
+
+async def test_a_row_batch_that_can_never_fit_the_ipm_limit_is_invalid(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b'{"prompt": "small"}\n{"prompt": "big", "batch_size": 4}\n')
+    async with Emulator() as emu:
+        result = await run(config_for(emu, tmp_path / "out", ipm=3), prompts)
+    records = final(tmp_path / "out")
+    assert result.exit_code == 1
+    assert records["000000001"]["status"] == "ok"
+    big = records["000000002"]
+    assert big["status"] == "invalid" and big["error"]["message"].startswith(f"{prompts}:2:")
