@@ -1,7 +1,8 @@
 """Job files (``jobs/*.toml``) and how they merge with flags into one :class:`Job`.
 
-A job file describes a whole build; command-line flags override it, and it overrides
-the environment. Relative paths in a job file are relative to the job file, so cron
+A job file describes a whole build; command-line flags override it. The base URL
+is taken from ``--base-url``/``--profile``, else ``SILICONFLOW_BASE_URL``, else the job's
+``api.base_url``/``api.profile``, else api.siliconflow.cn. Relative paths in a job file are relative to the job file, so cron
 can run it from any directory. Every key is checked: an unknown key or a wrong type is
 an error naming the key and the file::
 
@@ -214,9 +215,11 @@ def build_run(args: argparse.Namespace) -> Job:
     settings.pop("profile", None)
     if profile is not None and profile not in BASE_URLS:
         raise ConfigError(f"{source}: api.profile must be cn or com, got {profile!r}")
+    # Flags, then the environment (a per-invocation override, e.g. a proxy), then the job.
     base_url = (
         args.base_url
         or (BASE_URLS[profile] if args.profile else None)
+        or os.environ.get("SILICONFLOW_BASE_URL")
         or settings.pop("base_url", None)
         or (BASE_URLS[profile] if profile else None)
         or base_url_from_env()
