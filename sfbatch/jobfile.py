@@ -3,8 +3,8 @@
 A job file describes a whole build; command-line flags override it. The base URL
 is taken from ``--base-url``/``--profile``, else ``SILICONFLOW_BASE_URL``, else the job's
 ``api.base_url``/``api.profile``, else api.siliconflow.cn. Relative paths in a job file
-are relative to the job file, so cron can run it from any directory. Every key is checked: an unknown key or a wrong type is
-an error naming the key and the file::
+are relative to the job file, so cron can run it from any directory. Every key is
+checked: an unknown key or a wrong type is an error naming the key and the file::
 
     [job]
     inputs = ["prompts.jsonl"]      # one or more prompt files
