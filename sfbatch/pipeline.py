@@ -38,6 +38,7 @@ from sfbatch.downloader import Downloader, StoredImage, clean_tmp
 from sfbatch.errors import (
     ConfigError,
     ExpiredUrlError,
+    InputFileError,
     FatalApiError,
     QuotaReachedError,
     SfbatchError,
@@ -51,7 +52,7 @@ from sfbatch.retry import RetryPolicy
 
 __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
 
-Outcome = Literal["done", "quota", "interrupted", "fatal"]
+Outcome = Literal["done", "quota", "interrupted", "fatal", "input_error"]
 _YIELD_EVERY_ROWS = 256
 # A "generated" record's URLs are reused only while this much of their lifetime is left.
 _URL_MARGIN_S = 120.0
@@ -123,6 +124,8 @@ class RunResult:
     def exit_code(self) -> int:
         if self.outcome == "fatal":
             return 3
+        if self.outcome == "input_error":
+            return 2
         if self.outcome == "quota":
             return 4
         if self.outcome == "interrupted":
@@ -168,6 +171,7 @@ class Pipeline:
         self._downloader: Downloader | None = None
         self._quota: DailyQuota | None = None
         self.fatal_error: FatalApiError | None = None
+        self.input_error: BaseException | None = None
 
     # -- control ---------------------------------------------------------------
 
@@ -186,7 +190,7 @@ class Pipeline:
             self._cancel_stages()
 
     def _request_stop(self, reason: Outcome, message: str) -> None:
-        if self._stop_reason is None or reason == "fatal":
+        if self._stop_reason is None or reason in ("fatal", "input_error"):
             self._stop_reason, self._stop_message = reason, message
 
     def _cancel_stages(self) -> None:
@@ -270,6 +274,10 @@ class Pipeline:
             assert isinstance(fatal, FatalApiError)
             self.fatal_error = fatal
             self._request_stop("fatal", str(fatal))
+        except* InputFileError as group:
+            # The file broke mid-way (corrupt gzip, no CSV header): what was made is kept.
+            self.input_error = group.exceptions[0]
+            self._request_stop("input_error", str(self.input_error))
         finally:
             await self._save_undownloaded()
             self._writer.close()
@@ -625,6 +633,8 @@ async def generate(
                 await task
     if pipeline.fatal_error is not None:
         raise pipeline.fatal_error
+    if pipeline.input_error is not None:
+        raise pipeline.input_error
     if result.outcome == "quota":
         raise QuotaReachedError(result.message)
 
