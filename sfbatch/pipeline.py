@@ -38,8 +38,8 @@ from sfbatch.downloader import Downloader, StoredImage, clean_tmp
 from sfbatch.errors import (
     ConfigError,
     ExpiredUrlError,
-    InputFileError,
     FatalApiError,
+    InputFileError,
     QuotaReachedError,
     SfbatchError,
 )
