@@ -270,7 +270,8 @@ async def _api_endpoint(job: Any) -> AsyncIterator[Any]:
         yield config
         return
     async with Emulator(**job.emulator_settings) as emulator:
-        log.info("no API key set: running against the embedded emulator at %s", emulator.base_url)
+        why = "as asked" if job.emulator == "on" else "no API key set"
+        log.info("%s: running against the embedded emulator at %s", why, emulator.base_url)
         yield dataclasses.replace(config, base_url=emulator.base_url, api_key=emulator.api_key)
 
 

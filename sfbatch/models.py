@@ -265,7 +265,8 @@ def validate_request(
             errors.append(f"Model does not exist: {model}")
         else:
             warnings.append(
-                f"model {model!r} is not in the model rules; checked with generic rules"
+                f"model {model!r} is not in the model rules; checked with generic rules "
+                "(check its spelling, or describe it in a file given with --models-file)"
             )
         rule = _generic_rule(model)
 

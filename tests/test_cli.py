@@ -247,7 +247,7 @@ async def test_bad_key_exits_3_fast_and_never_prints_the_key(tmp_path: Path) -> 
             emu.base_url,
             "-v",
             env=env_with(secret),
-            timeout=20,
+            deadline_s=20,
         )
         assert emu.stats()["generation_requests"] <= 4
     assert code == 3
@@ -264,7 +264,7 @@ async def test_missing_key_is_exit_3_with_advice(tmp_path: Path) -> None:
 
 async def test_demo_job_runs_on_the_embedded_emulator_without_a_key(tmp_path: Path) -> None:
     code, output = await sfbatch(
-        "run", "jobs/demo.toml", "--out", str(tmp_path / "demo"), env=env_with(None), timeout=120
+        "run", "jobs/demo.toml", "--out", str(tmp_path / "demo"), env=env_with(None), deadline_s=120
     )
     assert code == 0, output
     assert "embedded emulator" in output
@@ -328,3 +328,12 @@ async def test_usage_errors_exit_2(tmp_path: Path) -> None:
         "run", str(tmp_path / "p.txt"), "--out", "o", "--batch-size", "3", "--ipm", "2"
     )
     assert code == 2 and "can never fit" in output
+
+
+async def test_an_input_file_that_breaks_mid_run_is_exit_2_with_its_reason(tmp_path: Path) -> None:
+    src = tmp_path / "p.csv"
+    src.write_text("a,b\n1,2\n")
+    code, output = await sfbatch("run", str(src), "--out", str(tmp_path / "o"), "--emulator")
+    assert code == 2
+    assert "p.csv:1: the header row has no 'prompt' column" in output
+    assert "Traceback" not in output
