@@ -313,40 +313,40 @@ class Pipeline:
 
     async def _load(self) -> None:
         state, stats = self._state, self.stats
-        try:
-            for n, row in enumerate(self._rows, start=1):
-                stats.rows_read = n
-                if n % _YIELD_EVERY_ROWS == 0:
-                    await asyncio.sleep(0)  # a queue with room never yields; let the others run
-                if self.stopping:
-                    break
-                status = state.status(row.id)
-                if status == "ok" or (status == "failed" and not self.config.retry_failed):
+        for n, row in enumerate(self._rows, start=1):
+            stats.rows_read = n
+            if n % _YIELD_EVERY_ROWS == 0:
+                await asyncio.sleep(0)  # a queue with room never yields; let the others run
+            if self.stopping:
+                break
+            status = state.status(row.id)
+            if status == "ok" or (status == "failed" and not self.config.retry_failed):
+                stats.skipped += 1
+                continue
+            if not row.valid:
+                if status == "invalid":
                     stats.skipped += 1
-                    continue
-                if not row.valid:
-                    if status == "invalid":
-                        stats.skipped += 1
-                    else:
-                        await self._emit(self._record(row, "invalid", error=_invalid(row)))
-                    continue
-                unfit = self._batch_problem(row)
-                if unfit is not None:
-                    await self._emit(self._record(row, "invalid", error=_invalid(row, unfit)))
-                    continue
-                if row.duplicate_of is not None:
-                    if status == "duplicate":
-                        stats.skipped += 1
-                    else:
-                        await self._emit(self._record(row, "duplicate"))
-                    continue
-                item = WorkItem(row=row)
-                if status == "generated":
-                    self._attach_pending(item, state.generated.get(row.id))
-                await self._gen_queue.put(item)
-        finally:
-            for _ in range(self.config.concurrency):
-                await self._gen_queue.put(None)
+                else:
+                    await self._emit(self._record(row, "invalid", error=_invalid(row)))
+                continue
+            unfit = self._batch_problem(row)
+            if unfit is not None:
+                await self._emit(self._record(row, "invalid", error=_invalid(row, unfit)))
+                continue
+            if row.duplicate_of is not None:
+                if status == "duplicate":
+                    stats.skipped += 1
+                else:
+                    await self._emit(self._record(row, "duplicate"))
+                continue
+            item = WorkItem(row=row)
+            if status == "generated":
+                self._attach_pending(item, state.generated.get(row.id))
+            await self._gen_queue.put(item)
+        # Only on the way out through the end of input or a stop: after an error the
+        # TaskGroup cancels the workers, and a put into a full queue would never return.
+        for _ in range(self.config.concurrency):
+            await self._gen_queue.put(None)
 
     def _batch_problem(self, row: Row) -> str | None:
         """Why the limiter can never admit this row's batch, if it cannot."""

@@ -292,3 +292,33 @@ async def test_a_row_batch_that_can_never_fit_the_ipm_limit_is_invalid(tmp_path:
     assert records["000000001"]["status"] == "ok"
     big = records["000000002"]
     assert big["status"] == "invalid" and big["error"]["message"].startswith(f"{prompts}:2:")
+
+
+async def test_a_file_breaking_while_the_queue_is_full_ends_the_run_cleanly(
+    tmp_path: Path,
+) -> None:
+    import gzip
+
+    lines = "".join(f"prompt {i} {hashlib.sha256(bytes(i)).hexdigest()}\n" for i in range(3000))
+    prompts = tmp_path / "p.txt.gz"
+    prompts.write_bytes(gzip.compress(lines.encode())[:3000])  # cut short: a read error early
+    async with Emulator(latency_s=0.2) as emu:
+        cfg = config_for(emu, tmp_path / "out", queue_size=2, concurrency=2)
+        async with asyncio.timeout(30):
+            result = await run(cfg, prompts)
+    assert result.outcome == "input_error" and result.exit_code == 2
+    assert "p.txt.gz" in result.message
+    no_leftovers(tmp_path / "out")
+
+
+async def test_grace_expiry_with_a_full_queue_and_slow_requests_still_ends(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 50)
+    async with Emulator(latency_s=5.0) as emu:
+        cfg = config_for(emu, tmp_path / "out", queue_size=2, concurrency=2, grace_s=0.3)
+        pipeline = Pipeline(cfg, PromptSource(prompts, registry=REG), registry=REG)
+        task = asyncio.create_task(pipeline.run())
+        await requests_reach(emu, 2)
+        pipeline.interrupt()
+        async with asyncio.timeout(10):
+            result = await task
+    assert result.exit_code == 130
