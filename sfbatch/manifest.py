@@ -133,22 +133,28 @@ def _cut_torn_tail(path: Path) -> None:
         return
 
 
-def iter_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Every complete record of one manifest, in file order; torn or corrupt lines are skipped."""
+def _complete_lines(path: Path) -> Iterator[bytes]:
+    """The newline-terminated lines of ``path`` (none if it is missing); a torn last line is not."""
     try:
-        f = open(path, "rb")  # noqa: SIM115
+        f = open(path, "rb")  # noqa: SIM115  (closed by the with below)
     except FileNotFoundError:
         return
     with f:
         for raw in f:
             if not raw.endswith(b"\n"):
-                return  # torn last line
-            try:
-                record = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("id"), str):
-                yield record
+                return
+            yield raw
+
+
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Every complete record of one manifest, in file order; torn or corrupt lines are skipped."""
+    for raw in _complete_lines(path):
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("id"), str):
+            yield record
 
 
 def latest_records(paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
@@ -225,33 +231,26 @@ def read_state(paths: Iterable[Path], *, day_start: str) -> ManifestState:
     """
     state = ManifestState()
     for path in paths:
-        try:
-            f = open(path, "rb")  # noqa: SIM115
-        except FileNotFoundError:
-            continue
-        with f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break  # torn last line
-                match = _FRONT.match(raw)
-                if match is not None:
-                    row_id = match.group(1).decode("utf-8", "replace")
-                    status = match.group(2).decode()
-                    finished = match.group(3).decode()
-                    billed = int(match.group(4))
-                else:
-                    try:
-                        record = orjson.loads(raw)
-                        row_id = str(record["id"])
-                        status = str(record["status"])
-                        finished = str(record.get("finished_at") or "")
-                        billed = int(record.get("billed_images") or 0)
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        state.corrupt_lines += 1
-                        continue
-                state._add(row_id, status, finished, billed, day_start)
-                if status == "generated":
-                    state.generated[row_id] = orjson.loads(raw)
-                else:
-                    state.generated.pop(row_id, None)
+        for raw in _complete_lines(path):
+            match = _FRONT.match(raw)
+            if match is not None:
+                row_id = match.group(1).decode("utf-8", "replace")
+                status = match.group(2).decode()
+                finished = match.group(3).decode()
+                billed = int(match.group(4))
+            else:
+                try:
+                    record = orjson.loads(raw)
+                    row_id = str(record["id"])
+                    status = str(record["status"])
+                    finished = str(record.get("finished_at") or "")
+                    billed = int(record.get("billed_images") or 0)
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    state.corrupt_lines += 1
+                    continue
+            state._add(row_id, status, finished, billed, day_start)
+            if status == "generated":
+                state.generated[row_id] = orjson.loads(raw)
+            else:
+                state.generated.pop(row_id, None)
     return state
