@@ -50,7 +50,7 @@ from sfbatch.manifest import ManifestState, ManifestWriter, day_start_iso, now_i
 from sfbatch.models import ModelRegistry, effective_params
 from sfbatch.retry import RetryPolicy
 
-__all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
+__all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "error_key", "generate"]
 
 Outcome = Literal["done", "quota", "interrupted", "fatal", "input_error"]
 _YIELD_EVERY_ROWS = 256
@@ -484,7 +484,7 @@ class Pipeline:
             if inference is not None:
                 stats.inference.add(inference)
         elif record["error"]:
-            stats.errors[_reason(status, record["error"])] += 1
+            stats.errors[error_key(status, record["error"])] += 1
 
     async def _emit(self, record: dict[str, Any]) -> None:
         self._write(record)
@@ -584,7 +584,7 @@ def _invalid(row: Row, message: str | None = None) -> dict[str, Any]:
     return {"status": None, "code": "invalid", "message": message or row.error}
 
 
-def _reason(status: str, error: dict[str, Any]) -> str:
+def error_key(status: str, error: dict[str, Any]) -> str:
     """A short key to count errors by: ``failed: 400 20012``, ``failed: DownloadError``."""
     parts = [str(part) for part in (error.get("status"), error.get("code")) if part is not None]
     return f"{status}: {' '.join(parts) or 'unknown'}"

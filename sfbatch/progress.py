@@ -52,6 +52,8 @@ from typing import Any, Literal
 import orjson
 from tqdm import tqdm
 
+from sfbatch.pipeline import error_key
+
 __all__ = ["Progress", "configure_logging"]
 
 log = logging.getLogger("sfbatch")
@@ -866,18 +868,12 @@ def _error_examples(manifest: Path, keys: Iterable[str]) -> dict[str, str]:
         error = record.get("error") if isinstance(record, dict) else None
         if not isinstance(error, dict):
             continue
-        key = _error_key(str(record.get("status")), error)
+        key = error_key(str(record.get("status")), error)
         if key in wanted and key not in found and error.get("message"):
             found[key] = str(error["message"])
             if len(found) == len(wanted):
                 break
     return found
-
-
-def _error_key(status: str, error: dict[str, Any]) -> str:
-    """The key ``summary.json`` counts an error under (``failed: 400 20012``)."""
-    parts = [str(part) for part in (error.get("status"), error.get("code")) if part is not None]
-    return f"{status}: {' '.join(parts) or 'unknown'}"
 
 
 def _next_steps(result: Any, summary: dict[str, Any]) -> list[str]:
