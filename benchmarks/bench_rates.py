@@ -233,6 +233,9 @@ def _convergence(hist: dict[int, int], window: float, limit_per_s: float) -> dic
     inside the window; ``None`` if a stall runs into the end of the window.
     """
     end = int(window)
+    if end < 90:  # the server's minute must pass at least once for this to mean anything
+        return {"converge_s": None, "stalls": [], "stalled_s": None,
+                "utilization_after_pct": None, "too_short": True}  # fmt: skip
     stalls: list[tuple[int, int]] = []
     run_start = None
     for sec in range(end):
@@ -285,7 +288,9 @@ def report(r: dict[str, Any]) -> str:
     rows = []
     for s in r["scenarios"].values():
         converge = "-"
-        if "converge_s" in s:
+        if s.get("too_short"):
+            converge = "window too short"
+        elif "converge_s" in s:
             converge = (
                 "not in window" if s["converge_s"] is None else f"{s['converge_s']} s"
             ) + f", {s['stalled_s']} s stalled"
