@@ -1,10 +1,12 @@
 """Streams a temporary image URL to disk: the only boundary for download errors.
 
-Each download streams into ``DIR/.tmp/`` while hashing, checks the first bytes are an
-image (and takes the extension from them, not from the URL), enforces a size cap and
-one overall deadline, fsyncs, and only then renames into ``DIR/images/SHARD/``. So a
-file under ``images/`` is always complete, and a crash leaves at most a ``.part`` file
-that the next run removes::
+Each download is hashed as it streams, checks the first bytes are an image (and takes
+the extension from them, not from the URL), enforces a size cap, one overall deadline
+and a per-read timeout, then is written to ``DIR/.tmp/``, fsynced and only then renamed
+into ``DIR/images/SHARD/``. So a file under ``images/`` is always complete, and a crash
+leaves at most a ``.part`` file that the next run removes. Bytes are held in memory up
+to 4 MiB and written in one trip to a worker thread (the benchmark showed a thread trip
+per chunk cost more than the request); a larger image streams to its ``.part`` file::
 
     downloader = Downloader(out_dir=Path("out"), session=session)
     stored = await downloader.fetch(url, "images/000/000000042_0")
@@ -14,6 +16,7 @@ that the next run removes::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -21,8 +24,8 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-import aiofiles
 import aiofiles.os
 import aiohttp
 
@@ -38,6 +41,7 @@ __all__ = ["TMP_DIR", "Downloader", "StoredImage", "clean_tmp", "sniff_image_typ
 
 TMP_DIR = ".tmp"
 _CHUNK = 64 * 1024
+_SPOOL_BYTES = 4 * 1024 * 1024
 _EXPIRED = (403, 404, 410)
 
 
@@ -125,20 +129,21 @@ class Downloader:
     async def _fetch_once(self, url: str, stem: str) -> StoredImage:
         tmp_dir = self.out_dir / TMP_DIR
         await self._ensure_dir(tmp_dir)
-        tmp_path = tmp_dir / f"{uuid.uuid4().hex}.part"
+        spool = _Spool(tmp_dir / f"{uuid.uuid4().hex}.part")
         try:
-            digest, size, ext = await self._stream_to(url, tmp_path)
+            digest, size, ext = await self._stream_to(url, spool)
             final_rel = f"{stem}.{ext}"
             final = self.out_dir / final_rel
-            await self._ensure_dir(final.parent)
-            await aiofiles.os.replace(tmp_path, final)
+            make_parent = final.parent not in self._made_dirs
+            await asyncio.to_thread(spool.finish, final, fsync=self._fsync, make_parent=make_parent)
+            self._made_dirs.add(final.parent)
         except BaseException:
-            tmp_path.unlink(missing_ok=True)  # sync on purpose: must run even when cancelled
+            spool.discard()  # sync on purpose: must run even when cancelled
             raise
         self.bytes_written += size
         return StoredImage(path=final_rel, sha256=digest, bytes=size)
 
-    async def _stream_to(self, url: str, tmp_path: Path) -> tuple[str, int, str]:
+    async def _stream_to(self, url: str, spool: _Spool) -> tuple[str, int, str]:
         hasher = hashlib.sha256()
         size = 0
         ext: str | None = None
@@ -153,27 +158,23 @@ class Downloader:
                     raise ImageTooLargeError(
                         f"image of {declared} bytes is over the cap of {self._max_bytes}"
                     )
-                async with aiofiles.open(tmp_path, "wb") as out:
-                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    if ext is None:
+                        ext = sniff_image_type(chunk)
                         if ext is None:
-                            ext = sniff_image_type(chunk)
-                            if ext is None:
-                                raise NotAnImageError(
-                                    f"URL served {resp.content_type or 'unknown type'} "
-                                    "that is not an image"
-                                )
-                        size += len(chunk)
-                        if size > self._max_bytes:
-                            raise ImageTooLargeError(
-                                f"image is over the cap of {self._max_bytes} bytes"
+                            raise NotAnImageError(
+                                f"URL served {resp.content_type or 'unknown type'} "
+                                "that is not an image"
                             )
-                        hasher.update(chunk)
-                        await out.write(chunk)
-                    if declared is not None and size != declared:
-                        raise DownloadError(f"image body cut short: {size} of {declared} bytes")
-                    if self._fsync:
-                        await out.flush()
-                        await asyncio.to_thread(os.fsync, out.fileno())
+                    size += len(chunk)
+                    if size > self._max_bytes:
+                        raise ImageTooLargeError(
+                            f"image is over the cap of {self._max_bytes} bytes"
+                        )
+                    hasher.update(chunk)
+                    await spool.write(chunk)
+                if declared is not None and size != declared:
+                    raise DownloadError(f"image body cut short: {size} of {declared} bytes")
         except TimeoutError as exc:
             raise DownloadError("image download passed its deadline") from exc
         except aiohttp.ClientError as exc:
@@ -186,3 +187,52 @@ class Downloader:
         if path not in self._made_dirs:
             await aiofiles.os.makedirs(path, exist_ok=True)
             self._made_dirs.add(path)
+
+
+class _Spool:
+    """An image's bytes on their way to disk.
+
+    Held in memory up to ``_SPOOL_BYTES`` (most images), so writing, fsync and the
+    rename into place cost one trip to a worker thread; a larger image spills to its
+    temporary file and streams there, a thread trip per chunk.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._chunks: list[bytes] = []
+        self._held = 0
+        self._file: IO[bytes] | None = None
+
+    async def write(self, chunk: bytes) -> None:
+        if self._file is not None:
+            await asyncio.to_thread(self._file.write, chunk)
+            return
+        self._chunks.append(chunk)
+        self._held += len(chunk)
+        if self._held > _SPOOL_BYTES:
+            await asyncio.to_thread(self._spill)
+
+    def _spill(self) -> None:
+        self._file = open(self.path, "wb")  # noqa: SIM115  (closed in finish/discard)
+        self._file.writelines(self._chunks)
+        self._chunks.clear()
+
+    def finish(self, final: Path, *, fsync: bool, make_parent: bool) -> None:
+        """Write what is held, fsync, close and rename to ``final`` (in a worker thread)."""
+        if self._file is None:
+            self._spill()
+        assert self._file is not None
+        with self._file as f:
+            f.writelines(self._chunks)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        if make_parent:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, final)
+
+    def discard(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self.path.unlink(missing_ok=True)
