@@ -19,7 +19,6 @@ runs in a child process pinned to CPU 0, with 16 concurrent downloads:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -38,6 +37,7 @@ from bench_util import (
     fmt,
     median,
     run_child,
+    script_main,
     table,
     work_dir,
 )
@@ -274,13 +274,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="figure 5: downloads")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    print(report(measure(mode)))
-    return 0
+    return script_main("figure 5: downloads", measure, report)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ manifest is about 6 GB: check ``df -h`` first; ``--quick`` uses 1,000,000 lines)
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -39,6 +38,7 @@ from bench_util import (
     child_env,
     child_main,
     fmt,
+    script_main,
     table,
     work_dir,
     write_prompts,
@@ -366,13 +366,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="figure 4: memory and resume")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    print(report(measure(mode)))
-    return 0
+    return script_main("figure 4: memory and resume", measure, report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ the share of the limit used after that. The threaded baseline (16 threads, 1 s s
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -43,6 +42,7 @@ from bench_util import (
     child_main,
     fmt,
     run_child,
+    script_main,
     table,
     work_dir,
     write_prompts,
@@ -318,13 +318,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="figures 2 and 3: rates")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    print(report(measure(mode)))
-    return 0
+    return script_main("figures 2 and 3: rates", measure, report)
 
 
 if __name__ == "__main__":

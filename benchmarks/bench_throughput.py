@@ -18,7 +18,6 @@ child) to show what it costs. One more engine run under pyinstrument gives the p
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -36,6 +35,7 @@ from bench_util import (
     fmt,
     median,
     run_child,
+    script_main,
     self_cpu_seconds,
     table,
     work_dir,
@@ -397,13 +397,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="figure 1: engine throughput")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    print(report(measure(mode)))
-    return 0
+    return script_main("figure 1: engine throughput", measure, report)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Everything binds to 127.0.0.1 and stops by itself: emulator processes are stoppe
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,16 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def script_main(
+    description: str, measure: Callable[[str], Any], report: Callable[[Any], str]
+) -> int:
+    """The command line every figure's script shares: ``[--quick | --smoke]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    print(report(measure(mode)))
+    return 0
