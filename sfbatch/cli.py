@@ -76,7 +76,9 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model for rows that do not name one")
     parser.add_argument("--image-size", help="WIDTHxHEIGHT for rows that do not set one")
     parser.add_argument("--batch-size", type=int, help="images per request (1..4)")
-    parser.add_argument("--steps", type=int, dest="num_inference_steps", help="num_inference_steps")
+    parser.add_argument(
+        "--steps", type=int, dest="num_inference_steps", metavar="N", help="num_inference_steps"
+    )
     parser.add_argument("--guidance-scale", type=float)
     parser.add_argument("--cfg", type=float, help="cfg, for Qwen/Qwen-Image models")
     parser.add_argument("--negative-prompt")
@@ -105,6 +107,7 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
         "--tz-offset",
         type=float,
         dest="day_utc_offset_h",
+        metavar="HOURS",
         help="UTC offset in hours of the account's day (default 8)",
     )
     parser.add_argument(
@@ -140,6 +143,7 @@ def _add_run(subparsers: Any) -> None:
         "--grace",
         type=float,
         dest="grace_s",
+        metavar="SECONDS",
         help="seconds in-flight work may take after Ctrl-C (default 30)",
     )
     add_output_flags(parser)
