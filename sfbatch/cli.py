@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -284,10 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     code: int = args.handler(args)
     return code
-
-
-def api_key_from_env() -> str:
-    return os.environ.get("SILICONFLOW_API_KEY", "").strip()
 
 
 if __name__ == "__main__":

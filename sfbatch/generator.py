@@ -48,9 +48,7 @@ class WorkItem:
     billed_images: int = 0
     rate_limited: int = 0
     generation: Generation | None = None
-    # URLs of an earlier run that generated but did not download, and when (epoch s).
-    pending_urls: tuple[str, ...] = ()
-    pending_seed: int | None = None
+    # When an earlier run made ``generation`` (epoch s), if it came from the manifest.
     pending_at: float = 0.0
 
     @property
