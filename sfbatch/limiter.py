@@ -7,13 +7,22 @@ What it guarantees, for each configured limit (``rpm`` requests, ``ipm`` images 
 
 * **No start-up burst, over any window.** Requests are paced by a leaky bucket that holds
   only one request's worth (1 request; ``max_batch_size`` images, or ``ipm`` if smaller),
-  draining at the configured rate times ``safety``. Over any window of ``w`` seconds at
-  most ``rate * w / 60`` plus one request's worth is admitted. A plain
-  ``AsyncLimiter(n, 60)`` would let a whole minute's worth through at once.
+  draining at the configured rate times ``safety``. ``asyncio.sleep`` wakes up late
+  (about 0.9 ms per 100 ms interval); if that time were lost for good, ``rpm=600`` would
+  pace at 98.5 % of the limit instead of 99.5 %. So a waiter whose timer fired late is
+  counted as admitted on time: the bucket may drain below empty by that lateness, up to
+  a credit of 5 % of one request's worth, and the next admission makes it up. Only timer
+  lateness earns credit, not idle time or waiting for another gate. Over any window of
+  ``w`` seconds at most ``rate * w / 60`` plus one request's worth is admitted, plus
+  at most the credit (exactly: ``rate / 60`` times the lateness of the window's first
+  admission). A plain ``AsyncLimiter(n, 60)`` would let a whole minute's worth through
+  at once.
 * **Never more than the limit in any minute.** A small bucket alone still allows
   ``ipm + max_batch_size`` images per minute when batches are larger than one (4-image
-  requests at ``ipm=10`` would go at 0 s, 24 s and 48 s: 12 images). So each limit also
-  keeps a log of the last minute's admissions and never lets it exceed the limit.
+  requests at ``ipm=10`` would go at 0 s, 24 s and 48 s: 12 images), and its credit
+  could add up to 5 % of a request more. So each limit also keeps a log of the last
+  minute's admissions (at their actual times) and never lets it exceed the limit: the
+  credit makes up for late wake-ups but no ``60 / safety`` seconds ever go over the limit.
 * **Margin.** Pacing runs at ``safety`` (99.5 %) of the limit and the minute log spans
   ``60 / safety`` seconds (60.3 s): timing jitter of up to 0.3 s between us and a server
   that counts exactly ``rpm`` per sliding 60 s does not cause a 429.
@@ -47,9 +56,10 @@ without consuming anything; the waiter sleeps that long and checks again, and on
 all are open does it record the admission in all of them in one step. Waiting in one
 gate therefore never spends capacity in another, a 429 during the sleep is seen before
 admission, and a cancelled waiter leaves nothing behind. aiolimiter's ``AsyncLimiter``,
-sized as above at each configured limit, is acquired at that instant as a hard ceiling:
-the adaptive buckets never run faster than it, so it only waits if the adaptive logic
-is wrong. Why not simply ``await rpm.acquire(); await ipm.acquire(n)``: an
+holding one request's worth plus the credit and draining at each configured limit (not
+the paced rate, so it never adds a second late sleep), is acquired at that instant as a
+hard ceiling: the adaptive buckets never run faster than it, so it only waits if the
+adaptive logic is wrong. Why not simply ``await rpm.acquire(); await ipm.acquire(n)``: an
 ``AsyncLimiter`` cannot wait without taking capacity, so the first records an admission
 that the second may then delay, and with mixed batch sizes two requests can go out closer
 together than one request interval. And its rate cannot be changed once built (rebuilding
@@ -85,39 +95,54 @@ _BACKOFF_CAP_S = 30.0
 _MAX_COOLDOWN_S = 3600.0
 # Float rounding can leave a wait of a few nanoseconds; don't sleep for those.
 _EPSILON_S = 1e-9
+# How far below empty a leaky bucket may drain, as a fraction of its capacity: a waiter
+# that wakes up late (asyncio.sleep always does, by ~1 % of a 100 ms interval) gets the
+# time back on the next admission instead of losing it for good.
+_CREDIT = 0.05
 
 
 class _LeakyBucket:
-    """Holds up to ``capacity``, drains ``per_minute`` per minute; ``None`` is unlimited."""
+    """Holds up to ``capacity``, drains ``per_minute`` per minute; ``None`` is unlimited.
 
-    __slots__ = ("_at", "_level", "capacity", "per_minute")
+    An admission by a waiter whose timer fired ``late_s`` late may find the bucket drained
+    below empty by that lateness, up to ``credit`` (``_CREDIT * capacity``): the admission
+    is counted as if it had happened on time, so a late wake-up's lost time is made up by
+    the next admission rather than lost for good. Idle time, or time spent waiting for
+    another gate, earns no credit. The level never goes below ``-credit``, so over any
+    window of ``w`` seconds it admits at most ``per_minute * w / 60 + capacity + credit``
+    (more exactly, ``per_minute / 60`` times ``w`` plus the first admission's lateness).
+    """
+
+    __slots__ = ("_at", "_level", "capacity", "credit", "per_minute")
 
     def __init__(self, capacity: float, per_minute: float | None) -> None:
         self.capacity = capacity
+        self.credit = capacity * _CREDIT
         self.per_minute = per_minute
         self._level = 0.0
         self._at = -math.inf
 
-    def _drain(self, now: float) -> None:
-        if self.per_minute is not None and self._level:
-            elapsed = max(0.0, now - self._at)
-            self._level = max(0.0, self._level - elapsed * self.per_minute / _MINUTE_S)
-        self._at = now
+    def _level_at(self, now: float, floor: float = 0.0) -> float:
+        if self.per_minute is None or self._level <= floor:
+            return self._level
+        elapsed = max(0.0, now - self._at)
+        return max(floor, self._level - elapsed * self.per_minute / _MINUTE_S)
 
     def delay_s(self, amount: float, now: float) -> float:
         if self.per_minute is None:
             return 0.0
-        self._drain(now)
-        excess = self._level + amount - self.capacity
+        excess = self._level_at(now) + amount - self.capacity
         return max(0.0, excess * _MINUTE_S / self.per_minute)
 
-    def add(self, amount: float, now: float) -> None:
+    def add(self, amount: float, now: float, late_s: float = 0.0) -> None:
         if self.per_minute is not None:
-            self._drain(now)
-            self._level += amount
+            credit = min(self.credit, max(0.0, late_s) * self.per_minute / _MINUTE_S)
+            self._level = self._level_at(now, -credit) + amount
+            self._at = now
 
     def set_rate(self, per_minute: float | None, now: float) -> None:
-        self._drain(now)
+        self._level = self._level_at(now)
+        self._at = now
         self.per_minute = per_minute
 
 
@@ -170,7 +195,16 @@ class _Limit:
         if configured is not None and self.ceiling is not None:
             # below 1 per minute the bucket alone paces; the log must still admit one request
             self._log = _MinuteLog(max(configured, 1.0), _MINUTE_S / safety)
-            self._backstop = AsyncLimiter(capacity, capacity * _MINUTE_S / self.ceiling)
+            # At the configured rate, not the paced one, so it never adds a second (late)
+            # sleep. It holds the bucket's credit too: both get the same admissions, it
+            # drains faster and its floor (0) is the bucket's (-credit) plus the credit, so
+            # its level never exceeds the bucket's plus the credit, and it has capacity
+            # whenever the bucket admits. Any w seconds: at most configured * w / 60 plus
+            # 1.05 requests' worth.
+            backstop_capacity = capacity * (1.0 + _CREDIT)
+            self._backstop = AsyncLimiter(
+                backstop_capacity, backstop_capacity * _MINUTE_S / configured
+            )
 
     @property
     def per_minute(self) -> float | None:
@@ -182,8 +216,8 @@ class _Limit:
             delay = max(delay, self._log.delay_s(amount, now))
         return delay
 
-    def add(self, amount: float, now: float) -> None:
-        self.bucket.add(amount, now)
+    def add(self, amount: float, now: float, late_s: float) -> None:
+        self.bucket.add(amount, now, late_s)
         if self._log is not None:
             self._log.add(amount, now)
 
@@ -317,9 +351,12 @@ class RateLimiter:
         self._waiting += 1
         try:
             async with self._turnstile:
+                wake_at = math.inf  # when the last sleep should have ended
                 while True:
-                    delay = self._delay_s(images, loop.time())
+                    now = loop.time()
+                    delay = self._delay_s(images, now)
                     if delay > _EPSILON_S:
+                        wake_at = now + delay
                         await asyncio.sleep(delay)
                         continue
                     # the ceilings have capacity whenever the gates are open (they only
@@ -330,7 +367,8 @@ class RateLimiter:
                     now = loop.time()
                     if self._delay_s(images, now) <= _EPSILON_S:
                         break
-                self._admit(images, now)
+                # a late timer's lost time (at most the buckets' credit) is made up
+                self._admit(images, now, late_s=max(0.0, now - wake_at))
         finally:
             self._waiting -= 1
         self._wait_s_total += now - started
@@ -415,9 +453,9 @@ class RateLimiter:
             self._images.delay_s(images, now),
         )
 
-    def _admit(self, images: int, now: float) -> None:
-        self._requests.add(1, now)
-        self._images.add(images, now)
+    def _admit(self, images: int, now: float, late_s: float) -> None:
+        self._requests.add(1, now, late_s)
+        self._images.add(images, now, late_s)
         self._recent.append((now, images))
         while self._recent[0][0] <= now - _MINUTE_S:
             self._recent.popleft()
