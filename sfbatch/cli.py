@@ -159,7 +159,7 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sfbatch import __version__
+    from sfbatch import __version__, gallery, status, validate
     from sfbatch.emulator import cli as emulator_cli
 
     parser = argparse.ArgumentParser(
@@ -169,18 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sfbatch {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(subparsers)
-    for register in _optional_registers():
-        register(subparsers)
-    emulator_cli.register(subparsers)
+    for module in (validate, status, gallery, emulator_cli):
+        module.register(subparsers)
     return parser
-
-
-def _optional_registers() -> list[Any]:
-    registers = []
-    for module in ("sfbatch.validate", "sfbatch.status", "sfbatch.gallery"):
-        with contextlib.suppress(ImportError):
-            registers.append(__import__(module, fromlist=["register"]).register)
-    return registers
 
 
 def setup_logging(args: argparse.Namespace) -> None:
@@ -212,8 +203,9 @@ async def _run(job: Any, args: argparse.Namespace) -> int:
     async with _api_endpoint(job) as config:
         if not config.api_key:
             log.error(
-                "SILICONFLOW_API_KEY is not set: export your key (or use --emulator to try "
-                "sfbatch against the embedded emulator)"
+                "%s is not set: export your key (or use --emulator to try "
+                "sfbatch against the embedded emulator)",
+                job.key_env,
             )
             return EXIT_AUTH
         try:

@@ -142,6 +142,14 @@ class RunConfig:
             raise ConfigError(
                 f"file naming must contain {{id}} and {{index}}, got {self.name_template!r}"
             )
+        try:
+            name = self.name_template.format(id="x", index=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"file naming {self.name_template!r} may use only {{id}} and {{index}}: {exc!r}"
+            ) from exc
+        if "/" in name or "\\" in name:
+            raise ConfigError(f"file naming must not contain a path separator: {name!r}")
 
     @property
     def manifest_name(self) -> str:

@@ -124,6 +124,7 @@ class Job:
     emulator: EmulatorMode = "off"
     emulator_settings: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    key_env: str = "SILICONFLOW_API_KEY"
 
     def source(self, path: str) -> PromptSource:
         cfg = self.config
@@ -264,6 +265,7 @@ def build_run(args: argparse.Namespace) -> Job:
         emulator=emulator,
         emulator_settings=emulator_settings,
         name=name,
+        key_env=key_env,
     )
 
 

@@ -337,3 +337,16 @@ async def test_an_input_file_that_breaks_mid_run_is_exit_2_with_its_reason(tmp_p
     assert code == 2
     assert "p.csv:1: the header row has no 'prompt' column" in output
     assert "Traceback" not in output
+
+
+async def test_a_job_reads_its_key_from_the_variable_it_names(tmp_path: Path) -> None:
+    prompts(tmp_path / "p.txt", 2)
+    job = tmp_path / "job.toml"
+    job.write_text('[job]\ninputs = ["p.txt"]\nout = "out"\n[api]\nkey_env = "MY_COM_KEY"\n')
+    async with Emulator() as emu:
+        env = env_with(None, MY_COM_KEY="sk-emulator")
+        code, output = await sfbatch("run", str(job), "--base-url", emu.base_url, env=env)
+        assert code == 0, output
+        # SILICONFLOW_API_KEY is not the variable this job reads.
+        code, output = await sfbatch("run", str(job), "--base-url", emu.base_url, env=env_with())
+    assert code == 3 and "MY_COM_KEY is not set" in output

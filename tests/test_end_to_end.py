@@ -12,6 +12,7 @@ import pytest
 
 from sfbatch.config import RequestDefaults, RunConfig
 from sfbatch.emulator import Emulator, FaultConfig
+from sfbatch.errors import ConfigError
 from sfbatch.loader import PromptSource
 from sfbatch.manifest import latest_records
 from sfbatch.models import ModelRegistry
@@ -322,3 +323,55 @@ async def test_grace_expiry_with_a_full_queue_and_slow_requests_still_ends(tmp_p
         async with asyncio.timeout(10):
             result = await task
     assert result.exit_code == 130
+
+
+async def test_failed_items_are_skipped_on_rerun_unless_retry_failed(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 6)
+    out = tmp_path / "out"
+    async with Emulator(faults=FaultConfig(seed=5, p_503=1.0)) as emu:
+        first = await run(config_for(emu, out, max_retries=0), prompts)
+        assert first.exit_code == 1
+        assert {r["status"] for r in final(out).values()} == {"failed"}
+        emu.set_faults(FaultConfig())
+        made = emu.stats()["generation_requests"]
+        again = await run(config_for(emu, out), prompts)
+        assert again.summary["run"]["skipped"] == 6
+        assert emu.stats()["generation_requests"] == made  # failed items are not retried...
+        retried = await run(config_for(emu, out, retry_failed=True), prompts)
+        assert retried.exit_code == 0  # ...unless asked
+    assert {r["status"] for r in final(out).values()} == {"ok"}
+
+
+async def test_dedupe_makes_identical_requests_once(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(
+        b'{"prompt": "a fox"}\n{"prompt": "a cat"}\n{"prompt": "a fox"}\n'
+        b'{"prompt": "a fox", "image_size": "768x512"}\n'
+    )
+    async with Emulator() as emu:
+        cfg = config_for(emu, tmp_path / "out", dedupe=True)
+        source = PromptSource(prompts, registry=REG, dedupe=True)
+        result = await Pipeline(cfg, source, registry=REG).run()
+        assert emu.stats()["generation_requests"] == 3
+    records = final(tmp_path / "out")
+    assert result.exit_code == 0
+    assert records["000000003"]["status"] == "duplicate"
+    assert records["000000003"]["duplicate_of"] == "000000001"
+    assert records["000000004"]["status"] == "ok"  # other parameters: not a duplicate
+
+
+async def test_file_naming_template_names_the_images(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "p.txt", 2)
+    async with Emulator() as emu:
+        cfg = config_for(
+            emu,
+            tmp_path / "out",
+            name_template="img-{id}-{index}",
+            defaults=RequestDefaults(batch_size=2),
+        )
+        assert (await run(cfg, prompts)).exit_code == 0
+    paths = sorted(i["path"] for r in final(tmp_path / "out").values() for i in r["images"])
+    assert paths[:2] == ["images/000/img-000000001-0.png", "images/000/img-000000001-1.png"]
+    for bad in ("{id}_{index}_{seed}", "{id}/{index}", "{id}_{index}_{"):
+        with pytest.raises(ConfigError):
+            RunConfig(out_dir=tmp_path, api_key="k", name_template=bad)
