@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from sfbatch.config import parse_shard
 from sfbatch.errors import ConfigError, SfbatchError
 
 __all__ = [
@@ -45,12 +46,9 @@ log = logging.getLogger("sfbatch")
 
 def _shard(text: str) -> tuple[int, int]:
     try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard takes I/N (e.g. 0/4), got {text!r}") from None
-    if not (count >= 1 and 0 <= index < count):
-        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N, got {text!r}")
-    return index, count
+        return parse_shard(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_request_flags(parser: argparse.ArgumentParser) -> None:

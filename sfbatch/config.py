@@ -23,6 +23,7 @@ __all__ = [
     "RequestDefaults",
     "RunConfig",
     "base_url_from_env",
+    "parse_shard",
 ]
 
 BASE_URLS = {
@@ -30,6 +31,17 @@ BASE_URLS = {
     "com": "https://api.siliconflow.com/v1",
 }
 DEFAULT_BASE_URL = BASE_URLS["cn"]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` as ``(I, N)``, 0-based: ``parse_shard("0/4") == (0, 4)``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"shard must be I/N (e.g. 0/4), got {text!r}") from None
+    if not (count >= 1 and 0 <= index < count):
+        raise ConfigError(f"shard I/N needs 0 <= I < N, got {text!r}")
+    return index, count
 
 
 def base_url_from_env() -> str:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from sfbatch.config import BASE_URLS, RequestDefaults, RunConfig, base_url_from_env
+from sfbatch.config import BASE_URLS, RequestDefaults, RunConfig, base_url_from_env, parse_shard
 from sfbatch.errors import ConfigError
 from sfbatch.loader import PromptSource
 from sfbatch.models import ModelRegistry
@@ -236,7 +236,10 @@ def build_run(args: argparse.Namespace) -> Job:
 
     shard = flags.pop("shard", None) or settings.pop("shard", None)
     if isinstance(shard, str):
-        shard = _parse_shard(shard, source)
+        try:
+            shard = parse_shard(shard)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     run_fields = {f for f in RunConfig.__dataclass_fields__} - {"defaults", "out_dir", "api_key"}
     merged: dict[str, Any] = {k: v for k, v in settings.items() if k in run_fields}
     merged.update({k: v for k, v in flags.items() if k in run_fields})
@@ -267,11 +270,3 @@ def build_run(args: argparse.Namespace) -> Job:
         name=name,
         key_env=key_env,
     )
-
-
-def _parse_shard(text: str, source: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"{source}: shard must be I/N, got {text!r}") from None
-    return index, count
