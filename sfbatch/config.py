@@ -64,6 +64,9 @@ class RequestDefaults:
     negative_prompt: str | None = None
     seed: int | None = None
     prompt_enhancement: bool | None = None
+    #: An input image (path, URL or data URI) for rows that give none; a relative path
+    #: is taken from the current directory (see :mod:`sfbatch.inputs`).
+    image: str | None = None
 
     def as_request(self) -> dict[str, Any]:
         return {

@@ -23,6 +23,7 @@ from typing import Any
 
 from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.errors import BadRequestError, QuotaReachedError, RateLimitError, SfbatchError
+from sfbatch.inputs import materialize
 from sfbatch.limiter import RateLimiter
 from sfbatch.loader import Row
 from sfbatch.manifest import day_start_iso
@@ -135,9 +136,11 @@ class Generator:
                 await self._limiter.acquire(batch)
                 if self._stopping():
                     raise Stopped
+                # Local input images become data URIs only now, so no row holds their bytes.
+                body = await materialize(request, item.row.inputs) if item.row.inputs else request
                 item.attempts += 1
                 self.requests += 1
-                generation = await self._client.generate(request)
+                generation = await self._client.generate(body)
                 billed = batch
                 self._limiter.on_success()
                 item.billed_images += batch

@@ -44,6 +44,7 @@ import orjson
 
 from sfbatch.config import RequestDefaults
 from sfbatch.errors import ConfigError, InputFileError
+from sfbatch.inputs import IMAGE_FIELDS, ImageInput, InputChecker, InputImageError
 from sfbatch.models import SEED_MAX, ModelRegistry, validate_request
 
 __all__ = [
@@ -73,6 +74,8 @@ ROW_FIELDS: Final = frozenset(
         "cfg",
         "prompt_enhancement",
         "image",
+        "image2",
+        "image3",
     }
 )
 _KNOWN_KEYS: Final = ROW_FIELDS | {"id"}
@@ -96,6 +99,10 @@ class Row:
     ``request`` is the validated body to send (with ``model``, ``prompt`` and
     ``seed`` always set) and ``error`` is ``None``; or ``request`` is ``None`` and
     ``error`` says why, as ``"FILE:LINE: reason; reason"``.
+
+    ``inputs`` are the checked input images of a valid row, in the order ``image``,
+    ``image2``, ``image3``; ``request`` holds their sources as written (a local file
+    becomes a data URI only when it is sent: :func:`sfbatch.inputs.materialize`).
     """
 
     id: str
@@ -106,16 +113,22 @@ class Row:
     error: str | None
     prompt: str | None
     duplicate_of: str | None = None
+    inputs: tuple[ImageInput, ...] = ()
 
     @property
     def valid(self) -> bool:
         return self.error is None
 
+    @property
+    def input_digests(self) -> tuple[str, ...]:
+        """Per input, in field order: its sha256, or for a URL the URL itself."""
+        return tuple(item.identity for item in self.inputs)
+
 
 # A frozen dataclass's __init__ sets each field through object.__setattr__, which
 # makes it the costliest step per row; setting the slots directly halves that.
 _new_object = object.__new__
-_S_ID, _S_LINE, _S_FILE, _S_VAR, _S_REQ, _S_ERR, _S_PROMPT, _S_DUP = (
+_S_ID, _S_LINE, _S_FILE, _S_VAR, _S_REQ, _S_ERR, _S_PROMPT, _S_DUP, _S_INPUTS = (
     getattr(Row, name).__set__ for name in Row.__slots__
 )
 
@@ -129,6 +142,7 @@ def _row(
     error: str | None,
     prompt: str | None,
     duplicate_of: str | None = None,
+    inputs: tuple[ImageInput, ...] = (),
 ) -> Row:
     row: Row = _new_object(Row)
     _S_ID(row, row_id)
@@ -139,6 +153,7 @@ def _row(
     _S_ERR(row, error)
     _S_PROMPT(row, prompt)
     _S_DUP(row, duplicate_of)
+    _S_INPUTS(row, inputs)
     return row
 
 
@@ -325,6 +340,15 @@ class PromptSource:
         self._limit = limit
         self._dedupe = dedupe
         self._registry = registry if registry is not None else ModelRegistry.builtin()
+        # Input image paths of rows are relative to the prompt file; the default's to the cwd.
+        image_dir = Path.cwd() if self._is_stdin else Path(self.file).parent
+        self._inputs = InputChecker(image_dir)
+        self._default_inputs: tuple[ImageInput, ...] = ()
+        if defaults.image is not None:
+            try:
+                self._default_inputs = (InputChecker(Path.cwd()).check("image", defaults.image),)
+            except InputImageError as exc:
+                raise ConfigError(f"default {exc}") from None
 
         self._fmt, self._gz = (".txt", False) if self._is_stdin else _format_of(self.file)
         if not self._is_stdin:
@@ -366,7 +390,7 @@ class PromptSource:
         >>> [r.id for r in PromptSource.from_records(["a cat", {"id": "dog", "prompt": "a dog"}])]
         ['000000001', 'dog']
         """
-        source = cls("-", stdin=io.BytesIO(b""), **options)
+        source = cls("-", stdin=io.BytesIO(b""), **options)  # image paths: from the cwd
         source.file = "<records>"
         source._records = records
         return source
@@ -615,6 +639,7 @@ class PromptSource:
         base_seed = self._base_seed
         seed0 = _seed_prefix(base_seed, 0)
         simple = self._variations == 1 and not self._dedupe
+        default_inputs = self._default_inputs
         seen_ids: dict[str, int] = {}
         fingerprints: dict[bytes, str] = {}
         template_warned = False
@@ -678,10 +703,12 @@ class PromptSource:
                 request = {**template, "prompt": prompt, "seed": fixed_seed}
                 source = fixed_seed
             if simple:
-                yield _row(base_id, line, file, 0, request, None, prompt)
+                yield _row(base_id, line, file, 0, request, None, prompt, None, default_inputs)
             else:
                 duplicate = self._duplicate(base_id, request, fingerprints)
-                yield from self._expand(base_id, line, prompt, request, source, None, duplicate)
+                yield from self._expand(
+                    base_id, line, prompt, request, source, None, duplicate, default_inputs
+                )
 
     def _slow(
         self,
@@ -699,6 +726,7 @@ class PromptSource:
         if prompt is None:
             reasons.append("missing prompt")
             body["prompt"] = "-"  # so the other fields are still checked
+        inputs = self._check_inputs(fields, body, reasons)
         explicit_seed = "seed" in body
         if not explicit_seed:
             body["seed"] = derive_seed(self._base_seed, base_id, 0)
@@ -712,7 +740,25 @@ class PromptSource:
             return self._expand(base_id, line, text, None, 0, error, None)
         source = request["seed"] if explicit_seed else self._base_seed
         duplicate = self._duplicate(base_id, request, fingerprints)
-        return self._expand(base_id, line, text, request, source, None, duplicate)
+        return self._expand(base_id, line, text, request, source, None, duplicate, inputs)
+
+    def _check_inputs(
+        self, fields: dict[str, Any], body: dict[str, Any], reasons: list[str]
+    ) -> tuple[ImageInput, ...]:
+        """The row's input images (its own, else the default image); problems to ``reasons``."""
+        inputs: list[ImageInput] = []
+        for name in IMAGE_FIELDS:
+            value = fields.get(name)
+            if value is None:
+                if name == "image":
+                    inputs.extend(self._default_inputs)
+                continue
+            try:
+                inputs.append(self._inputs.check(name, value))
+            except InputImageError as exc:
+                reasons.append(str(exc))
+                body[name] = "-"  # so the model's rules do not report the field again
+        return tuple(inputs)
 
     def _duplicate(
         self, base_id: str, request: dict[str, Any], fingerprints: dict[bytes, str]
@@ -736,18 +782,19 @@ class PromptSource:
         seed_source: int,
         error: str | None,
         duplicate: str | None,
+        inputs: tuple[ImageInput, ...] = (),
     ) -> Iterator[Row]:
         file = self.file
         count = self._variations
         if count == 1:
-            yield _row(base_id, line, file, 0, request, error, prompt, duplicate)
+            yield _row(base_id, line, file, 0, request, error, prompt, duplicate, inputs)
             return
         for k in range(count):
             varied = request
             if request is not None and k:
                 varied = {**request, "seed": derive_seed(seed_source, base_id, k)}
             dup = f"{duplicate}-v{k}" if duplicate is not None else None
-            yield _row(f"{base_id}-v{k}", line, file, k, varied, error, prompt, dup)
+            yield _row(f"{base_id}-v{k}", line, file, k, varied, error, prompt, dup, inputs)
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:

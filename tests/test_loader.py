@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from sfbatch.config import RequestDefaults
 from sfbatch.errors import ConfigError, InputFileError
 from sfbatch.loader import (
+    ROW_FIELDS,
     PromptSource,
     Row,
     _row,
@@ -183,6 +184,23 @@ def test_all_reasons_are_joined(tmp_path: Path) -> None:
         f"{p}:1: id '../x' would escape the output directory; missing prompt; "
         "batch_size must be 1..4, got 9; seed must be 0..9999999999, got -1"
     )
+
+
+def test_image_fields_are_row_fields_checked_at_load_time(tmp_path: Path) -> None:
+    # sfbatch.inputs has the details (tests/test_inputs.py); here: the loader wires them in.
+    p = write(
+        tmp_path / "p.jsonl",
+        jsonl(
+            {"prompt": "a", "model": "Qwen/Qwen-Image-Edit", "image": "https://x.test/a.png"},
+            {"prompt": "b", "model": "Qwen/Qwen-Image-Edit", "image": "gone.png"},
+        ),
+    )
+    source = PromptSource(p, registry=REG)
+    url, missing = source
+    assert url.valid and url.input_digests == ("https://x.test/a.png",)
+    assert missing.error == f"{p}:2: image: no such file gone.png (looked at {tmp_path}/gone.png)"
+    assert source.warnings == []
+    assert {"image", "image2", "image3"} <= ROW_FIELDS
 
 
 def test_model_specific_rules(tmp_path: Path) -> None:
