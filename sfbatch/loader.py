@@ -5,10 +5,14 @@ line), ``.jsonl`` (one object per line with ``prompt`` and optional request fiel
 and ``id``), ``.csv`` / ``.tsv`` (a header row naming the same fields). ``-`` reads
 stdin as ``.txt``, or as ``.jsonl`` when its first non-blank line starts with ``{``.
 
+Input images of edit models (``image``, ``image2``, ``image3``: a path relative to the
+prompt file, a URL or a data URI) are checked while the row is read (:mod:`sfbatch.inputs`).
+
 A row that cannot be sent (bad UTF-8, bad JSON, a field out of range for its model,
-an unsafe or duplicate id) becomes an *invalid* :class:`Row` whose ``error`` names the
-file and line; the rest of the file goes on. Only a file that cannot be opened or
-read at all raises (:class:`~sfbatch.errors.InputFileError`)::
+an unsafe or duplicate id, a missing or non-image input file) becomes an *invalid*
+:class:`Row` whose ``error`` names the file and line; the rest of the file goes on.
+Only a file that cannot be opened or read at all raises
+(:class:`~sfbatch.errors.InputFileError`)::
 
     >>> import io
     >>> data = b'{"prompt": "a cat", "seed": 1}\\n\\n{"prompt": "a dog", "batch_size": 9}\\n'
@@ -305,6 +309,10 @@ class PromptSource:
     yielded invalid under the line-derived id ``f"{line:09d}"``, so its record never
     supersedes the record of the row that owns the id. A JSON ``null`` or an empty
     CSV cell means "not given": the default applies.
+
+    Input image paths of rows are relative to the prompt file's folder (stdin and
+    records: the working directory); the default ``image`` of ``defaults`` is relative
+    to the working directory and is checked here (:class:`ConfigError` if it is bad).
     """
 
     def __init__(
