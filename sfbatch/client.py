@@ -174,10 +174,9 @@ class SiliconFlowClient:
             async with self.session.get(
                 url, params={"type": "image"}, headers=self._headers, timeout=self._timeout
             ) as resp:
-                body = await _read_capped(resp, _MAX_ERROR_BODY)
+                body = await resp.read()
                 if resp.status != 200:
                     raise self._api_error(resp, body, self._trace_id(resp))
-                body += await resp.read()
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             raise map_transport_error(exc, url, secret=self._api_key) from exc
         try:
