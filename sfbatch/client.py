@@ -7,12 +7,21 @@ turned into :mod:`sfbatch.errors`; everything above it reasons in those terms::
         generation = await client.generate({"prompt": "a lighthouse", "seed": 7})
         print(generation.urls, generation.seed)
 
-The API key is sent in the ``Authorization`` header and nowhere else; no message built
-here contains it, and text the server sends back is passed through :func:`redact`.
+Statuses: 400 and other 4xx → :class:`BadRequestError`; 401 → :class:`AuthenticationError`;
+403 code 30003 / "Model disabled" → :class:`ModelDisabledError`; any other 403 (balance
+30001, real-name verification, permission) → :class:`AccountBlockedError`; 404 →
+:class:`EndpointNotFoundError`; 429 → :class:`RateLimitError` with the limit it names
+(:class:`DailyQuotaError` for IPD/RPD/TPD); 5xx → :class:`ServerError`; a 200 without
+image URLs → :class:`MalformedResponseError`. Exceptions: see :data:`TRANSPORT_ERRORS`.
+
+The API key is sent in the ``Authorization`` header and nowhere else; every string that
+came from the server (message, code, trace id, text body) or from the environment (base
+URL) is cut to length and passed through :func:`redact`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,12 +32,15 @@ import aiohttp
 import orjson
 
 from sfbatch.errors import (
+    DAILY_LIMITS,
+    AccountBlockedError,
     ApiError,
     AuthenticationError,
     BadRequestError,
     DailyQuotaError,
     EndpointNotFoundError,
     MalformedResponseError,
+    ModelDisabledError,
     RateLimitError,
     RequestTimeoutError,
     ServerError,
@@ -36,11 +48,36 @@ from sfbatch.errors import (
     redact,
 )
 
-__all__ = ["TRACE_HEADER", "Generation", "SiliconFlowClient"]
+__all__ = [
+    "TRACE_HEADER",
+    "TRANSPORT_ERRORS",
+    "Generation",
+    "SiliconFlowClient",
+    "map_transport_error",
+]
 
 TRACE_HEADER = "x-siliconcloud-trace-id"
 _MAX_ERROR_BODY = 64 * 1024
-_DAILY_MARKERS = ("IPD", "RPD", "per day", "daily")
+_MAX_MESSAGE_CHARS = 500
+_MAX_CODE_CHARS = 100
+_DAILY_MARKERS = ("per day", "daily")
+_NAMED_LIMIT = re.compile(r"\b(RPM|RPD|TPM|TPD|IPM|IPD)\b")
+_VERIFICATION_MARKERS = ("real-name", "real name", "realname", "verif", "实名")
+
+# Every exception the client can see while talking to the API, most specific first:
+# (class, what it becomes, whether the endpoint could not be reached at all).
+TRANSPORT_ERRORS: tuple[tuple[type[BaseException], type[TransportError], bool], ...] = (
+    (aiohttp.ConnectionTimeoutError, RequestTimeoutError, True),  # connect timeout
+    (aiohttp.ServerTimeoutError, RequestTimeoutError, False),  # a read stalled
+    (aiohttp.ClientHttpProxyError, TransportError, True),  # the proxy would not connect
+    (aiohttp.ServerFingerprintMismatch, TransportError, False),
+    # refused, DNS, TLS, reset, closed before any response:
+    (aiohttp.ClientConnectionError, TransportError, True),
+    # truncated body, redirects, bad content type, aborted upload:
+    (aiohttp.ClientError, TransportError, False),
+    (TimeoutError, RequestTimeoutError, False),  # the request's total deadline
+    (ConnectionError, TransportError, True),  # an OS error aiohttp did not wrap
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,15 +158,13 @@ class SiliconFlowClient:
             async with self.session.post(
                 url, data=orjson.dumps(request), headers=self._headers, timeout=self._timeout
             ) as resp:
-                trace_id = resp.headers.get(TRACE_HEADER)
+                trace_id = self._trace_id(resp)
                 if resp.status != 200:
-                    body = await resp.content.read(_MAX_ERROR_BODY)
-                    raise self._api_error(resp, body, trace_id)
+                    body = await _read_capped(resp, _MAX_ERROR_BODY)
+                    raise self._api_error(resp, body, trace_id, model=request.get("model"))
                 body = await resp.read()
-        except TimeoutError as exc:
-            raise RequestTimeoutError(f"no complete answer from {url} in time") from exc
-        except aiohttp.ClientError as exc:
-            raise TransportError(self._describe(exc, url)) from exc
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            raise map_transport_error(exc, url, secret=self._api_key) from exc
         return self._parse_success(body, trace_id, time.monotonic() - started)
 
     async def list_models(self) -> list[str]:
@@ -141,19 +176,36 @@ class SiliconFlowClient:
             ) as resp:
                 body = await resp.read()
                 if resp.status != 200:
-                    raise self._api_error(resp, body, resp.headers.get(TRACE_HEADER))
-        except TimeoutError as exc:
-            raise RequestTimeoutError(f"no complete answer from {url} in time") from exc
-        except aiohttp.ClientError as exc:
-            raise TransportError(self._describe(exc, url)) from exc
+                    raise self._api_error(resp, body, self._trace_id(resp))
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            raise map_transport_error(exc, url, secret=self._api_key) from exc
         try:
             data = orjson.loads(body)["data"]
             return [str(item["id"]) for item in data]
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise MalformedResponseError(f"{url}: unexpected models listing") from exc
 
-    def _describe(self, exc: BaseException, url: str) -> str:
-        return redact(f"{type(exc).__name__} talking to {url}: {exc}", self._api_key)
+    async def probe(self, *, timeout_s: float = 30.0) -> None:
+        """Return once the endpoint gives any HTTP answer (even an error status).
+
+        Raises the mapped :class:`TransportError` when it cannot be reached: the
+        outage detector's probe (``GET {base_url}/models``, which costs nothing).
+        """
+        url = f"{self.base_url}/models"
+        try:
+            async with self.session.get(
+                url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ):
+                pass
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            raise map_transport_error(exc, url, secret=self._api_key) from exc
+
+    def _trace_id(self, resp: aiohttp.ClientResponse) -> str | None:
+        trace_id = resp.headers.get(TRACE_HEADER)
+        return None if trace_id is None else redact(trace_id, self._api_key, max_chars=200)
+
+    def _server_text(self, text: str) -> str:
+        return redact(text, self._api_key, max_chars=_MAX_MESSAGE_CHARS)
 
     def _parse_success(self, body: bytes, trace_id: str | None, latency_s: float) -> Generation:
         try:
@@ -177,64 +229,134 @@ class SiliconFlowClient:
         )
 
     def _api_error(
-        self, resp: aiohttp.ClientResponse, body: bytes, trace_id: str | None
+        self,
+        resp: aiohttp.ClientResponse,
+        body: bytes,
+        trace_id: str | None,
+        *,
+        model: object = None,
     ) -> ApiError:
         status = resp.status
-        code, message = _error_fields(body)
-        message = redact(message, self._api_key)
-        where = f"{resp.method} {resp.url.path}"
-        if status in (401, 403):
+        raw_code, raw_message = _error_fields(body)
+        message = self._server_text(raw_message)
+        code = (
+            redact(raw_code, self._api_key, max_chars=_MAX_CODE_CHARS)
+            if isinstance(raw_code, str)
+            else raw_code
+        )
+        where = f"{resp.method} {self._server_text(resp.url.path)}"
+        fields: dict[str, Any] = {"status": status, "code": code, "trace_id": trace_id}
+        if status == 401:
             return AuthenticationError(
-                f"{status} from {where}: {message or 'invalid token'}; check SILICONFLOW_API_KEY "
+                f"401 from {where}: {message or 'invalid token'}; check SILICONFLOW_API_KEY "
                 "and that the key belongs to this endpoint (.cn and .com keys differ)",
-                status=status,
-                code=code,
-                trace_id=trace_id,
+                **fields,
             )
+        if status == 403:
+            return _forbidden(where, message, code, model=model, fields=fields)
         if status == 404:
+            base_url = self._server_text(self.base_url)
             return EndpointNotFoundError(
-                f"404 from {where}: the base URL {self.base_url} does not serve the images API "
+                f"404 from {where}: the base URL {base_url} does not serve the images API "
                 "(it should end in /v1)",
-                status=status,
-                code=code,
-                trace_id=trace_id,
+                **fields,
             )
         if status == 429:
-            retry_after = _retry_after_s(resp.headers.get("Retry-After"))
-            cls = DailyQuotaError if any(m in message for m in _DAILY_MARKERS) else RateLimitError
+            # Read from the whole message: the limit is named at its end, past the cut.
+            limit = _named_limit(raw_message)
+            daily = limit in DAILY_LIMITS or (
+                limit is None and any(m in raw_message.lower() for m in _DAILY_MARKERS)
+            )
+            cls = DailyQuotaError if daily else RateLimitError
             return cls(
                 f"429: {message}",
-                status=429,
-                code=code,
-                trace_id=trace_id,
-                retry_after_s=retry_after,
+                **fields,
+                retry_after_s=_retry_after_s(resp.headers.get("Retry-After")),
+                limit=limit,
             )
         if status >= 500:
-            return ServerError(
-                f"{status}: {message or 'server error'}",
-                status=status,
-                code=code,
-                trace_id=trace_id,
-            )
-        return BadRequestError(
-            f"{status}: {message or 'request rejected'}",
-            status=status,
-            code=code,
-            trace_id=trace_id,
+            return ServerError(f"{status}: {message or 'server error'}", **fields)
+        return BadRequestError(f"{status}: {message or 'request rejected'}", **fields)
+
+
+def map_transport_error(exc: BaseException, url: str, *, secret: str | None) -> TransportError:
+    """The :class:`TransportError` for an exception raised while talking to ``url``."""
+    mapped, connection_level = next(
+        ((to, level) for cls, to, level in TRANSPORT_ERRORS if isinstance(exc, cls)),
+        (TransportError, False),
+    )
+    try:
+        detail = str(exc)
+    except Exception:  # a __str__ reading attributes its constructor did not set
+        detail = " ".join(map(str, exc.args))
+    detail = detail or ("no answer in time" if isinstance(exc, TimeoutError) else "")
+    text = redact(f"{type(exc).__name__} talking to {url}: {detail}", secret, max_chars=600)
+    return mapped(text, connection_level=connection_level)
+
+
+def _forbidden(
+    where: str, message: str, code: int | str | None, *, model: object, fields: dict[str, Any]
+) -> ApiError:
+    """403: a model disabled for the account fails its rows; anything else blocks the account."""
+    said = f'the server said "{message or "forbidden"}"' + (
+        f" (code {code})" if code is not None else ""
+    )
+    lowered = message.lower()
+    if str(code) == "30003" or "model disabled" in lowered:
+        name = model if isinstance(model, str) else None
+        return ModelDisabledError(
+            f"403 from {where}: {said}: the model {name or '(default)'} is disabled for this "
+            "account; its rows fail, the other models go on",
+            model=name,
+            **fields,
         )
+    if str(code) == "30001" or "balance" in lowered:
+        todo = "top up the account's balance in the SiliconFlow console"
+    elif any(marker in lowered for marker in _VERIFICATION_MARKERS):
+        todo = "complete the account's real-name verification in the SiliconFlow console"
+    else:
+        todo = "check the account's balance, real-name verification and permissions"
+    return AccountBlockedError(
+        f"403 from {where}: {said}: {todo}, then run the same command again to resume",
+        **fields,
+    )
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """Up to ``max_bytes`` of the body (``content.read(n)`` alone stops at the first chunk)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < max_bytes:
+        chunk = await resp.content.read(max_bytes - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _error_fields(body: bytes) -> tuple[int | str | None, str]:
-    """``(code, message)`` from an error body: JSON object, JSON string, or plain text."""
+    """``(code, message)`` from an error body: JSON object, JSON string, or plain text.
+
+    Nothing is cut or redacted here: the caller does both, in that order.
+    """
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None, body.decode("utf-8", "replace").strip()[:500]
+        return None, body.decode("utf-8", "replace").strip()
     if isinstance(doc, dict):
         code = doc.get("code")
         message = doc.get("message") or doc.get("error") or ""
-        return (code if isinstance(code, int | str) else None), str(message)[:500]
-    return None, str(doc)[:500]
+        if isinstance(code, bool) or not isinstance(code, int | str):
+            code = None
+        return code, str(message)
+    return None, str(doc)
+
+
+def _named_limit(message: str) -> str | None:
+    """The limit a 429 names (``... Details:IPM limit reached.`` → ``"IPM"``), if any."""
+    found = _NAMED_LIMIT.findall(message)
+    return str(found[-1]) if found else None
 
 
 def _retry_after_s(value: str | None) -> float | None:

@@ -1,7 +1,8 @@
 """Streams a temporary image URL to disk: the only boundary for download errors.
 
 Each download is hashed as it streams, checks the first bytes are an image (and takes
-the extension from them, not from the URL), enforces a size cap, one overall deadline
+the extension from them, not from the URL; the first bytes are gathered across network
+chunks, however small the first one is), enforces a size cap, one overall deadline
 and a per-read timeout, then is written to ``DIR/.tmp/``, fsynced and only then renamed
 into ``DIR/images/SHARD/``. So a file under ``images/`` is always complete, and a crash
 leaves at most a ``.part`` file that the next run removes. Chunks are written in 1 MiB
@@ -11,12 +12,17 @@ trip per chunk cost more than the HTTP request)::
     downloader = Downloader(out_dir=Path("out"), session=session)
     stored = await downloader.fetch(url, "images/000/000000042_0")
     stored.path, stored.sha256, stored.bytes
+
+A full disk (ENOSPC, EDQUOT) while writing raises :class:`~sfbatch.errors.DiskFullError`,
+never retried: the image is paid for, so the caller keeps the item as ``generated`` with
+its URL and stops the run (exit 5).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -30,6 +36,8 @@ import aiofiles.os
 import aiohttp
 
 from sfbatch.errors import (
+    DISK_FULL_ERRNOS,
+    DiskFullError,
     DownloadError,
     ExpiredUrlError,
     ImageTooLargeError,
@@ -37,10 +45,19 @@ from sfbatch.errors import (
 )
 from sfbatch.retry import RetryPolicy
 
-__all__ = ["TMP_DIR", "Downloader", "StoredImage", "clean_tmp", "sniff_image_type"]
+__all__ = [
+    "TMP_DIR",
+    "Downloader",
+    "StoredImage",
+    "clean_tmp",
+    "disk_full",
+    "sniff_image_type",
+]
 
 TMP_DIR = ".tmp"
 _CHUNK = 64 * 1024
+# Enough bytes for every signature sniff_image_type knows (WEBP's ends at byte 12).
+_SNIFF_BYTES = 12
 _SPOOL_BYTES = 1024 * 1024
 _EXPIRED = (403, 404, 410)
 
@@ -85,7 +102,14 @@ def clean_tmp(out_dir: Path) -> int:
 
 
 class Downloader:
-    """Downloads image URLs into the output tree, retrying transient failures."""
+    """Downloads image URLs into the output tree, retrying transient failures.
+
+    ``timeout_s`` (the run's ``download_timeout_s``) is the deadline of one attempt as a
+    whole, from connecting to the last byte; a body that stalls for
+    ``min(30, timeout_s)`` seconds without a byte fails sooner. Each failed attempt is
+    retried with ``retry``, so an image can take ``(max_retries + 1) × timeout_s`` plus
+    the backoff. Writing to disk is not part of the deadline.
+    """
 
     def __init__(
         self,
@@ -128,17 +152,19 @@ class Downloader:
 
     async def _fetch_once(self, url: str, stem: str) -> StoredImage:
         tmp_dir = self.out_dir / TMP_DIR
-        await self._ensure_dir(tmp_dir)
         spool = _Spool(tmp_dir / f"{uuid.uuid4().hex}.part")
         try:
+            await self._ensure_dir(tmp_dir)
             digest, size, ext = await self._stream_to(url, spool)
             final_rel = f"{stem}.{ext}"
             final = self.out_dir / final_rel
             make_parent = final.parent not in self._made_dirs
             await asyncio.to_thread(spool.finish, final, fsync=self._fsync, make_parent=make_parent)
             self._made_dirs.add(final.parent)
-        except BaseException:
+        except BaseException as exc:
             spool.discard()  # sync on purpose: must run even when cancelled
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+                raise disk_full(exc, self.out_dir) from exc
             raise
         self.bytes_written += size
         return StoredImage(path=final_rel, sha256=digest, bytes=size)
@@ -158,14 +184,12 @@ class Downloader:
                     raise ImageTooLargeError(
                         f"image of {declared} bytes is over the cap of {self._max_bytes}"
                     )
+                head = b""
                 async for chunk in resp.content.iter_chunked(_CHUNK):
-                    if ext is None:
-                        ext = sniff_image_type(chunk)
-                        if ext is None:
-                            raise NotAnImageError(
-                                f"URL served {resp.content_type or 'unknown type'} "
-                                "that is not an image"
-                            )
+                    if ext is None and len(head) < _SNIFF_BYTES:
+                        head += chunk[: _SNIFF_BYTES - len(head)]
+                        if len(head) == _SNIFF_BYTES:
+                            ext = _image_type(head, resp.content_type)
                     size += len(chunk)
                     if size > self._max_bytes:
                         raise ImageTooLargeError(
@@ -175,18 +199,38 @@ class Downloader:
                     await spool.write(chunk)
                 if declared is not None and size != declared:
                     raise DownloadError(f"image body cut short: {size} of {declared} bytes")
+                if ext is None:  # a body shorter than the longest signature
+                    ext = _image_type(head, resp.content_type)
         except TimeoutError as exc:
             raise DownloadError("image download passed its deadline") from exc
         except aiohttp.ClientError as exc:
             raise DownloadError(f"image download failed: {type(exc).__name__}: {exc}") from exc
-        if ext is None:
-            raise NotAnImageError("URL served an empty body")
         return hasher.hexdigest(), size, ext
 
     async def _ensure_dir(self, path: Path) -> None:
         if path not in self._made_dirs:
             await aiofiles.os.makedirs(path, exist_ok=True)
             self._made_dirs.add(path)
+
+
+def disk_full(exc: OSError, out_dir: Path) -> DiskFullError:
+    """The :class:`DiskFullError` for an ENOSPC/EDQUOT ``exc`` raised writing under ``out_dir``."""
+    what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on the device"
+    return DiskFullError(
+        f"{what} writing into {out_dir}: free some space (or raise the quota), then run the "
+        "same command again to resume; paid images not yet written are kept by their URL",
+        errno_=exc.errno or errno.ENOSPC,
+        path=exc.filename if isinstance(exc.filename, str) else None,
+    )
+
+
+def _image_type(head: bytes, content_type: str | None) -> str:
+    ext = sniff_image_type(head)
+    if ext is None:
+        if not head:
+            raise NotAnImageError("URL served an empty body")
+        raise NotAnImageError(f"URL served {content_type or 'unknown type'} that is not an image")
+    return ext
 
 
 class _Spool:

@@ -6,17 +6,27 @@ image URLs. The tree, with the engine's reaction::
 
     SfbatchError
     ├── ConfigError (ValueError)           bad flags, job file, models file   → exit 2
-    │   └── InputFileError                 prompt file unreadable / missing     → exit 2
+    │   ├── InputFileError                 prompt file unreadable / missing     → exit 2
+    │   └── OutDirInUseError               another run holds DIR's lock         → exit 2
     ├── ApiError                           the API answered with an error
     │   ├── BadRequestError                400 and other 4xx: the item fails, not retried
+    │   │   └── ModelDisabledError         403 code 30003: that model's rows fail
     │   ├── FatalApiError                  the whole job stops                 → exit 3
-    │   │   ├── AuthenticationError        401 / 403: bad or missing key
+    │   │   ├── AuthenticationError        401: bad or missing key
     │   │   └── EndpointNotFoundError      404 on the API path: wrong base URL
-    │   ├── RateLimitError                 429: slow the whole engine down, retry
+    │   ├── RateLimitError                 429: slow down on ``limit``, retry
     │   │   └── DailyQuotaError            429 naming a daily limit (IPD/RPD)  → exit 4
     │   │                                  (also a QuotaReachedError)
     │   └── ServerError                    5xx: retry with backoff
-    ├── TransportError (ConnectionError)   reset, refused, truncated body: retry
+    ├── RunBlockedError                    outside the run, something must be   → exit 5
+    │   │                                  fixed; no new request, rerun resumes
+    │   ├── AccountBlockedError            403 balance / real-name verification /
+    │   │                                  other 403 (also an ApiError)
+    │   ├── DiskFullError (OSError)        ENOSPC / EDQUOT while writing
+    │   └── OutageError                    endpoint unreachable past the outage limit
+    ├── TransportError (ConnectionError)   reset, refused, truncated body: retry;
+    │   │                                  ``connection_level`` when the endpoint could
+    │   │                                  not be reached at all (the outage detector's cue)
     │   └── RequestTimeoutError (TimeoutError)
     ├── QuotaReachedError                  our own ipd budget is used up       → exit 4
     ├── MalformedResponseError             a 200 that is not the documented JSON: retry
@@ -27,19 +37,25 @@ image URLs. The tree, with the engine's reaction::
 
 ``retryable`` on every error says whether trying the same thing again can help.
 Messages never contain the API key: the client never puts it in one, and
-:func:`redact` scrubs any text that came back from elsewhere.
+:func:`redact` scrubs (and cuts to length) any text that came from the server or the
+environment, including a key cut in two at the end of the text.
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 __all__ = [
+    "DAILY_LIMITS",
+    "DISK_FULL_ERRNOS",
+    "AccountBlockedError",
     "ApiError",
     "AuthenticationError",
     "BadRequestError",
     "ConfigError",
     "DailyQuotaError",
+    "DiskFullError",
     "DownloadError",
     "EndpointNotFoundError",
     "ExpiredUrlError",
@@ -47,15 +63,26 @@ __all__ = [
     "ImageTooLargeError",
     "InputFileError",
     "MalformedResponseError",
+    "ModelDisabledError",
     "NotAnImageError",
+    "OutDirInUseError",
+    "OutageError",
     "QuotaReachedError",
     "RateLimitError",
     "RequestTimeoutError",
+    "RunBlockedError",
     "ServerError",
     "SfbatchError",
     "TransportError",
+    "is_connection_level",
     "redact",
 ]
+
+# The limits a 429 can name that reset only with the account's day.
+DAILY_LIMITS = frozenset({"IPD", "RPD", "TPD"})
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A key fragment this short at a cut is harmless ("sk-" is public); longer ones are scrubbed.
+_MAX_FRAGMENT_CHARS = 3
 
 
 class SfbatchError(Exception):
@@ -74,6 +101,10 @@ class ConfigError(SfbatchError, ValueError):
 
 class InputFileError(ConfigError):
     """The prompt file cannot be opened or read at all."""
+
+
+class OutDirInUseError(ConfigError):
+    """Another run holds the output directory's lock; the message names it (pid, host, start)."""
 
 
 class ApiError(SfbatchError):
@@ -102,12 +133,28 @@ class BadRequestError(ApiError):
     """400 or another 4xx: this request will never succeed unchanged."""
 
 
+class ModelDisabledError(BadRequestError):
+    """403 code 30003: ``model`` is disabled for this account; only its rows fail."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None,
+        status: int = 403,
+        code: int | str | None = 30003,
+        trace_id: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, code=code, trace_id=trace_id)
+        self.model = model
+
+
 class FatalApiError(ApiError):
     """Nothing will succeed: the job must stop (exit 3)."""
 
 
 class AuthenticationError(FatalApiError):
-    """401/403: the API key is missing, wrong, or not valid for this endpoint."""
+    """401: the API key is missing, wrong, or not valid for this endpoint."""
 
 
 class EndpointNotFoundError(FatalApiError):
@@ -115,9 +162,27 @@ class EndpointNotFoundError(FatalApiError):
 
 
 class RateLimitError(ApiError):
-    """429: over the account's per-minute limits."""
+    """429: over one of the account's limits; ``limit`` is the one the server named, if any.
+
+    ``limit`` is ``"RPM"``, ``"IPM"``, ``"TPM"``, ``"IPD"``, ``"RPD"``, ``"TPD"`` or ``None``.
+    """
 
     retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 429,
+        code: int | str | None = None,
+        trace_id: str | None = None,
+        retry_after_s: float | None = None,
+        limit: str | None = None,
+    ) -> None:
+        super().__init__(
+            message, status=status, code=code, trace_id=trace_id, retry_after_s=retry_after_s
+        )
+        self.limit = limit
 
 
 class QuotaReachedError(SfbatchError):
@@ -136,10 +201,50 @@ class ServerError(ApiError):
     retryable = True
 
 
+class RunBlockedError(SfbatchError):
+    """Something outside the run must be fixed first: stop sending, land in-flight work, exit 5.
+
+    The message says what happened and what to do; running the same command again resumes.
+    """
+
+
+class AccountBlockedError(RunBlockedError, ApiError):
+    """403 for the account (balance, real-name verification, permission): not the key's fault."""
+
+
+class DiskFullError(RunBlockedError, OSError):
+    """ENOSPC / EDQUOT while writing into the output directory."""
+
+    def __init__(self, message: str, *, errno_: int, path: str | None = None) -> None:
+        super().__init__(errno_, message)
+        self.message = message
+        self.filename = path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class OutageError(RunBlockedError):
+    """The endpoint stayed unreachable for longer than ``outage_timeout_s``."""
+
+    def __init__(self, message: str, *, down_s: float) -> None:
+        super().__init__(message)
+        self.down_s = down_s
+
+
 class TransportError(SfbatchError, ConnectionError):
-    """The connection failed, was reset, or the body was cut short."""
+    """The connection failed, was reset, or the body was cut short.
+
+    ``connection_level`` is true when no HTTP answer came at all because the endpoint
+    could not be reached (refused, DNS, reset before any response, connect timeout):
+    the cue for :mod:`sfbatch.outage`, as opposed to a failure of this one request.
+    """
 
     retryable = True
+
+    def __init__(self, message: str, *, connection_level: bool = False) -> None:
+        super().__init__(message)
+        self.connection_level = connection_level
 
 
 class RequestTimeoutError(TransportError, TimeoutError):
@@ -174,12 +279,43 @@ class ImageTooLargeError(DownloadError):
     retryable = False
 
 
-def redact(text: str, secret: str | None) -> str:
-    """``text`` with every occurrence of ``secret`` replaced by ``***``.
+def is_connection_level(exc: BaseException) -> bool:
+    """Whether ``exc`` says the endpoint could not be reached at all (see TransportError)."""
+    return isinstance(exc, TransportError) and exc.connection_level
 
-    >>> redact("Bearer sk-abc failed", "sk-abc")
+
+def redact(text: str, secret: str | None, *, max_chars: int | None = None) -> str:
+    """``text`` cut to ``max_chars``, then every piece of ``secret`` in it replaced by ``***``.
+
+    Cutting first and scrubbing after is what makes a cut safe: a key split by this cut,
+    or by an earlier one elsewhere, leaves a prefix or suffix of itself in the text, and
+    any such piece longer than a few characters is scrubbed, not only the whole key.
+
+    >>> redact("Bearer sk-abcdef failed", "sk-abcdef")
     'Bearer *** failed'
+    >>> redact("key: sk-abcdef", "sk-abcdef", max_chars=12)
+    'key: ***'
     """
+    if max_chars is not None and len(text) > max_chars:
+        text = text[:max_chars]
     if not secret:
         return text
-    return text.replace(secret, "***")
+    if len(secret) <= _MAX_FRAGMENT_CHARS:
+        return text.replace(secret, "***")
+    text = _scrub_prefixes(text, secret)
+    return _scrub_prefixes(text[::-1], secret[::-1])[::-1]  # the suffixes
+
+
+def _scrub_prefixes(text: str, secret: str) -> str:
+    """Replace every run of ``text`` that is a long enough prefix of ``secret``."""
+    head = secret[: _MAX_FRAGMENT_CHARS + 1]
+    parts: list[str] = []
+    start = 0
+    while (found := text.find(head, start)) >= 0:
+        end = found + len(head)
+        while end - found < len(secret) and end < len(text) and text[end] == secret[end - found]:
+            end += 1
+        parts += (text[start:found], "***")
+        start = end
+    parts.append(text[start:])
+    return "".join(parts)

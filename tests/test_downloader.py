@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sfbatch import downloader as downloader_module
-from sfbatch.downloader import Downloader, sniff_image_type
+from sfbatch.downloader import Downloader, disk_full, sniff_image_type
 from sfbatch.emulator import Emulator, FaultConfig
-from sfbatch.errors import ExpiredUrlError, ImageTooLargeError, NotAnImageError
+from sfbatch.emulator.images import render_png
+from sfbatch.errors import (
+    DiskFullError,
+    ExpiredUrlError,
+    ImageTooLargeError,
+    NotAnImageError,
+    RunBlockedError,
+)
 from sfbatch.retry import RetryPolicy
 
 FAST = RetryPolicy(max_retries=0, base_s=0.01, cap_s=0.01)
 
 
 async def image_url(emu: Emulator, **request: object) -> str:
-    async with aiohttp.ClientSession() as session, session.post(
-        f"{emu.base_url}/images/generations",
-        json={"prompt": "a cat", "seed": 1, **request},
-        headers={"Authorization": f"Bearer {emu.api_key}"},
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{emu.base_url}/images/generations",
+            json={"prompt": "a cat", "seed": 1, **request},
+            headers={"Authorization": f"Bearer {emu.api_key}"},
+        ) as resp,
+    ):
         body = await resp.json()
     url: str = body["images"][0]["url"]
     return url
@@ -68,3 +83,74 @@ def test_sniff_image_type() -> None:
     assert sniff_image_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp"
     assert sniff_image_type(b"GIF89a") == "gif"
     assert sniff_image_type(b"<html>") is None
+
+
+PNG = render_png(3, hashlib.blake2b(b"x", digest_size=16).digest(), 0, 64, 64)
+
+
+@pytest.fixture
+async def dribbling_host() -> AsyncIterator[str]:
+    """Serves ``/png?first=N``: the PNG's first N bytes, a pause, then the rest."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        first = int(request.query["first"])
+        resp = web.StreamResponse(headers={"Content-Type": "image/png"})
+        resp.content_length = len(PNG)
+        await resp.prepare(request)
+        await resp.write(PNG[:first])
+        await asyncio.sleep(0.2)  # so the client reads the first bytes as a chunk of their own
+        await resp.write(PNG[first:])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/png", handler)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/png"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("first", [1, 3, 7, 11])
+async def test_an_image_whose_first_chunk_is_tiny_is_still_an_image(
+    tmp_path: Path, dribbling_host: str, first: int
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        downloader = Downloader(out_dir=tmp_path, session=session, retry=FAST)
+        stored = await downloader.fetch(f"{dribbling_host}?first={first}", "images/000/a_0")
+    assert stored.path == "images/000/a_0.png"
+    assert (tmp_path / stored.path).read_bytes() == PNG
+
+
+async def test_a_full_disk_is_disk_full_and_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The temporary file is a link to /dev/full: the kernel answers ENOSPC to the write.
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "full.part").symlink_to("/dev/full")
+    monkeypatch.setattr(
+        downloader_module, "uuid", SimpleNamespace(uuid4=lambda: SimpleNamespace(hex="full"))
+    )
+    retry = RetryPolicy(max_retries=3, base_s=0.01, cap_s=0.01)
+    async with Emulator() as emu, aiohttp.ClientSession() as session:
+        url = await image_url(emu)
+        downloader = Downloader(out_dir=tmp_path, session=session, retry=retry)
+        with pytest.raises(DiskFullError) as info:
+            await downloader.fetch(url, "images/000/a_0")
+        assert emu.stats()["downloads"] == 1  # not retried: the disk will not empty itself
+    exc = info.value
+    assert isinstance(exc, RunBlockedError) and isinstance(exc, OSError)
+    assert exc.errno == errno.ENOSPC and "no space left" in str(exc) and str(tmp_path) in str(exc)
+    assert "run the same command again" in str(exc)
+    assert not (tmp_path / "images").exists()
+    assert not (tmp_path / ".tmp" / "full.part").is_symlink()
+
+
+def test_disk_full_names_a_quota() -> None:
+    exc = disk_full(OSError(errno.EDQUOT, "Disk quota exceeded", "/x/y"), Path("/x"))
+    assert exc.errno == errno.EDQUOT and "quota" in str(exc) and exc.filename == "/x/y"
