@@ -12,63 +12,27 @@ request at a time. The stages (``Pipeline``, ``Row``, ``PromptSource``, ``ModelR
 ...) are importable from their modules but are not promised to stay as they are.
 """
 
+from sfbatch import errors as _errors
 from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.config import RequestDefaults, RunConfig
-from sfbatch.errors import (
-    ApiError,
-    AuthenticationError,
-    BadRequestError,
-    ConfigError,
-    DailyQuotaError,
-    DownloadError,
-    EndpointNotFoundError,
-    ExpiredUrlError,
-    FatalApiError,
-    ImageTooLargeError,
-    InputFileError,
-    MalformedResponseError,
-    NotAnImageError,
-    QuotaReachedError,
-    RateLimitError,
-    RequestTimeoutError,
-    ServerError,
-    SfbatchError,
-    TransportError,
-)
+from sfbatch.errors import *  # noqa: F403  (the whole error tree: errors.__all__)
 from sfbatch.manifest import ImageEntry, ManifestRecord, RecordError, Status
 from sfbatch.pipeline import RunResult, generate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ApiError",
-    "AuthenticationError",
-    "BadRequestError",
-    "ConfigError",
-    "DailyQuotaError",
-    "DownloadError",
-    "EndpointNotFoundError",
-    "ExpiredUrlError",
-    "FatalApiError",
+    # every exception of errors.py's tree, without its helper ``redact``
+    *(name for name in _errors.__all__ if name != "redact"),
     "Generation",
     "ImageEntry",
-    "ImageTooLargeError",
-    "InputFileError",
-    "MalformedResponseError",
     "ManifestRecord",
-    "NotAnImageError",
-    "QuotaReachedError",
-    "RateLimitError",
     "RecordError",
     "RequestDefaults",
-    "RequestTimeoutError",
     "RunConfig",
     "RunResult",
-    "ServerError",
-    "SfbatchError",
     "SiliconFlowClient",
     "Status",
-    "TransportError",
     "__version__",
     "generate",
 ]

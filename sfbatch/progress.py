@@ -268,7 +268,7 @@ class Progress:
         progress = Progress(pipeline, sources=sources, enabled=True)
         async with progress:
             result = await pipeline.run()
-        progress.print_summary(result)
+        sfbatch.summary.print_summary(result, pipeline.config)
     """
 
     def __init__(

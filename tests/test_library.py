@@ -79,7 +79,7 @@ async def test_client_single_request_and_error_mapping() -> None:
 
 
 def test_the_public_surface_is_pinned() -> None:
-    assert sfbatch.__all__ == [
+    assert sorted(sfbatch.__all__) == [
         "ApiError",
         "AuthenticationError",
         "BadRequestError",

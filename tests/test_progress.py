@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sfbatch.logs import configure_logging
+from sfbatch.logs import LiveLine, attach_live_line, configure_logging
 from sfbatch.pipeline import RunResult
 from sfbatch.progress import Progress, _bar_line, _Snapshot
 from sfbatch.reasons import Reason, ReasonTally
@@ -404,3 +404,25 @@ def test_the_bar_line_fills_the_terminal_width_and_no_more() -> None:
     full = _bar_line(snapshot(done=10_000, eta_s=0.0), 98)
     assert full.startswith("sfbatch 100%|") and " " not in full[13 : full.index("| ")]
     assert _bar_line(snapshot(total=None), 98).startswith("sfbatch 1,234 done · ok 1,200")
+
+
+def test_log_records_print_above_the_live_line_and_it_is_drawn_again(
+    sfbatch_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = LiveLine(sys.stderr)
+    line.show("sfbatch  50%|█████     | 5/10")
+    attach_live_line(line)
+    try:
+        logging.getLogger("sfbatch").warning("the API refused 3 requests")
+    finally:
+        attach_live_line(None)
+    line.close()
+    logging.getLogger("sfbatch").info("after the bar")
+    err = capsys.readouterr().err
+    clear = "\r\x1b[2K"
+    assert err == (
+        f"{clear}sfbatch  50%|█████     | 5/10"
+        f"{clear}sfbatch: warning: the API refused 3 requests\nsfbatch  50%|█████     | 5/10"
+        f"{clear}sfbatch  50%|█████     | 5/10\n"
+        "sfbatch: after the bar\n"
+    )
