@@ -26,6 +26,7 @@ import queue
 import time
 from collections import Counter
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
@@ -86,7 +87,6 @@ class RunStats:
 
     started: float = field(default_factory=time.monotonic)
     counts: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
     skipped: int = 0
     rows_read: int = 0
     images: int = 0
@@ -568,6 +568,8 @@ async def _numbered(rows: Iterable[Row] | AsyncIterable[Row]) -> AsyncIterator[t
         n = 0
         async for row in rows:
             n += 1
+            if n % _YIELD_EVERY_ROWS == 0:
+                await asyncio.sleep(0)  # an async iterable need not yield either
             yield n, row
         return
     for n, row in enumerate(rows, start=1):
@@ -608,7 +610,7 @@ async def generate(
     quota ends it early, after yielding every record written before.
     """
     registry = registry or ModelRegistry.load(config.models_file)
-    source: Iterable[Row] | AsyncIterable[Row]
+    source: Iterable[Row] | AsyncGenerator[Row, None]
     if isinstance(rows, PromptSource):
         source = rows
     elif isinstance(rows, AsyncIterable):
@@ -634,6 +636,8 @@ async def generate(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if isinstance(source, AsyncGenerator):
+            await source.aclose()  # stops its worker thread now, not when collected
     if on_result is not None:
         on_result(result)
     if pipeline.fatal_error is not None:
@@ -673,7 +677,7 @@ def _as_rows(rows: Iterable[RowInput], config: RunConfig, registry: ModelRegistr
 
 async def _as_async_rows(
     rows: AsyncIterable[RowInput], config: RunConfig, registry: ModelRegistry
-) -> AsyncIterator[Row]:
+) -> AsyncGenerator[Row, None]:
     """:func:`_as_rows` for an async iterable.
 
     The loader is synchronous (its validation, ids, dedupe and shards are one stateful

@@ -167,3 +167,17 @@ async def test_an_async_iterable_that_fails_stops_the_run_with_its_error(tmp_pat
             async for _ in sfbatch.generate(rows(), config):
                 pass
     assert info.group_contains(RuntimeError, match="the source broke")
+
+
+async def test_breaking_out_of_an_async_source_early_stops_its_worker(tmp_path: Path) -> None:
+    async def rows() -> AsyncIterator[str]:
+        for i in range(10_000):
+            yield f"p {i}"
+
+    async with Emulator(latency_s=0.01) as emu:
+        config = sfbatch.RunConfig(out_dir=tmp_path, api_key=emu.api_key, base_url=emu.base_url)
+        agen = sfbatch.generate(rows(), config)
+        async for _ in agen:
+            break
+        await agen.aclose()
+        assert emu.stats()["generation_requests"] < 100
