@@ -4,7 +4,8 @@ Both read every ``DIR/manifest*.jsonl`` (a sharded run writes one per shard) and
 latest record of each id across all of them, so they work on a finished run, on one that
 was interrupted, and while one is still writing (a torn last line is skipped).
 
-``status`` counts items by status (failures grouped by reason), sums images and bytes,
+``status`` counts items by status (failures grouped by reason, and counted by the same
+:class:`~sfbatch.reasons.Reason` key as ``summary.json``'s ``errors``), sums images and bytes,
 reports throughput, latency percentiles, billed images, and with the input file how many
 rows are pending and how many nights the daily quota needs for them::
 
