@@ -4,30 +4,35 @@
 >>> config = sfbatch.RunConfig(out_dir="out", api_key="sk-...")      # doctest: +SKIP
 >>> async for record in sfbatch.generate(["a cat", "a dog"], config):  # doctest: +SKIP
 ...     print(record["status"], record["images"])
+
+The public surface is :data:`__all__`: :func:`generate` and what it takes, yields and
+raises (:class:`RunConfig`, :class:`RequestDefaults`, :class:`ManifestRecord` and its
+parts, :class:`RunResult`, the whole error tree), and :class:`SiliconFlowClient` for one
+request at a time. The stages (``Pipeline``, ``Row``, ``PromptSource``, ``ModelRule``,
+...) are importable from their modules but are not promised to stay as they are.
 """
 
+from sfbatch import errors as _errors
 from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.config import RequestDefaults, RunConfig
-from sfbatch.errors import SfbatchError
-from sfbatch.loader import PromptSource, Row
-from sfbatch.models import ModelRegistry, ModelRule, validate_request
-from sfbatch.pipeline import Pipeline, RunResult, generate
+from sfbatch.errors import *  # noqa: F403  (the whole error tree: errors.__all__)
+from sfbatch.manifest import ImageEntry, ManifestRecord, RecordError, Status
+from sfbatch.pipeline import RunResult, generate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # every exception of errors.py's tree, without its helper ``redact``
+    *(name for name in _errors.__all__ if name != "redact"),
     "Generation",
-    "ModelRegistry",
-    "ModelRule",
-    "Pipeline",
-    "PromptSource",
+    "ImageEntry",
+    "ManifestRecord",
+    "RecordError",
     "RequestDefaults",
-    "Row",
     "RunConfig",
     "RunResult",
-    "SfbatchError",
     "SiliconFlowClient",
+    "Status",
     "__version__",
     "generate",
-    "validate_request",
 ]

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    from sfbatch.progress import configure_logging
+    from sfbatch.logs import configure_logging
 
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     configure_logging(level=level, json_format=args.log_format == "json")
@@ -197,6 +197,7 @@ def run_command(args: argparse.Namespace) -> int:
 async def _run(job: Any, args: argparse.Namespace) -> int:
     from sfbatch.pipeline import Pipeline
     from sfbatch.progress import Progress
+    from sfbatch.summary import print_summary
 
     async with _api_endpoint(job) as config:
         if not config.api_key:
@@ -229,7 +230,7 @@ async def _run(job: Any, args: argparse.Namespace) -> int:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-        progress.print_summary(result)
+        print_summary(result, config)
         return result.exit_code
 
 

@@ -42,7 +42,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from sfbatch.manifest import STATUSES, latest_records, manifest_paths
+from sfbatch.manifest import (
+    STATUSES,
+    ManifestRecord,
+    latest_records,
+    manifest_paths,
+    safe_relpath,
+)
+from sfbatch.reasons import Reason
 from sfbatch.status import NoManifestError
 
 __all__ = ["GalleryResult", "build_gallery", "register"]
@@ -88,15 +95,6 @@ class GalleryResult:
 
 
 # -- thumbnails ----------------------------------------------------------------------
-
-
-def _safe_rel(path: Any) -> PurePosixPath | None:
-    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
-        return None
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or ".." in pure.parts:
-        return None
-    return pure
 
 
 def _thumb_rel(image_rel: PurePosixPath) -> str:
@@ -243,12 +241,12 @@ def _url(rel: str) -> str:
     return _e(quote(rel, safe="/"))
 
 
-def _model_of(record: dict[str, Any]) -> str:
+def _model_of(record: ManifestRecord) -> str:
     model = record.get("model")
     return model if isinstance(model, str) and model else "(none)"
 
 
-def _sort_key(record: dict[str, Any]) -> tuple[str, int, int, str]:
+def _sort_key(record: ManifestRecord) -> tuple[str, int, int, str]:
     line = record.get("line")
     variation = record.get("variation")
     return (
@@ -259,20 +257,13 @@ def _sort_key(record: dict[str, Any]) -> tuple[str, int, int, str]:
     )
 
 
-def _error_text(record: dict[str, Any]) -> str:
+def _error_text(record: ManifestRecord) -> str:
     error = record.get("error")
-    if not isinstance(error, dict):
-        return "no error recorded"
-    head = " ".join(
-        f"{label} {value}"
-        for label, value in (("HTTP", error.get("status")), ("code", error.get("code")))
-        if value not in (None, "")
-    )
-    message = str(error.get("message") or "")
-    return f"{head}: {message}" if head and message else head or message or "no message"
+    message = str(error.get("message") or "") if isinstance(error, dict) else ""
+    return Reason.of(str(record.get("status")), error).describe(message)
 
 
-def _dims(record: dict[str, Any], px: int) -> str:
+def _dims(record: ManifestRecord, px: int) -> str:
     """``width``/``height`` attributes scaled to ``px``, so lazy images keep their place."""
     size = record.get("image_size")
     match = _SIZE_RE.match(size) if isinstance(size, str) else None
@@ -288,7 +279,7 @@ def _dims(record: dict[str, Any], px: int) -> str:
 class _Renderer:
     def __init__(
         self,
-        latest: dict[str, dict[str, Any]],
+        latest: dict[str, ManifestRecord],
         page_of: dict[str, int],
         thumbs: dict[PurePosixPath, str | None] | None,
         px: int,
@@ -298,12 +289,12 @@ class _Renderer:
         self.thumbs = thumbs
         self.px = px
 
-    def images(self, record: dict[str, Any]) -> str:
+    def images(self, record: ManifestRecord) -> str:
         parts = []
         dims = _dims(record, self.px)
         images = record.get("images")
         for image in images if isinstance(images, list) else ():
-            rel = _safe_rel(image.get("path")) if isinstance(image, dict) else None
+            rel = safe_relpath(image.get("path")) if isinstance(image, dict) else None
             if rel is None:
                 continue
             full = _url("../" + rel.as_posix())
@@ -321,7 +312,7 @@ class _Renderer:
         many = " many" if len(parts) > 1 else ""
         return f'<div class="imgs{many}">{"".join(parts)}</div>'
 
-    def card(self, record: dict[str, Any]) -> str:
+    def card(self, record: ManifestRecord) -> str:
         row_id = str(record["id"])
         status = str(record.get("status"))
         model = _model_of(record)
@@ -538,7 +529,7 @@ def build_gallery(
             if record.get("status") != "ok" or not isinstance(record.get("images"), list):
                 continue
             for image in record["images"]:
-                rel = _safe_rel(image.get("path")) if isinstance(image, dict) else None
+                rel = safe_relpath(image.get("path")) if isinstance(image, dict) else None
                 if rel is not None:
                     wanted[rel] = None
         thumb_map = _make_thumbs(out_dir, gallery_dir, wanted, thumb_px, result, workers, progress)

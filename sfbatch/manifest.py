@@ -11,7 +11,16 @@ only other ids in a dict, and it reads the four fields it needs from the front o
 line without parsing the whole record (the writer puts them first)::
 
     >>> writer = ManifestWriter(Path("out/manifest.jsonl"))   # doctest: +SKIP
-    >>> writer.append({"id": "000000001", "status": "ok", ...})  # doctest: +SKIP
+    >>> record = build_record(row, "ok", registry=registry, item=item)  # doctest: +SKIP
+    >>> writer.append(record)                                             # doctest: +SKIP
+
+The record is :class:`ManifestRecord`, a TypedDict: a record *is* the JSON object of its
+line (``record["id"]``, ``json.dumps(record)`` and ``==`` with a parsed line all work,
+as library users expect), and mypy still checks every key. :func:`build_record` is the
+only place one is made; :class:`ManifestWriter` owns the order of the fields on disk
+(:data:`FIELD_ORDER`, the TypedDict's order). Adding an optional field is one line in
+:class:`ManifestRecord` (``NotRequired[...]``, placed where it should sit in the line)
+and its value in :func:`build_record`.
 """
 
 from __future__ import annotations
@@ -20,30 +29,107 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
-from typing import IO, Any
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, get_args
 
 import orjson
 
+from sfbatch.errors import SfbatchError
+from sfbatch.models import ModelRegistry, effective_params
+
+if TYPE_CHECKING:
+    from sfbatch.downloader import StoredImage
+    from sfbatch.generator import WorkItem
+    from sfbatch.loader import Row
+
 __all__ = [
+    "FIELD_ORDER",
     "FRONT_FIELDS",
     "STATUSES",
+    "ImageEntry",
+    "ManifestRecord",
     "ManifestState",
     "ManifestWriter",
+    "RecordError",
+    "Status",
+    "Timings",
+    "billed_on_day",
+    "build_record",
     "day_start_iso",
+    "invalid_error",
     "iter_records",
     "latest_records",
     "manifest_paths",
     "now_iso",
     "read_state",
+    "safe_relpath",
 ]
 
-STATUSES = ("ok", "failed", "invalid", "generated", "duplicate")
-_CODE = {name: code for code, name in enumerate(STATUSES, start=1)}
+Status = Literal["ok", "failed", "invalid", "generated", "duplicate"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+_CODE: dict[str, int] = {name: code for code, name in enumerate(STATUSES, start=1)}
+
+
+class ImageEntry(TypedDict):
+    """One image of a record: ``path`` relative to the output directory."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+class RecordError(TypedDict):
+    """Why an item failed: the API's HTTP status and code, or the error class's name."""
+
+    status: int | None
+    code: int | str | None
+    message: str
+
+
+class Timings(TypedDict):
+    inference: float | None
+
+
+class ManifestRecord(TypedDict):
+    """One line of ``manifest.jsonl``; ARCHITECTURE.md describes every field.
+
+    Keys are written in this order. The first four are :data:`FRONT_FIELDS`.
+    """
+
+    id: str
+    status: Status
+    finished_at: str
+    billed_images: int
+    line: int
+    file: str
+    variation: int
+    prompt: str | None
+    negative_prompt: str | None
+    model: str | None
+    image_size: str | None
+    batch_size: int | None
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    prompt_enhancement: bool | None
+    requested_seed: int | None
+    seed: int | None
+    timings: Timings | None
+    images: list[ImageEntry]
+    attempts: int
+    latency_s: float
+    trace_id: str | None
+    error: RecordError | None
+    duplicate_of: str | None
+    urls: NotRequired[list[str]]  # only in "generated" records
+    generated_at: NotRequired[float]  # only in "generated" records
+
+
+FIELD_ORDER: tuple[str, ...] = tuple(ManifestRecord.__annotations__)
 # Written first in every record so read_state can take them without a full parse.
-FRONT_FIELDS = ("id", "status", "finished_at", "billed_images")
+FRONT_FIELDS = FIELD_ORDER[:4]
+assert FRONT_FIELDS == ("id", "status", "finished_at", "billed_images")
 _FRONT = re.compile(
     rb'\{"id":"([^"\\]*)","status":"([a-z]+)","finished_at":"([^"]*)","billed_images":(\d+)[,}]'
 )
@@ -61,6 +147,89 @@ def day_start_iso(utc_offset_h: float, now: float | None = None) -> str:
     local = datetime.fromtimestamp(time.time() if now is None else now, tz)
     start = local.replace(hour=0, minute=0, second=0, microsecond=0).astimezone(UTC)
     return start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def build_record(
+    row: Row,
+    status: Status,
+    *,
+    registry: ModelRegistry,
+    item: WorkItem | None = None,
+    images: Sequence[StoredImage] = (),
+    error: SfbatchError | RecordError | None = None,
+    generated_at: float | None = None,
+) -> ManifestRecord:
+    """The manifest record of ``row``, finished now with ``status``.
+
+    ``item`` carries what the generation did (seed, timings, attempts, billing); the
+    request fields are what the server used (the model's defaults filled in).
+    ``generated_at`` (epoch s) makes a ``generated`` record, keeping the item's URLs.
+    """
+    request = row.request or {}
+    params = effective_params(request, registry) if row.request else {}
+    generation = item.generation if item else None
+    trace_id = generation.trace_id if generation else getattr(error, "trace_id", None)
+    record: ManifestRecord = {
+        "id": row.id,
+        "status": status,
+        "finished_at": now_iso(),
+        "billed_images": item.billed_images if item else 0,
+        "line": row.line,
+        "file": row.file,
+        "variation": row.variation,
+        "prompt": request.get("prompt", row.prompt),
+        "negative_prompt": request.get("negative_prompt"),
+        "model": params.get("model"),
+        "image_size": params.get("image_size"),
+        "batch_size": params.get("batch_size"),
+        "num_inference_steps": params.get("num_inference_steps"),
+        "guidance_scale": params.get("guidance_scale"),
+        "prompt_enhancement": params.get("prompt_enhancement"),
+        "requested_seed": request.get("seed"),
+        "seed": generation.seed if generation else None,
+        "timings": {"inference": generation.inference_s} if generation else None,
+        "images": [
+            {"path": image.path, "sha256": image.sha256, "bytes": image.bytes} for image in images
+        ],
+        "attempts": item.attempts if item else 0,
+        "latency_s": round(time.monotonic() - item.started, 3) if item else 0.0,
+        "trace_id": trace_id,
+        "error": _record_error(error.to_record()) if isinstance(error, SfbatchError) else error,
+        "duplicate_of": row.duplicate_of,
+    }
+    if generated_at is not None and generation is not None:
+        record["urls"] = list(generation.urls)
+        record["generated_at"] = generated_at
+    return record
+
+
+def invalid_error(message: str) -> RecordError:
+    """The ``error`` of an ``invalid`` record (``message`` starts with ``file:line:``)."""
+    return {"status": None, "code": "invalid", "message": message}
+
+
+def _record_error(raw: Mapping[str, Any]) -> RecordError:
+    return {"status": raw.get("status"), "code": raw.get("code"), "message": str(raw["message"])}
+
+
+def safe_relpath(path: object) -> PurePosixPath | None:
+    """A record's image ``path`` if it is relative and stays inside the output directory."""
+    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
+        return None
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts:
+        return None
+    return pure
+
+
+def billed_on_day(billed: object, finished_at: object, day_start: str) -> int:
+    """Images a record's line was billed for on the day starting at ``day_start``, else 0.
+
+    Every line counts, not only an id's latest: each line is one run's charge.
+    """
+    if isinstance(billed, int) and billed > 0 and isinstance(finished_at, str):
+        return billed if finished_at >= day_start else 0
+    return 0
 
 
 def manifest_paths(out_dir: Path) -> list[Path]:
@@ -84,9 +253,12 @@ class ManifestWriter:
         self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115  (closed in close())
         self._last_fsync = time.monotonic()
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Write one record; its first keys must be :data:`FRONT_FIELDS`, in that order."""
-        self._file.write(orjson.dumps(record) + b"\n")
+    def append(self, record: ManifestRecord) -> None:
+        """Write one record, its fields in :data:`FIELD_ORDER` (keys it lacks are left out)."""
+        ordered = {key: record[key] for key in FIELD_ORDER if key in record}  # type: ignore[literal-required]
+        if len(ordered) < len(record):  # keys the type does not know keep their place after
+            ordered.update(record)
+        self._file.write(orjson.dumps(ordered) + b"\n")
         self._file.flush()
         self.records_written += 1
         now = time.monotonic()
@@ -146,24 +318,25 @@ def _complete_lines(path: Path) -> Iterator[bytes]:
             yield raw
 
 
-def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+def iter_records(path: Path) -> Iterator[ManifestRecord]:
     """Every complete record of one manifest, in file order; torn or corrupt lines are skipped."""
     for raw in _complete_lines(path):
         try:
             record = orjson.loads(raw)
         except orjson.JSONDecodeError:
             continue
+        # Typed by trust: a hand-edited line may lack fields, so readers use .get().
         if isinstance(record, dict) and isinstance(record.get("id"), str):
-            yield record
+            yield record  # type: ignore[misc]
 
 
-def latest_records(paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
+def latest_records(paths: Iterable[Path]) -> dict[str, ManifestRecord]:
     """The final record of every id across ``paths`` (later lines win).
 
     Holds every record in memory: meant for reports on manifests of up to a few
     million lines, not for the engine's resume (that is :func:`read_state`).
     """
-    latest: dict[str, dict[str, Any]] = {}
+    latest: dict[str, ManifestRecord] = {}
     for path in paths:
         for record in iter_records(path):
             latest[record["id"]] = record
@@ -219,8 +392,7 @@ class ManifestState:
             self.corrupt_lines += 1
             return
         self.set_status(row_id, status)
-        if billed and finished_at >= day_start:
-            self.billed_today += billed
+        self.billed_today += billed_on_day(billed, finished_at, day_start)
 
 
 def read_state(paths: Iterable[Path], *, day_start: str) -> ManifestState:

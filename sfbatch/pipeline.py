@@ -22,10 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import random
+import queue
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,48 +53,32 @@ from sfbatch.errors import (
     QuotaReachedError,
     SfbatchError,
 )
+from sfbatch.figures import Reservoir
 from sfbatch.generator import DailyQuota, Generator, Stopped, WorkItem
 from sfbatch.limiter import RateLimiter
 from sfbatch.loader import PromptSource, Row, image_shard_dir
-from sfbatch.manifest import ManifestState, ManifestWriter, day_start_iso, now_iso, read_state
-from sfbatch.models import ModelRegistry, effective_params
+from sfbatch.manifest import (
+    ManifestRecord,
+    ManifestState,
+    ManifestWriter,
+    RecordError,
+    Status,
+    build_record,
+    day_start_iso,
+    invalid_error,
+    now_iso,
+    read_state,
+)
+from sfbatch.models import ModelRegistry
+from sfbatch.reasons import Reason, ReasonTally
 from sfbatch.retry import RetryPolicy
 
-__all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "error_key", "generate"]
+__all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
 
 Outcome = Literal["done", "quota", "interrupted", "fatal", "input_error"]
 _YIELD_EVERY_ROWS = 256
 # A "generated" record's URLs are reused only while this much of their lifetime is left.
 _URL_MARGIN_S = 120.0
-
-
-class _Reservoir:
-    """A fixed-size uniform sample of a stream of numbers (for percentiles)."""
-
-    def __init__(self, size: int = 20_000, seed: int = 0) -> None:
-        self._size = size
-        self._seen = 0
-        self._values: list[float] = []
-        self._rng = random.Random(seed)
-
-    def add(self, value: float) -> None:
-        self._seen += 1
-        if len(self._values) < self._size:
-            self._values.append(value)
-        else:
-            slot = self._rng.randrange(self._seen)
-            if slot < self._size:
-                self._values[slot] = value
-
-    def percentiles(self, *qs: float) -> dict[str, float | None]:
-        ordered = sorted(self._values)
-        out: dict[str, float | None] = {}
-        for q in qs:
-            key = f"p{int(q * 100)}"
-            out[key] = (
-                round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else None
-            )
-        return out
 
 
 @dataclass
@@ -93,15 +87,17 @@ class RunStats:
 
     started: float = field(default_factory=time.monotonic)
     counts: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
     skipped: int = 0
     rows_read: int = 0
     images: int = 0
     bytes: int = 0
     billed_images: int = 0
     regenerated: int = 0
-    latency: _Reservoir = field(default_factory=_Reservoir)
-    inference: _Reservoir = field(default_factory=_Reservoir)
+    latency: Reservoir = field(default_factory=Reservoir)
+    inference: Reservoir = field(default_factory=Reservoir)
+    reasons: Counter[Reason] = field(default_factory=Counter)
+    # One message per reason, kept as errors happen, for the closing summary.
+    examples: dict[Reason, str] = field(default_factory=dict)
 
     @property
     def elapsed_s(self) -> float:
@@ -111,6 +107,13 @@ class RunStats:
     def finished(self) -> int:
         return sum(self.counts.values())
 
+    def error_tallies(self) -> tuple[ReasonTally, ...]:
+        """This run's errors by reason, the most common first."""
+        return tuple(
+            ReasonTally(reason, n, self.examples.get(reason, ""))
+            for reason, n in self.reasons.most_common()
+        )
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -119,6 +122,7 @@ class RunResult:
     outcome: Outcome
     summary: dict[str, Any]
     message: str = ""
+    errors: tuple[ReasonTally, ...] = ()  # by reason, with an example each; most common first
 
     @property
     def exit_code(self) -> int:
@@ -145,10 +149,10 @@ class Pipeline:
     def __init__(
         self,
         config: RunConfig,
-        rows: Iterable[Row],
+        rows: Iterable[Row] | AsyncIterable[Row],
         *,
         registry: ModelRegistry | None = None,
-        on_record: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        on_record: Callable[[ManifestRecord], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry or ModelRegistry.load(config.models_file)
@@ -313,10 +317,8 @@ class Pipeline:
 
     async def _load(self) -> None:
         state, stats = self._state, self.stats
-        for n, row in enumerate(self._rows, start=1):
+        async for n, row in _numbered(self._rows):
             stats.rows_read = n
-            if n % _YIELD_EVERY_ROWS == 0:
-                await asyncio.sleep(0)  # a queue with room never yields; let the others run
             if self.stopping:
                 break
             status = state.status(row.id)
@@ -327,17 +329,17 @@ class Pipeline:
                 if status == "invalid":
                     stats.skipped += 1
                 else:
-                    await self._emit(self._record(row, "invalid", error=_invalid(row)))
+                    await self._emit(row, "invalid", error=invalid_error(row.error or ""))
                 continue
             unfit = self._batch_problem(row)
             if unfit is not None:
-                await self._emit(self._record(row, "invalid", error=_invalid(row, unfit)))
+                await self._emit(row, "invalid", error=invalid_error(unfit))
                 continue
             if row.duplicate_of is not None:
                 if status == "duplicate":
                     stats.skipped += 1
                 else:
-                    await self._emit(self._record(row, "duplicate"))
+                    await self._emit(row, "duplicate")
                 continue
             item = WorkItem(row=row)
             if status == "generated":
@@ -392,7 +394,7 @@ class Pipeline:
                 except FatalApiError:
                     raise
                 except SfbatchError as exc:
-                    await self._emit(self._record(item.row, "failed", item=item, error=exc))
+                    await self._emit(item.row, "failed", item=item, error=exc)
                     continue
             await self._dl_queue.put(item)
 
@@ -422,7 +424,7 @@ class Pipeline:
                 regenerations += 1
                 self.stats.regenerated += 1
                 if regenerations > self.config.max_retries:
-                    await self._emit(self._record(item.row, "failed", item=item, error=exc))
+                    await self._emit(item.row, "failed", item=item, error=exc)
                     return
                 try:
                     await self._generator.generate(item)
@@ -432,13 +434,13 @@ class Pipeline:
                 except SfbatchError as gen_exc:
                     if isinstance(gen_exc, FatalApiError):
                         raise
-                    await self._emit(self._record(item.row, "failed", item=item, error=gen_exc))
+                    await self._emit(item.row, "failed", item=item, error=gen_exc)
                     return
                 continue
             except SfbatchError as exc:
-                await self._emit(self._record(item.row, "failed", item=item, error=exc))
+                await self._emit(item.row, "failed", item=item, error=exc)
                 return
-            await self._emit(self._record(item.row, "ok", item=item, images=images))
+            await self._emit(item.row, "ok", item=item, images=images)
             return
 
     def _stem(self, row: Row, index: int) -> str:
@@ -455,10 +457,12 @@ class Pipeline:
         """Keep a paid-for generation whose images are not on disk yet, for the next run."""
         if item.generation is None or self._writer is None:
             return
-        record = self._record(item.row, "generated", item=item)
-        record["urls"] = list(item.generation.urls)
-        record["generated_at"] = item.pending_at or time.time() - item.generation.latency_s
-        self._write(record)
+        made_at = item.pending_at or time.time() - item.generation.latency_s
+        self._write(
+            build_record(
+                item.row, "generated", registry=self.registry, item=item, generated_at=made_at
+            )
+        )
 
     async def _save_undownloaded(self) -> None:
         while not self._dl_queue.empty():
@@ -466,7 +470,7 @@ class Pipeline:
             if item is not None:
                 await self._save_generated(item)
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, record: ManifestRecord) -> None:
         assert self._writer is not None
         self._writer.append(record)
         self._state.set_status(record["id"], record["status"])
@@ -480,57 +484,30 @@ class Pipeline:
             stats.images += len(record["images"])
             stats.bytes += sum(image["bytes"] for image in record["images"])
             stats.latency.add(record["latency_s"])
-            inference = (record.get("timings") or {}).get("inference")
-            if inference is not None:
+            timings = record["timings"]
+            if timings is not None and (inference := timings["inference"]) is not None:
                 stats.inference.add(inference)
-        elif record["error"]:
-            stats.errors[error_key(status, record["error"])] += 1
+        elif (error := record["error"]) is not None:
+            reason = Reason.of(status, error)
+            stats.reasons[reason] += 1
+            stats.examples.setdefault(reason, error["message"])
 
-    async def _emit(self, record: dict[str, Any]) -> None:
+    async def _emit(
+        self,
+        row: Row,
+        status: Status,
+        *,
+        item: WorkItem | None = None,
+        images: Sequence[StoredImage] = (),
+        error: SfbatchError | RecordError | None = None,
+    ) -> None:
+        """Record ``row`` as finished with ``status``, then hand the record on."""
+        record = build_record(
+            row, status, registry=self.registry, item=item, images=images, error=error
+        )
         self._write(record)
         if self._on_record is not None:
             await self._on_record(record)
-
-    def _record(
-        self,
-        row: Row,
-        status: str,
-        *,
-        item: WorkItem | None = None,
-        images: list[StoredImage] | None = None,
-        error: SfbatchError | dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        request = row.request or {}
-        params = effective_params(request, self.registry) if row.request else {}
-        generation = item.generation if item else None
-        trace_id = generation.trace_id if generation else getattr(error, "trace_id", None)
-        return {
-            # FRONT_FIELDS first, in order: read_state reads them without a full parse.
-            "id": row.id,
-            "status": status,
-            "finished_at": now_iso(),
-            "billed_images": item.billed_images if item else 0,
-            "line": row.line,
-            "file": row.file,
-            "variation": row.variation,
-            "prompt": request.get("prompt", row.prompt),
-            "negative_prompt": request.get("negative_prompt"),
-            "model": params.get("model"),
-            "image_size": params.get("image_size"),
-            "batch_size": params.get("batch_size"),
-            "num_inference_steps": params.get("num_inference_steps"),
-            "guidance_scale": params.get("guidance_scale"),
-            "prompt_enhancement": params.get("prompt_enhancement"),
-            "requested_seed": request.get("seed"),
-            "seed": generation.seed if generation else None,
-            "timings": {"inference": generation.inference_s} if generation else None,
-            "images": [image.as_record() for image in images or ()],
-            "attempts": item.attempts if item else 0,
-            "latency_s": round(time.monotonic() - item.started, 3) if item else 0.0,
-            "trace_id": trace_id,
-            "error": error.to_record() if isinstance(error, SfbatchError) else error,
-            "duplicate_of": row.duplicate_of,
-        }
 
     # -- the end --------------------------------------------------------------------
 
@@ -541,7 +518,12 @@ class Pipeline:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         tmp.replace(path)
-        return RunResult(outcome=outcome, summary=summary, message=self._stop_message)
+        return RunResult(
+            outcome=outcome,
+            summary=summary,
+            message=self._stop_message,
+            errors=self.stats.error_tallies(),
+        )
 
     def _summary(self, outcome: Outcome) -> dict[str, Any]:
         stats = self.stats
@@ -565,7 +547,7 @@ class Pipeline:
                 "download_retries": self._downloader.retries if self._downloader else 0,
                 "regenerated_expired": stats.regenerated,
             },
-            "errors": dict(stats.errors.most_common()),
+            "errors": {reason.key: n for reason, n in stats.reasons.most_common()},
             "throughput": {
                 "items_per_s": round(stats.finished / elapsed, 3),
                 "images_per_min": round(stats.images * 60 / elapsed, 2),
@@ -580,39 +562,62 @@ class Pipeline:
         }
 
 
-def _invalid(row: Row, message: str | None = None) -> dict[str, Any]:
-    return {"status": None, "code": "invalid", "message": message or row.error}
+async def _numbered(rows: Iterable[Row] | AsyncIterable[Row]) -> AsyncIterator[tuple[int, Row]]:
+    """``(n, row)`` from 1, from a sync or an async iterable, yielding to the loop now and then."""
+    if isinstance(rows, AsyncIterable):
+        n = 0
+        async for row in rows:
+            n += 1
+            if n % _YIELD_EVERY_ROWS == 0:
+                await asyncio.sleep(0)  # an async iterable need not yield either
+            yield n, row
+        return
+    for n, row in enumerate(rows, start=1):
+        if n % _YIELD_EVERY_ROWS == 0:
+            await asyncio.sleep(0)  # a queue with room never yields; let the others run
+        yield n, row
 
 
-def error_key(status: str, error: dict[str, Any]) -> str:
-    """A short key to count errors by: ``failed: 400 20012``, ``failed: DownloadError``."""
-    parts = [str(part) for part in (error.get("status"), error.get("code")) if part is not None]
-    return f"{status}: {' '.join(parts) or 'unknown'}"
+RowInput = str | Mapping[str, Any] | Row
+_BRIDGE_ITEMS = 256
+_END = object()
 
 
 async def generate(
-    rows: Iterable[str | Mapping[str, Any]] | Iterable[Row],
+    rows: Iterable[RowInput] | AsyncIterable[RowInput],
     config: RunConfig,
     *,
     registry: ModelRegistry | None = None,
-) -> AsyncIterator[dict[str, Any]]:
+    on_result: Callable[[RunResult], None] | None = None,
+) -> AsyncIterator[ManifestRecord]:
     """Generate images for ``rows`` and yield each manifest record as it is written.
 
-    ``rows`` are prompt strings, mappings of row fields (``prompt``, ``seed``,
-    ``batch_size``, ...; the same as a JSONL line), or :class:`~sfbatch.loader.Row`
-    objects (e.g. a :class:`~sfbatch.loader.PromptSource`). The records are those of
-    ``config.out_dir``'s manifest, so a second call resumes like the command does::
+    ``rows`` is an iterable or an async iterable of prompt strings, mappings of row
+    fields (``prompt``, ``seed``, ``batch_size``, ...; the same as a JSONL line), or
+    :class:`~sfbatch.loader.Row` objects (e.g. a :class:`~sfbatch.loader.PromptSource`).
+    The records are those of ``config.out_dir``'s manifest, so a second call resumes
+    like the command does. ``on_result`` is called with the :class:`RunResult` (outcome,
+    the ``summary.json`` figures, errors by reason) when the run ends, before any error
+    below is raised; not when the caller stops iterating early::
 
-        async for record in sfbatch.generate(["a cat", {"prompt": "a dog", "seed": 7}], config):
-            print(record["status"], record["images"])
+        results = []
+        async for record in sfbatch.generate(rows, config, on_result=results.append):
+            print(record["status"], [image["path"] for image in record["images"]])
+        print(results[0].summary["throughput"])
 
     Raises the :class:`~sfbatch.errors.FatalApiError` that stopped the job (bad key,
     wrong base URL) or :class:`~sfbatch.errors.QuotaReachedError` once the daily
     quota ends it early, after yielding every record written before.
     """
     registry = registry or ModelRegistry.load(config.models_file)
-    source = rows if isinstance(rows, PromptSource) else _as_rows(rows, config, registry)
-    records: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(config.queue_size)
+    source: Iterable[Row] | AsyncGenerator[Row, None]
+    if isinstance(rows, PromptSource):
+        source = rows
+    elif isinstance(rows, AsyncIterable):
+        source = _as_async_rows(rows, config, registry)
+    else:
+        source = _as_rows(rows, config, registry)
+    records: asyncio.Queue[ManifestRecord | None] = asyncio.Queue(config.queue_size)
     pipeline = Pipeline(config, source, registry=registry, on_record=records.put)
 
     async def drive() -> RunResult:
@@ -631,6 +636,10 @@ async def generate(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if isinstance(source, AsyncGenerator):
+            await source.aclose()  # stops its worker thread now, not when collected
+    if on_result is not None:
+        on_result(result)
     if pipeline.fatal_error is not None:
         raise pipeline.fatal_error
     if pipeline.input_error is not None:
@@ -639,21 +648,11 @@ async def generate(
         raise QuotaReachedError(result.message)
 
 
-def _as_rows(
-    rows: Iterable[str | Mapping[str, Any]] | Iterable[Row],
-    config: RunConfig,
-    registry: ModelRegistry,
-) -> Iterable[Row]:
-    """Rows as given, or validated rows built from strings and mappings."""
-    items = iter(rows)
-    first = next(items, None)
-    if first is None:
-        return ()
-    chained = itertools.chain((first,), items)
-    if isinstance(first, Row):
-        return chained  # type: ignore[return-value]
+def _source(
+    items: Iterable[str | Mapping[str, Any]], config: RunConfig, registry: ModelRegistry
+) -> PromptSource:
     return PromptSource.from_records(
-        chained,  # type: ignore[arg-type]
+        items,
         defaults=config.defaults,
         registry=registry,
         base_seed=config.base_seed,
@@ -662,3 +661,66 @@ def _as_rows(
         limit=config.limit,
         dedupe=config.dedupe,
     )
+
+
+def _as_rows(rows: Iterable[RowInput], config: RunConfig, registry: ModelRegistry) -> Iterable[Row]:
+    """Rows as given, or validated rows built from strings and mappings."""
+    items = iter(rows)
+    first = next(items, None)
+    if first is None:
+        return ()
+    chained = itertools.chain((first,), items)
+    if isinstance(first, Row):
+        return chained  # type: ignore[return-value]
+    return _source(chained, config, registry)  # type: ignore[arg-type]
+
+
+async def _as_async_rows(
+    rows: AsyncIterable[RowInput], config: RunConfig, registry: ModelRegistry
+) -> AsyncGenerator[Row, None]:
+    """:func:`_as_rows` for an async iterable.
+
+    The loader is synchronous (its validation, ids, dedupe and shards are one stateful
+    pass), so strings and mappings are validated in a worker thread that reads them
+    from a queue the async iterable fills, at most ``_BRIDGE_ITEMS`` ahead.
+    """
+    items = aiter(rows)
+    first = await anext(items, None)
+    if first is None:
+        return
+    if isinstance(first, Row):
+        yield first
+        async for row in items:
+            yield row  # type: ignore[misc]
+        return
+    loop = asyncio.get_running_loop()
+    room = asyncio.Semaphore(_BRIDGE_ITEMS)
+    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def fed() -> Iterator[str | Mapping[str, Any]]:  # runs in the worker thread
+        while (item := inbox.get()) is not _END:
+            loop.call_soon_threadsafe(room.release)
+            yield item  # type: ignore[misc]
+
+    async def pump() -> None:
+        try:
+            inbox.put(first)
+            async for item in items:
+                await room.acquire()
+                inbox.put(item)
+        finally:
+            inbox.put(_END)
+
+    pumping = asyncio.create_task(pump())
+    built = iter(_source(fed(), config, registry))
+
+    def next_row() -> Row | None:  # runs in the worker thread
+        return next(built, None)
+
+    try:
+        while (made := await asyncio.to_thread(next_row)) is not None:
+            yield made
+        await pumping  # the async iterable's own error, if it raised one
+    finally:
+        pumping.cancel()
+        inbox.put(_END)  # a worker still waiting for an item returns

@@ -1,15 +1,17 @@
-"""What the user sees while a run goes: logging, a progress bar or status lines, the summary.
+"""What the user sees while a run goes: a progress bar or periodic status lines.
 
 Three displays, picked in :meth:`Progress.__aenter__`:
 
-- **bar** (stderr is a terminal, text logging, not ``--no-progress``/``-q``): a tqdm bar
-  refreshed four times a second from a background task that reads
+- **bar** (stderr is a terminal, text logging, not ``--no-progress``/``-q``): one line
+  redrawn in place four times a second from a background task that reads
   ``pipeline.statistics()``::
 
       sfbatch  34%|██▌    | 1,020/3,000 · ok 990 · failed 0 · retries 12
                               · 598 img/min (limit 600) · 429s 3 · ETA 3m18s   (one line)
 
-  Log records are written with ``tqdm.write`` while it is shown, so they appear above it.
+  Log records are printed above it (:class:`sfbatch.logs.LiveLine`). The line is drawn
+  here rather than by tqdm: its text is sized to the terminal field by field, and the
+  rate and ETA come from our own one-minute window, which leaves tqdm nothing to do.
 - **status lines** (not a terminal, ``--no-progress``, or ``--log-format json``): one INFO
   record every ``SFBATCH_STATUS_INTERVAL_S`` seconds (default 10)::
 
@@ -26,8 +28,8 @@ Done counts items finished in this run plus rows skipped as finished by earlier 
 a resumed run starts where the last one stopped. The total is the rows the inputs will
 yield when cheap to count (``PromptSource.count_rows()``, in a thread); otherwise the bar
 follows the bytes of input read. Rates and the ETA come from a moving one-minute window,
-not the average since the start. :meth:`Progress.print_summary` writes the closing
-summary: what was made, what failed and why, where the files are, how to go on.
+not the average since the start. The closing summary is :mod:`sfbatch.summary`; where
+log records go is :mod:`sfbatch.logs`.
 """
 
 from __future__ import annotations
@@ -37,24 +39,21 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-import orjson
-from tqdm import tqdm
+from sfbatch.figures import count as _count
+from sfbatch.figures import duration as _duration
+from sfbatch.figures import human_bytes
+from sfbatch.logs import LiveLine, attach_live_line, json_logging
 
-from sfbatch.pipeline import error_key
-
-__all__ = ["Progress", "configure_logging"]
+__all__ = ["Progress"]
 
 log = logging.getLogger("sfbatch")
 
@@ -65,122 +64,15 @@ _QUIET_POLL_S = 1.0
 _WINDOW_S = 60.0
 _MIN_RATE_SPAN_S = 1.0
 _THROTTLE_WARN_EVERY_S = 60.0
-_EXAMPLE_TAIL_BYTES = 4 << 20
-_TOP_REASONS = 3
 _MIN_BAR_COLS = 10
 # The bar leaves two columns free, so a ^C echoed after it does not wrap to a new line.
 _BAR_MARGIN_COLS = 2
-_ERASE_LINE = "\x1b[2K"
+_BAR_FULL = "█"
+_BAR_PARTIAL = " ▏▎▍▌▋▊▉"  # eighths of a cell
 
 Display = Literal["bar", "status", "off"]
 
-# -- logging -------------------------------------------------------------------------
-
-_STANDARD_RECORD_KEYS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-_active_bar: Any = None  # the tqdm bar on screen, if any
-_json_format = False
-
-
-class _TextFormatter(logging.Formatter):
-    """``sfbatch: message`` for INFO, ``sfbatch: warning: message`` and so on otherwise."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        text = f"sfbatch: {level}{record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per record: ts, level, logger, message, and the record's extras."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD_RECORD_KEYS and not key.startswith("_"):
-                doc[key] = value
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-
-
-class _Handler(logging.Handler):
-    """Writes to the current ``sys.stderr``; above the progress bar while one is shown."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = self.format(record)
-            stream = sys.stderr
-            bar = _active_bar
-            if bar is not None:
-                # erase the whole line first: a ^C echoed after the bar would stay otherwise
-                bar.write(_ERASE_LINE + text, file=stream)
-            else:
-                stream.write(text + "\n")
-            stream.flush()
-        except Exception:
-            self.handleError(record)
-
-
-def configure_logging(*, level: int = logging.INFO, json_format: bool = False) -> None:
-    """Send ``sfbatch`` records (and other libraries' warnings) to stderr.
-
-    ``level`` is ``logging.WARNING`` for ``-q``, ``DEBUG`` for ``-v``. With
-    ``json_format`` each record is one JSON object per line::
-
-        configure_logging(level=logging.INFO, json_format=False)
-        log.info("made %d images", 3)        # sfbatch: made 3 images
-    """
-    global _json_format
-    _json_format = json_format
-    handler = _Handler()
-    handler.setFormatter(_JsonFormatter() if json_format else _TextFormatter())
-    logger = logging.getLogger("sfbatch")
-    logger.handlers[:] = [handler]
-    logger.setLevel(level)
-    logger.propagate = False
-    # Other libraries' warnings (asyncio, aiohttp) in the same format, above the bar.
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
-        root.removeHandler(old)
-    root_handler = _Handler(logging.WARNING)
-    root_handler.setFormatter(handler.formatter)
-    root.addHandler(root_handler)
-
-
 # -- formatting helpers -----------------------------------------------------------------
-
-
-def _count(n: float) -> str:
-    return f"{round(n):,}"
-
-
-def _duration(seconds: float) -> str:
-    """``42s``, ``3m05s``, ``1h14m``, ``2d03h``."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def _rate(per_min: float) -> str:
@@ -333,8 +225,8 @@ class _Snapshot:
         if self.total is not None:
             head = f"{_count(self.done)}/{_count(self.total)}"
         elif self.total_bytes:
-            head = f"{_count(self.done)} done · read {_size(self.bytes_read)}"
-            head += f" of {_size(self.total_bytes)}"
+            head = f"{_count(self.done)} done · read {human_bytes(self.bytes_read)}"
+            head += f" of {human_bytes(self.total_bytes)}"
         else:
             head = f"{_count(self.done)} done"
         # [drop order, text, shorter text]: the highest drop order goes first when space is
@@ -376,7 +268,7 @@ class Progress:
         progress = Progress(pipeline, sources=sources, enabled=True)
         async with progress:
             result = await pipeline.run()
-        progress.print_summary(result)
+        sfbatch.summary.print_summary(result, pipeline.config)
     """
 
     def __init__(
@@ -394,7 +286,7 @@ class Progress:
         self._tty = tty
         self._status_interval_s = status_interval_s
         self.display: Display = "off"
-        self._bar: Any = None
+        self._line: LiveLine | None = None
         self._task: asyncio.Task[None] | None = None
         self._total: int | None = None
         self._counted = threading.Event()
@@ -446,7 +338,7 @@ class Progress:
                 tty = sys.stderr.isatty()
             except (AttributeError, ValueError):
                 tty = False
-        return "bar" if self._enabled and tty and not _json_format else "status"
+        return "bar" if self._enabled and tty and not json_logging() else "status"
 
     def _warn_sources(self) -> None:
         seen: set[str] = set()
@@ -480,22 +372,13 @@ class Progress:
         self._counted.set()
 
     def _open_bar(self) -> None:
-        global _active_bar
-        self._bar = _Bar(
-            total=None,
-            file=sys.stderr,
-            ncols=max(20, _terminal_columns(sys.stderr) - _BAR_MARGIN_COLS),
-            bar_format="sfbatch starting…",
-            leave=True,
-            mininterval=0,
-            smoothing=0,
-        )
-        _active_bar = self._bar
+        self._line = LiveLine(sys.stderr)
+        self._line.show("sfbatch starting…")
+        attach_live_line(self._line)
 
     def _close_bar(self) -> None:
-        global _active_bar
-        bar = self._bar
-        if bar is None:
+        line = self._line
+        if line is None:
             return
         try:
             now, stats = time.monotonic(), self._pipeline.statistics()
@@ -504,9 +387,9 @@ class Progress:
         except Exception:  # the display must never break the run's ending
             log.debug("progress: final refresh failed", exc_info=True)
         finally:
-            _active_bar = None
-            self._bar = None
-            bar.close()
+            attach_live_line(None)
+            self._line = None
+            line.close()
 
     # -- the watcher ----------------------------------------------------------------
 
@@ -619,26 +502,9 @@ class Progress:
         )
 
     def _render_bar(self, snap: _Snapshot) -> None:
-        bar = self._bar
-        if bar is None:
-            return
-        columns = max(20, _terminal_columns(bar.fp) - _BAR_MARGIN_COLS)
-        bar.ncols = columns
-        fraction = snap.fraction
-        if fraction is None:
-            prefix = "sfbatch "
-            text = snap.bar_text(columns - len(prefix) - 1)
-            bar.total = None
-            bar.n = snap.done
-            bar.bar_format = prefix + _escape(text)
-        else:
-            # the bar counts thousandths: exact for rows and bytes alike
-            prefix_len = len("sfbatch 100%|| ")
-            text = snap.bar_text(columns - prefix_len - _MIN_BAR_COLS - 1)
-            bar.total = 1000
-            bar.n = round(1000 * fraction)
-            bar.bar_format = "sfbatch {percentage:3.0f}%|{bar}| " + _escape(text)
-        bar.refresh()
+        if self._line is not None:
+            columns = max(20, _terminal_columns(self._line.stream) - _BAR_MARGIN_COLS)
+            self._line.show(_bar_line(snap, columns))
 
     # -- warnings ---------------------------------------------------------------------
 
@@ -683,75 +549,25 @@ class Progress:
             extra={"event": "quota_reached"},
         )
 
-    # -- the end --------------------------------------------------------------------
 
-    def print_summary(self, result: Any) -> None:
-        """Write what was made, what failed and why, where the files are, how to go on.
-
-        To stderr, after the bar is gone. With ``-q`` only when something needs doing;
-        with ``--log-format json`` as one record carrying the numbers.
-        """
-        cfg = self._pipeline.config
-        summary: dict[str, Any] = result.summary or {}
-        out_dir = Path(cfg.out_dir)
-        manifest = out_dir / cfg.manifest_name
-        headline = _headline(result, summary)
-        reasons = _reasons(summary, manifest)
-        files = (
-            f"images in {out_dir / 'images'}, manifest {manifest}, "
-            f"summary {out_dir / cfg.summary_name}"
-        )
-        hints = _next_steps(result, summary)
-        if _json_format:
-            level = logging.INFO if result.exit_code == 0 else logging.WARNING
-            if result.outcome == "fatal":
-                level = logging.ERROR
-            log.log(
-                level,
-                "%s",
-                "; ".join([headline, *reasons, files, *hints]),
-                extra={
-                    "event": "summary",
-                    "outcome": result.outcome,
-                    "exit_code": result.exit_code,
-                    "run": summary.get("run", {}),
-                    "errors": summary.get("errors", {}),
-                    "manifest_totals": summary.get("manifest", {}),
-                    "out_dir": str(out_dir),
-                    "manifest": str(manifest),
-                    "summary_file": str(out_dir / cfg.summary_name),
-                    "next": hints,
-                },
-            )
-            return
-        if not log.isEnabledFor(logging.INFO):
-            if result.exit_code != 0:
-                level = logging.ERROR if result.outcome == "fatal" else logging.WARNING
-                log.log(level, "%s", "; ".join([headline, *hints, f"manifest {manifest}"]))
-            return
-        lines = [f"sfbatch: {headline}"]
-        label = "why:"
-        for reason in reasons:
-            lines.append(f"  {label:<7}{reason}")
-            label = ""
-        lines.append(f"  {'files:':<7}{files}")
-        label = "next:"
-        for hint in hints:
-            lines.append(f"  {label:<7}{hint}")
-            label = ""
-        stream = sys.stderr
-        stream.write("\n".join(lines) + "\n")
-        stream.flush()
+def _bar_line(snap: _Snapshot, columns: int) -> str:
+    """``sfbatch  34%|██▌    | 1,020/3,000 · ok 990 · ...``, exactly ``columns`` wide or less."""
+    fraction = snap.fraction
+    if fraction is None:
+        prefix = "sfbatch "
+        return prefix + snap.bar_text(columns - len(prefix) - 1)
+    head = f"sfbatch {100 * fraction:3.0f}%|"
+    text = snap.bar_text(columns - len("sfbatch 100%|| ") - _MIN_BAR_COLS - 1)
+    width = max(1, columns - len(head) - len("| ") - len(text))
+    return f"{head}{_bar(fraction, width)}| {text}"
 
 
-class _Bar(tqdm):  # type: ignore[misc]  # tqdm ships no type hints
-    """tqdm without its monitor thread: the watcher task refreshes it."""
-
-    monitor_interval = 0
-
-
-def _escape(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
+def _bar(fraction: float, width: int) -> str:
+    """A bar ``width`` cells wide, filled to ``fraction`` in eighths of a cell."""
+    eighths = round(fraction * width * 8)
+    full, part = divmod(eighths, 8)
+    cells = _BAR_FULL * full + (_BAR_PARTIAL[part] if part else "")
+    return cells.ljust(width)
 
 
 def _batch(cfg: Any) -> int:
@@ -774,128 +590,3 @@ def _limiter_rate(limiter: dict[str, Any], batch: int) -> float | None:
     ipm, rpm = limiter.get("effective_ipm"), limiter.get("effective_rpm")
     candidates = [float(v) for v in (ipm, rpm * batch if rpm is not None else None) if v]
     return min(candidates) if candidates else None
-
-
-def _headline(result: Any, summary: dict[str, Any]) -> str:
-    run = summary.get("run", {})
-    elapsed = _duration(float(summary.get("elapsed_s") or 0.0))
-    made = (
-        f"{_count(run.get('ok', 0))} ok ({_count(run.get('images', 0))} images, "
-        f"{_size(run.get('bytes', 0))})"
-    )
-    if not run.get("ok"):
-        made = "nothing made"
-    parts = [made]
-    for key in ("failed", "invalid"):
-        if run.get(key):
-            parts.append(f"{_count(run[key])} {key}")
-    if run.get("duplicate"):
-        parts.append(f"{_count(run['duplicate'])} duplicates")
-    if run.get("skipped"):
-        parts.append(f"{_count(run['skipped'])} skipped as done before")
-    what = {
-        "done": f"finished in {elapsed}",
-        "quota": f"stopped at the daily quota after {elapsed}",
-        "interrupted": f"interrupted after {elapsed}",
-        "fatal": f"stopped after {elapsed}: {result.message or 'the API refused the job'}",
-        "input_error": f"stopped after {elapsed}: {result.message}",
-    }.get(result.outcome, f"{result.outcome} after {elapsed}")
-    return f"{what}: {', '.join(parts)}"
-
-
-def _reason_label(key: str) -> str:
-    """``failed: 400 20012`` -> ``HTTP 400 (code 20012)``; ``failed: RequestTimeoutError`` -> ..."""
-    status, _, rest = key.partition(":")
-    words = rest.split()
-    if status == "invalid":
-        return "invalid rows"
-    if not words:
-        return status
-    if words[0].isdigit():
-        label = f"HTTP {words[0]}"
-        return f"{label} (code {words[1]})" if len(words) > 1 else label
-    name = re.sub(r"Error$", "", words[0])
-    return re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower() or words[0]
-
-
-def _reasons(summary: dict[str, Any], manifest: Path) -> list[str]:
-    errors: dict[str, int] = dict(summary.get("errors") or {})
-    if not errors:
-        return []
-    top = sorted(errors.items(), key=lambda kv: -kv[1])[:_TOP_REASONS]
-    examples = _error_examples(manifest, {key for key, _ in top})
-    lines = []
-    for key, n in top:
-        status = key.partition(":")[0]
-        label = _reason_label(key)
-        text = f"{_count(n)} {label}" if status == "invalid" else f"{_count(n)} {status}: {label}"
-        example = examples.get(" ".join(key.split()))
-        if example:
-            text += f", e.g. {_shorten(example, 120)}"
-        lines.append(text)
-    rest = len(errors) - len(top)
-    if rest > 0:
-        lines.append(f"and {rest} other kind{'s' if rest != 1 else ''} of error (see the manifest)")
-    return lines
-
-
-def _shorten(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _error_examples(manifest: Path, keys: Iterable[str]) -> dict[str, str]:
-    """The latest error message for each reason key, from the manifest's last few MB."""
-    wanted = {" ".join(key.split()) for key in keys}
-    found: dict[str, str] = {}
-    try:
-        with open(manifest, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            start = max(0, size - _EXAMPLE_TAIL_BYTES)
-            f.seek(start)
-            lines = f.read().split(b"\n")
-    except OSError:
-        return found
-    if start:
-        lines = lines[1:]  # a partial line
-    for raw in reversed(lines):
-        if not raw.strip():
-            continue
-        try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            continue
-        error = record.get("error") if isinstance(record, dict) else None
-        if not isinstance(error, dict):
-            continue
-        key = error_key(str(record.get("status")), error)
-        if key in wanted and key not in found and error.get("message"):
-            found[key] = str(error["message"])
-            if len(found) == len(wanted):
-                break
-    return found
-
-
-def _next_steps(result: Any, summary: dict[str, Any]) -> list[str]:
-    totals = summary.get("manifest") or {}
-    failed, invalid = int(totals.get("failed", 0)), int(totals.get("invalid", 0))
-    hints = []
-    if result.outcome == "quota":
-        hints.append("the daily quota is used up: run the same command tomorrow to go on")
-    elif result.outcome == "interrupted":
-        hints.append("run the same command again to resume")
-    elif result.outcome in ("fatal", "input_error"):
-        hints.append("fix that, then run the same command again to resume")
-    if failed:
-        hints.append(
-            f"{_count(failed)} item{'s' if failed != 1 else ''} in the manifest failed: "
-            "add --retry-failed to try failed items again"
-        )
-    if invalid:
-        hints.append(
-            f"{_count(invalid)} input row{'s' if invalid != 1 else ''} invalid: fix them "
-            "(file:line is in each record's error) and run the same command again"
-        )
-    if not hints:
-        hints.append("all done: running the same command again makes nothing new")
-    return hints

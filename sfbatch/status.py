@@ -4,7 +4,8 @@ Both read every ``DIR/manifest*.jsonl`` (a sharded run writes one per shard) and
 latest record of each id across all of them, so they work on a finished run, on one that
 was interrupted, and while one is still writing (a torn last line is skipped).
 
-``status`` counts items by status (failures grouped by reason), sums images and bytes,
+``status`` counts items by status (failures grouped by reason, and counted by the same
+:class:`~sfbatch.reasons.Reason` key as ``summary.json``'s ``errors``), sums images and bytes,
 reports throughput, latency percentiles, billed images, and with the input file how many
 rows are pending and how many nights the daily quota needs for them::
 
@@ -27,25 +28,36 @@ import hashlib
 import itertools
 import math
 import os
-import re
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from sfbatch.manifest import STATUSES, day_start_iso, iter_records, manifest_paths
+from sfbatch.figures import human_bytes, percentile, percentiles
+from sfbatch.manifest import (
+    STATUSES,
+    ImageEntry,
+    ManifestRecord,
+    billed_on_day,
+    day_start_iso,
+    iter_records,
+    manifest_paths,
+    safe_relpath,
+)
+from sfbatch.reasons import Reason, message_class
 
 __all__ = [
     "DONE_STATUSES",
     "FileProblem",
     "NoManifestError",
     "VerifyReport",
+    "human_bytes",
     "message_class",
     "percentile",
     "register",
@@ -82,7 +94,7 @@ class _Scan:
     """One pass over every manifest line: the latest record per id, plus per-line sums."""
 
     paths: list[Path]
-    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latest: dict[str, ManifestRecord] = field(default_factory=dict)
     lines: int = 0
     billed_total: int = 0
     billed_today: int = 0
@@ -103,13 +115,11 @@ def _scan(out_dir: Path, day_start: str = "") -> _Scan:
             billed = record.get("billed_images")
             if isinstance(billed, int) and billed > 0:
                 scan.billed_total += billed
-                finished = record.get("finished_at")
-                if isinstance(finished, str) and finished >= day_start:
-                    scan.billed_today += billed
+                scan.billed_today += billed_on_day(billed, record.get("finished_at"), day_start)
     return scan
 
 
-def _images(record: dict[str, Any]) -> list[dict[str, Any]]:
+def _images(record: ManifestRecord) -> list[ImageEntry]:
     images = record.get("images")
     if not isinstance(images, list):
         return []
@@ -123,57 +133,6 @@ def _number(value: Any) -> float | None:
 
 
 # -- status --------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The ``q``-quantile (0..1) of ``values`` by linear interpolation; ``None`` if empty.
-
-    Same definition as NumPy's default (and ``statistics.quantiles(method="inclusive")``)::
-
-        >>> percentile([1.0, 2.0, 3.0, 4.0], 0.5)
-        2.5
-    """
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-_FILE_LINE = re.compile(r"^[^\s:]+:\d+: ")
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-_HEXISH = re.compile(r"\b[0-9a-fA-F-]{16,}\b")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_MESSAGE_CLASS_LEN = 72
-
-
-def message_class(message: str) -> str:
-    """An error message with its particulars blanked, so alike failures group together.
-
-    >>> message_class("prompts.jsonl:12: batch_size must be 1..4, got 9")
-    'batch_size must be N..N, got N'
-    """
-    text = _FILE_LINE.sub("", message.strip(), count=1)
-    text = _QUOTED.sub("'…'", text)
-    text = _HEXISH.sub("…", text)
-    text = _NUMBER.sub("N", text)
-    text = " ".join(text.split())
-    if len(text) > _MESSAGE_CLASS_LEN:
-        text = text[: _MESSAGE_CLASS_LEN - 1] + "…"
-    return text
-
-
-def _reason(record: dict[str, Any]) -> str:
-    error = record.get("error")
-    if not isinstance(error, dict):
-        return "(no error recorded)"
-    status = error.get("status")
-    code = error.get("code")
-    head = " ".join(str(part) for part in (status, code) if part not in (None, ""))
-    message = message_class(str(error.get("message") or ""))
-    return f"{head}: {message}" if head and message else head or message or "(empty error)"
 
 
 def _parse_time(text: str) -> float | None:
@@ -213,7 +172,7 @@ def _summary_ipd(out_dir: Path) -> tuple[int | None, str | None]:
     return None, None
 
 
-def _variations(latest: dict[str, dict[str, Any]]) -> int:
+def _variations(latest: dict[str, ManifestRecord]) -> int:
     most = 0
     for record in latest.values():
         variation = record.get("variation")
@@ -222,7 +181,7 @@ def _variations(latest: dict[str, dict[str, Any]]) -> int:
     return most + 1
 
 
-def _pending(input_path: Path, latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _pending(input_path: Path, latest: dict[str, ManifestRecord]) -> dict[str, Any]:
     """Input rows not yet done, and the images they still need.
 
     Cheap when the loader can count rows (plain .txt/.jsonl): rows minus done records,
@@ -285,6 +244,7 @@ def status_report(
     counts: Counter[str] = Counter({status: 0 for status in STATUSES})
     reasons: dict[str, Counter[str]] = {status: Counter() for status in _REASON_STATUSES}
     examples: dict[str, str] = {}
+    errors: Counter[str] = Counter()
     images = size = 0
     latency: list[float] = []
     inference: list[float] = []
@@ -307,10 +267,13 @@ def status_report(
             ):
                 inference.append(value)
         elif status in reasons:
-            reason = _reason(record)
-            reasons[status][reason] += 1
-            if reason not in examples and isinstance(record.get("error"), dict):
-                examples[reason] = str(record["error"].get("message") or "")
+            error = record.get("error")
+            message = str(error.get("message") or "") if isinstance(error, dict) else ""
+            reason = Reason.of(status, error)
+            errors[reason.key] += 1
+            group = reason.group(message)
+            reasons[status][group] += 1
+            examples.setdefault(group, message)
 
     pending = _pending(input_path, scan.latest) if input_path is not None else None
     ipd_source: str | None = "--ipd" if ipd is not None else None
@@ -332,6 +295,7 @@ def status_report(
             ]
             for status, found in reasons.items()
         },
+        "errors": dict(errors.most_common()),
         "input_rows": pending["input_rows"] if pending else None,
         "pending": pending["pending"] if pending else None,
         "pending_images": pending["pending_images"] if pending else None,
@@ -359,12 +323,7 @@ def status_report(
 
 
 def _percentiles(values: list[float]) -> dict[str, Any]:
-    p50, p95 = percentile(values, 0.5), percentile(values, 0.95)
-    return {
-        "n": len(values),
-        "p50": None if p50 is None else round(p50, 3),
-        "p95": None if p95 is None else round(p95, 3),
-    }
+    return {"n": len(values), **percentiles(values, 0.5, 0.95)}
 
 
 # -- verify --------------------------------------------------------------------------
@@ -420,22 +379,13 @@ class VerifyReport:
         }
 
 
-def _safe_relpath(path: Any) -> str | None:
-    """``path`` if it is a relative path that stays inside the output directory."""
-    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
-        return None
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or ".." in pure.parts:
-        return None
-    return pure.as_posix()
-
-
-def _check(out_dir: Path, row_id: str, image: dict[str, Any]) -> FileProblem | int:
+def _check(out_dir: Path, row_id: str, image: ImageEntry) -> FileProblem | int:
     """The file's problem, or its size when it matches the record."""
     path = image.get("path")
-    rel = _safe_relpath(path)
-    if rel is None:
+    safe = safe_relpath(path)
+    if safe is None:
         return FileProblem(row_id, str(path), "bad path", "not a relative path inside DIR")
+    rel = safe.as_posix()
     full = out_dir / rel
     try:
         with open(full, "rb") as f:
@@ -461,9 +411,9 @@ def _check(out_dir: Path, row_id: str, image: dict[str, Any]) -> FileProblem | i
 
 
 def _batches(
-    items: Iterable[tuple[str, dict[str, Any]]],
-) -> Iterator[list[tuple[str, dict[str, Any]]]]:
-    batch: list[tuple[str, dict[str, Any]]] = []
+    items: Iterable[tuple[str, ImageEntry]],
+) -> Iterator[list[tuple[str, ImageEntry]]]:
+    batch: list[tuple[str, ImageEntry]] = []
     for item in items:
         batch.append(item)
         if len(batch) >= _HASH_BATCH:
@@ -492,13 +442,13 @@ def verify(out_dir: Path, *, workers: int | None = None) -> VerifyReport:
     scan = _scan(out_dir)
     report = VerifyReport(out_dir=out_dir, manifests=[p.name for p in scan.paths])
     referenced: set[str] = set()
-    to_check: list[tuple[str, dict[str, Any]]] = []
+    to_check: list[tuple[str, ImageEntry]] = []
     for row_id, record in scan.latest.items():
         images = _images(record)
         for image in images:
-            rel = _safe_relpath(image.get("path"))
+            rel = safe_relpath(image.get("path"))
             if rel is not None:
-                referenced.add(rel)
+                referenced.add(rel.as_posix())
         if record.get("status") == "ok":
             report.records += 1
             to_check.extend((row_id, image) for image in images)
@@ -530,16 +480,6 @@ def verify(out_dir: Path, *, workers: int | None = None) -> VerifyReport:
 
 
 # -- output --------------------------------------------------------------------------
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` → ``"1.5 KiB"``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _fmt(value: float | None, unit: str = "") -> str:

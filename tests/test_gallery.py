@@ -164,8 +164,9 @@ def test_card_details(out: Path) -> None:
     assert 'src="thumbs/000/000000001_0.jpg"' in first
     second = page[page.index('id="c-000000002"') : page.index('id="c-000000003"')]
     assert second.count("<img") == 2  # a batch of two
-    assert "HTTP 400 code 20012: bad prompt:" in page
-    assert "code invalid: prompts.txt:5: bad size" in page
+    # the reason's label, as the closing summary shows it (sfbatch.reasons), then the message
+    assert "HTTP 400 (code 20012): bad prompt:" in page
+    assert "invalid: prompts.txt:5: bad size" in page
     assert 'data-model="(none)"' in page and '<option value="(none)">' in page
     dup = page[page.index('id="c-000000007"') : page.index('id="c-001000008"')]
     assert 'duplicate of <a href="page-0001.html#c-000000001">000000001</a>' in dup

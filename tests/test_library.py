@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import sfbatch
+from sfbatch import errors
 from sfbatch.emulator import Emulator
 from sfbatch.errors import AuthenticationError, BadRequestError, QuotaReachedError
+from sfbatch.loader import PromptSource, Row
 
 
 async def test_generate_yields_every_record_and_resumes(tmp_path: Path) -> None:
@@ -71,3 +76,108 @@ async def test_client_single_request_and_error_mapping() -> None:
             with pytest.raises(AuthenticationError) as auth:
                 await client.generate({"prompt": "a cat"})
             assert "sk-nope" not in str(auth.value)
+
+
+def test_the_public_surface_is_pinned() -> None:
+    assert sorted(sfbatch.__all__) == [
+        "ApiError",
+        "AuthenticationError",
+        "BadRequestError",
+        "ConfigError",
+        "DailyQuotaError",
+        "DownloadError",
+        "EndpointNotFoundError",
+        "ExpiredUrlError",
+        "FatalApiError",
+        "Generation",
+        "ImageEntry",
+        "ImageTooLargeError",
+        "InputFileError",
+        "MalformedResponseError",
+        "ManifestRecord",
+        "NotAnImageError",
+        "QuotaReachedError",
+        "RateLimitError",
+        "RecordError",
+        "RequestDefaults",
+        "RequestTimeoutError",
+        "RunConfig",
+        "RunResult",
+        "ServerError",
+        "SfbatchError",
+        "SiliconFlowClient",
+        "Status",
+        "TransportError",
+        "__version__",
+        "generate",
+    ]
+    for name in sfbatch.__all__:
+        assert hasattr(sfbatch, name), name
+    # every exception of the tree is public; the stages are not
+    assert {n for n in errors.__all__ if n != "redact"} <= set(sfbatch.__all__)
+    for internal in ("Pipeline", "Row", "ModelRule", "PromptSource", "ModelRegistry"):
+        assert internal not in sfbatch.__all__
+
+
+async def test_generate_takes_an_async_iterable_and_hands_back_the_result(
+    tmp_path: Path,
+) -> None:
+    async def rows() -> AsyncIterator[str | dict[str, Any]]:
+        for i in range(300):  # more than the bridge holds at once
+            await asyncio.sleep(0)
+            yield f"prompt {i}" if i % 2 else {"prompt": f"prompt {i}", "seed": i}
+        yield {"prompt": "too big", "batch_size": 9}
+
+    results: list[sfbatch.RunResult] = []
+    async with Emulator() as emu:
+        config = sfbatch.RunConfig(out_dir=tmp_path, api_key=emu.api_key, base_url=emu.base_url)
+        records = [r async for r in sfbatch.generate(rows(), config, on_result=results.append)]
+    by_id = {r["id"]: r for r in records}
+    assert len(by_id) == 301
+    assert by_id["000000001"]["seed"] == 0 and by_id["000000001"]["status"] == "ok"
+    assert by_id["000000301"]["status"] == "invalid"
+    (result,) = results
+    assert result.outcome == "done" and result.exit_code == 1
+    assert result.summary["run"]["ok"] == 300
+    assert [(t.reason.key, t.count) for t in result.errors] == [("invalid: invalid", 1)]
+
+
+async def test_generate_takes_an_async_iterable_of_rows(tmp_path: Path) -> None:
+    source = PromptSource.from_records(["a cat", "a dog"])
+
+    async def rows() -> AsyncIterator[Row]:
+        for row in source:
+            yield row
+
+    async with Emulator() as emu:
+        config = sfbatch.RunConfig(out_dir=tmp_path, api_key=emu.api_key, base_url=emu.base_url)
+        ids = sorted([r["id"] async for r in sfbatch.generate(rows(), config)])
+    assert ids == ["000000001", "000000002"]
+
+
+async def test_an_async_iterable_that_fails_stops_the_run_with_its_error(tmp_path: Path) -> None:
+    async def rows() -> AsyncIterator[str]:
+        yield "a cat"
+        raise RuntimeError("the source broke")
+
+    async with Emulator() as emu:
+        config = sfbatch.RunConfig(out_dir=tmp_path, api_key=emu.api_key, base_url=emu.base_url)
+        # as a sync iterable's error does: out of the pipeline's TaskGroup
+        with pytest.raises(ExceptionGroup) as info:
+            async for _ in sfbatch.generate(rows(), config):
+                pass
+    assert info.group_contains(RuntimeError, match="the source broke")
+
+
+async def test_breaking_out_of_an_async_source_early_stops_its_worker(tmp_path: Path) -> None:
+    async def rows() -> AsyncIterator[str]:
+        for i in range(10_000):
+            yield f"p {i}"
+
+    async with Emulator(latency_s=0.01) as emu:
+        config = sfbatch.RunConfig(out_dir=tmp_path, api_key=emu.api_key, base_url=emu.base_url)
+        agen = sfbatch.generate(rows(), config)
+        async for _ in agen:
+            break
+        await agen.aclose()
+        assert emu.stats()["generation_requests"] < 100

@@ -26,8 +26,11 @@ from typing import Any
 import orjson
 import pytest
 
+from sfbatch.logs import LiveLine, attach_live_line, configure_logging
 from sfbatch.pipeline import RunResult
-from sfbatch.progress import Progress, _Snapshot, configure_logging
+from sfbatch.progress import Progress, _bar_line, _Snapshot
+from sfbatch.reasons import Reason, ReasonTally
+from sfbatch.summary import print_summary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -352,33 +355,26 @@ async def test_throttling_and_quota_warnings_at_most_once_a_minute(
     assert "slowed to 60" in err and "paused 4s" in err  # the status lines show it too
 
 
-def _result(outcome: str, *, run: dict[str, Any], errors: dict[str, int], **totals: int) -> Any:
-    summary = {"elapsed_s": 75.0, "run": run, "errors": errors, "manifest": totals}
-    return RunResult(outcome=outcome, summary=summary, message="")  # type: ignore[arg-type]
+def _result(
+    outcome: str, *, run: dict[str, Any], errors: tuple[ReasonTally, ...] = (), **totals: int
+) -> Any:
+    summary = {"elapsed_s": 75.0, "run": run, "manifest": totals}
+    return RunResult(outcome=outcome, summary=summary, errors=errors)  # type: ignore[arg-type]
 
 
 def test_summary_explains_failures_and_the_next_step(
     tmp_path: Path, sfbatch_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    failed = {
-        "id": "000000007",
-        "status": "failed",
-        "error": {"status": 400, "code": 20012, "message": "image_size not allowed"},
-    }
-    (tmp_path / "manifest.jsonl").write_bytes(orjson.dumps(failed) + b"\n")
-    progress = Progress(FakePipeline(tmp_path), sources=[])
+    config = FakePipeline(tmp_path).config
     run = {"ok": 10, "failed": 2, "images": 20, "bytes": 2_500_000, "skipped": 5}
-    result = _result(
-        "done",
-        run=run,
-        errors={"failed: 400 20012": 2, "failed: RequestTimeoutError": 1},
-        ok=15,
-        failed=2,
+    errors = (
+        ReasonTally(Reason("failed", 400, 20012), 2, "image_size not allowed"),
+        ReasonTally(Reason("failed", None, "RequestTimeoutError"), 1, ""),
     )
-    progress.print_summary(result)
+    print_summary(_result("done", run=run, errors=errors, ok=15, failed=2), config)
     err = capsys.readouterr().err
     assert err.startswith(
-        "sfbatch: finished in 1m15s: 10 ok (20 images, 2.5 MB), 2 failed, "
+        "sfbatch: finished in 1m15s: 10 ok (20 images, 2.4 MiB), 2 failed, "
         "5 skipped as done before\n"
     )
     assert "why:   2 failed: HTTP 400 (code 20012), e.g. image_size not allowed" in err
@@ -386,7 +382,7 @@ def test_summary_explains_failures_and_the_next_step(
     assert f"manifest {tmp_path / 'manifest.jsonl'}" in err
     assert "--retry-failed to try failed items again" in err
 
-    progress.print_summary(_result("quota", run={"ok": 3, "images": 3}, errors={}, ok=3))
+    print_summary(_result("quota", run={"ok": 3, "images": 3}, ok=3), config)
     err = capsys.readouterr().err
     assert err.startswith("sfbatch: stopped at the daily quota after 1m15s: 3 ok")
     assert "next:  the daily quota is used up: run the same command tomorrow to go on" in err
@@ -394,7 +390,39 @@ def test_summary_explains_failures_and_the_next_step(
     fatal = RunResult(
         outcome="fatal", summary={"run": {}}, message="401 the API key was not accepted"
     )
-    progress.print_summary(fatal)
+    print_summary(fatal, config)
     err = capsys.readouterr().err
     assert err.startswith("sfbatch: stopped after 0s: 401 the API key was not accepted: ")
     assert "fix that, then run the same command again to resume" in err
+
+
+def test_the_bar_line_fills_the_terminal_width_and_no_more() -> None:
+    for columns in (60, 98, 148):
+        line = _bar_line(snapshot(), columns)
+        assert len(line) == columns, line
+        assert line.startswith("sfbatch  12%|█") and "| 1,234/10,000 · ok 1,200" in line
+    full = _bar_line(snapshot(done=10_000, eta_s=0.0), 98)
+    assert full.startswith("sfbatch 100%|") and " " not in full[13 : full.index("| ")]
+    assert _bar_line(snapshot(total=None), 98).startswith("sfbatch 1,234 done · ok 1,200")
+
+
+def test_log_records_print_above_the_live_line_and_it_is_drawn_again(
+    sfbatch_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = LiveLine(sys.stderr)
+    line.show("sfbatch  50%|█████     | 5/10")
+    attach_live_line(line)
+    try:
+        logging.getLogger("sfbatch").warning("the API refused 3 requests")
+    finally:
+        attach_live_line(None)
+    line.close()
+    logging.getLogger("sfbatch").info("after the bar")
+    err = capsys.readouterr().err
+    clear = "\r\x1b[2K"
+    assert err == (
+        f"{clear}sfbatch  50%|█████     | 5/10"
+        f"{clear}sfbatch: warning: the API refused 3 requests\nsfbatch  50%|█████     | 5/10"
+        f"{clear}sfbatch  50%|█████     | 5/10\n"
+        "sfbatch: after the bar\n"
+    )

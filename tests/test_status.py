@@ -421,3 +421,50 @@ def test_verify_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "no manifest" in capsys.readouterr().err
     with pytest.raises(NoManifestError):
         verify(tmp_path)
+
+
+# -- summary.json and status agree ---------------------------------------------------
+
+
+async def test_summary_json_and_status_agree_on_every_figure_they_share(tmp_path: Path) -> None:
+    import sfbatch
+    from sfbatch.emulator import Emulator, FaultConfig
+
+    out = tmp_path / "out"
+    rows: list[Any] = [{"prompt": f"a lighthouse {i}", "batch_size": 1 + i % 3} for i in range(60)]
+    rows += [{"prompt": "too many", "batch_size": 9}] * 3  # invalid
+    results: list[sfbatch.RunResult] = []
+    async with Emulator(faults=FaultConfig(seed=3, p_500=0.2), latency_s=0.001) as emu:
+        config = sfbatch.RunConfig(
+            out_dir=out,
+            api_key=emu.api_key,
+            base_url=emu.base_url,
+            ipd=10_000,
+            max_retries=0,  # a 500 fails its item at once
+        )
+        async for _ in sfbatch.generate(rows, config, on_result=results.append):
+            pass
+    (result,) = results
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary == result.summary
+    report = status_report(out, tz_offset_h=config.day_utc_offset_h)
+    # the run made failures, invalid rows and several sizes of batch: nothing is trivial
+    assert summary["manifest"]["ok"] > 20 and summary["manifest"]["failed"] > 3
+    assert summary["manifest"]["invalid"] == 3
+
+    assert {k: v for k, v in report["counts"].items() if v} == summary["manifest"]
+    for status in ("ok", "failed", "invalid"):
+        assert report["counts"][status] == summary["run"][status]
+    assert report["errors"] == summary["errors"]
+    assert set(summary["errors"]) == {"failed: 500 50000", "invalid: invalid"}
+    assert report["images"] == summary["run"]["images"]
+    assert report["bytes"] == summary["run"]["bytes"]
+    assert report["billed"]["total"] == summary["run"]["billed_images"]
+    assert report["billed"]["today"] == summary["quota"]["billed_today"]
+    assert report["quota"]["ipd"] == summary["quota"]["ipd"]
+    for key in ("latency_s", "inference_s"):
+        assert report[key]["n"] == summary["manifest"]["ok"]
+        for q in ("p50", "p95"):
+            assert report[key][q] == summary[key][q], (key, q)
+    assert [(t.reason.key, t.count) for t in result.errors] == list(summary["errors"].items())
+    assert all(t.example for t in result.errors)
