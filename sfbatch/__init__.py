@@ -22,8 +22,13 @@ from sfbatch.pipeline import RunResult, generate
 __version__ = "0.1.0"
 
 __all__ = [
-    # every exception of errors.py's tree, without its helper ``redact``
-    *(name for name in _errors.__all__ if name != "redact"),
+    # every exception of errors.py's tree, without its helpers and constants
+    *(
+        name
+        for name in _errors.__all__
+        if isinstance(getattr(_errors, name), type)
+        and issubclass(getattr(_errors, name), BaseException)
+    ),
     "Generation",
     "ImageEntry",
     "ManifestRecord",
