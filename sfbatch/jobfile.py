@@ -1,7 +1,7 @@
 """Job files (``jobs/*.toml``): :func:`load` reads one, :func:`merge` lays overrides over it.
 
 A job file describes a whole build; the command line overrides it (``sfbatch.cli`` turns
-its flags into :class:`Overrides`; nothing here knows argparse). The schema is not a table
+its flags into :class:`Overrides`; this module never sees a command line). The schema is not a table
 of its own: every :class:`~sfbatch.config.RunConfig` field is a key (see
 :mod:`sfbatch.settings`), plus the job's own keys below (what to read, which endpoint, the
 variable holding its key) and the embedded emulator's ``[emulator]`` table. An unknown key
