@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -76,7 +77,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         help="base URL profile: cn = api.siliconflow.cn, com = api.siliconflow.com",
     )
     for spec in specs_of(RunConfig):
-        options: dict[str, Any] = {"dest": spec.id, "default": None, "help": spec.setting.help}
+        help_text = spec.setting.help
+        if spec.default not in (None, dataclasses.MISSING) and "default" not in help_text:
+            help_text += f" (default {spec.default})"
+        options: dict[str, Any] = {"dest": spec.id, "default": None, "help": help_text}
         if spec.kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         else:
@@ -252,8 +256,6 @@ def _chain(sources: Sequence[Any]) -> Any:
 @contextlib.asynccontextmanager
 async def _api_endpoint(job: Job) -> AsyncIterator[RunConfig]:
     """The run's config, pointed at an embedded emulator when the job asks for one."""
-    import dataclasses
-
     from sfbatch.emulator import Emulator
 
     config = job.config

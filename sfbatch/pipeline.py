@@ -137,7 +137,9 @@ class RunResult:
 class Pipeline:
     """One run of the engine over ``rows`` with ``config``.
 
-    Create it inside the running loop; call :meth:`run` once. ``on_record`` is awaited
+    Create it inside the running loop: the constructor reads the manifest back and builds
+    every part (it opens the manifest and two HTTP sessions); then call :meth:`run` once,
+    which closes them. ``on_record`` is awaited
     with every record after it is in the manifest (the library's :func:`generate`
     uses it; so does the progress display).
     """
