@@ -60,8 +60,15 @@ def parse_shard(text: str) -> tuple[int, int]:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
         raise ConfigError(f"shard must be I/N (e.g. 0/4), got {text!r}") from None
+    return _checked_shard((index, count))
+
+
+def _checked_shard(shard: tuple[int, ...]) -> tuple[int, int]:
+    if len(shard) != 2 or not all(type(n) is int for n in shard):
+        raise ConfigError(f"shard must be (I, N), got {shard!r}")
+    index, count = shard
     if not (count >= 1 and 0 <= index < count):
-        raise ConfigError(f"shard I/N needs 0 <= I < N, got {text!r}")
+        raise ConfigError(f"shard I/N needs 0 <= I < N, got {index}/{count}")
     return index, count
 
 
@@ -183,7 +190,7 @@ class Output:
     def __post_init__(self) -> None:
         check(self)
         if self.shard is not None:
-            parse_shard("/".join(str(n) for n in self.shard))
+            _checked_shard(self.shard)
         if "{id}" not in self.name_template or "{index}" not in self.name_template:
             raise ConfigError(
                 f"file naming must contain {{id}} and {{index}}, got {self.name_template!r}"

@@ -49,7 +49,7 @@ from sfbatch.config import BASE_URLS, DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Environ
 from sfbatch.errors import ConfigError
 from sfbatch.loader import PromptSource
 from sfbatch.models import ModelRegistry
-from sfbatch.settings import Spec, check, setting, specs_of
+from sfbatch.settings import Spec, check, own_specs, setting, specs_of
 
 __all__ = ["EmulatorSettings", "Job", "JobFile", "Overrides", "load", "merge"]
 
@@ -92,7 +92,7 @@ def _schema() -> dict[str, dict[str, tuple[tuple[type, ...], Spec | None]]]:
         section: {key: (types, None) for key, types in keys.items()}
         for section, keys in _JOB_KEYS.items()
     }
-    for spec in (*specs_of(RunConfig), *specs_of(EmulatorSettings, part="emulator")):
+    for spec in (*specs_of(RunConfig), *own_specs(EmulatorSettings)):
         schema.setdefault(spec.section, {})[spec.key] = (spec.text_kinds, spec)
     return schema
 

@@ -24,14 +24,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sfbatch.errors import ConfigError
 
-__all__ = ["Setting", "Spec", "check", "setting", "specs_of"]
+__all__ = ["Setting", "Spec", "check", "own_specs", "setting", "specs_of"]
 
 _META = "sfbatch.setting"
 _UNIT_SUFFIXES = ("_s", "_h")
@@ -118,46 +118,54 @@ def _kind(hint: Any) -> tuple[type, bool]:
     raise TypeError(f"no settings kind for {hint!r}")
 
 
-def specs_of(cls: type, *, part: str | None = None, section: str | None = None) -> tuple[Spec, ...]:
-    """Every declared field of ``cls``; a field whose type has a ``SECTION`` is a part: its
-    fields are listed instead (one level deep; ``part`` names the part being listed)."""
-    cache_key = (cls, part, section)
-    if cache_key not in _SPECS:
-        _SPECS[cache_key] = _list_specs(cls, part, section)
-    return _SPECS[cache_key]
+def specs_of(cls: type) -> tuple[Spec, ...]:
+    """Every setting of ``cls``, in field order: its own declared fields, and for a field
+    whose type has a ``SECTION`` (a part) the part's declared fields."""
+    if cls not in _ALL_SPECS:
+        hints = typing.get_type_hints(cls)
+        found: list[Spec] = []
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if isinstance(getattr(hint, "SECTION", None), str):
+                found.extend(own_specs(hint, part=f.name))
+            else:
+                found.extend(spec for spec in own_specs(cls) if spec.name == f.name)
+        _ALL_SPECS[cls] = tuple(found)
+    return _ALL_SPECS[cls]
 
 
-_SPECS: dict[tuple[type, str | None, str | None], tuple[Spec, ...]] = {}
+def own_specs(cls: type, *, part: str | None = None) -> tuple[Spec, ...]:
+    """The fields of ``cls`` declared with :func:`setting` (``part``: the attribute that
+    holds ``cls`` in its parent, recorded in each spec)."""
+    if (cls, part) not in _OWN_SPECS:
+        _OWN_SPECS[cls, part] = tuple(_declared(cls, part))
+    return _OWN_SPECS[cls, part]
 
 
-def _list_specs(cls: type, part: str | None, section: str | None) -> tuple[Spec, ...]:
+_ALL_SPECS: dict[type, tuple[Spec, ...]] = {}
+_OWN_SPECS: dict[tuple[type, str | None], tuple[Spec, ...]] = {}
+
+
+def _declared(cls: type, part: str | None) -> Iterator[Spec]:
     hints = typing.get_type_hints(cls)
-    found: list[Spec] = []
     for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if part is None and isinstance(getattr(hint, "SECTION", None), str):
-            found.extend(specs_of(hint, part=f.name, section=hint.SECTION))
-            continue
         meta = f.metadata.get(_META)
         if not isinstance(meta, Setting):
             continue
-        kind, optional = _kind(hint)
+        kind, optional = _kind(hints[f.name])
         key = meta.key or f.name
         stem = next((key[: -len(s)] for s in _UNIT_SUFFIXES if key.endswith(s)), key)
-        found.append(
-            Spec(
-                part=part,
-                name=f.name,
-                section=meta.section or section or str(getattr(cls, "SECTION", "")),
-                key=key,
-                flag=meta.flag or stem.replace("_", "-"),
-                kind=kind,
-                optional=optional,
-                setting=meta,
-                default=f.default,
-            )
+        yield Spec(
+            part=part,
+            name=f.name,
+            section=meta.section or str(getattr(cls, "SECTION", "")),
+            key=key,
+            flag=meta.flag or stem.replace("_", "-"),
+            kind=kind,
+            optional=optional,
+            setting=meta,
+            default=f.default,
         )
-    return tuple(found)
 
 
 def _type_problem(value: Any, kind: type) -> bool:
@@ -175,7 +183,7 @@ def _type_problem(value: Any, kind: type) -> bool:
 def check(obj: Any) -> None:
     """Raise :class:`ConfigError` if a declared field of ``obj`` has the wrong type or is out
     of bounds; the message names the job-file key (``rpm must be ...``)."""
-    for spec in specs_of(type(obj), part="self"):
+    for spec in own_specs(type(obj)):
         value = getattr(obj, spec.name)
         if value is None and spec.optional:
             continue
