@@ -139,9 +139,8 @@ class Pipeline:
 
     Create it inside the running loop: the constructor reads the manifest back and builds
     every part (it opens the manifest and two HTTP sessions); then call :meth:`run` once,
-    which closes them. ``on_record`` is awaited
-    with every record after it is in the manifest (the library's :func:`generate`
-    uses it; so does the progress display).
+    which closes them. ``on_record`` is awaited with every record after it is in the
+    manifest (the library's :func:`generate` uses it; so does the progress display).
     """
 
     def __init__(
