@@ -14,15 +14,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sfbatch.config import parse_shard
+from sfbatch import jobfile
+from sfbatch.config import BASE_URLS, RunConfig
 from sfbatch.errors import ConfigError, SfbatchError
+from sfbatch.jobfile import Job
+from sfbatch.settings import Spec, specs_of
 
 __all__ = [
     "EXIT_AUTH",
@@ -44,73 +48,65 @@ EXIT_INTERRUPTED = 130
 log = logging.getLogger("sfbatch")
 
 
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        return parse_shard(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _flag_type(spec: Spec) -> Callable[[str], Any]:
+    parse = spec.setting.parse
+    if parse is None:
+        converter: Callable[[str], Any] = spec.kind
+        return converter
+
+    def parse_flag(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse_flag
 
 
-def add_request_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ``run`` and ``validate``: the input, request defaults, limits."""
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The input and one flag per :class:`~sfbatch.config.RunConfig` setting (``--rpm``,
+    ``--download-timeout``, ...); each flag's ``dest`` is its spec id (``limits.rpm``)."""
     parser.add_argument(
         "input",
         metavar="PROMPTS|JOB.toml",
         help="prompt file (.txt .jsonl .csv .tsv, optionally .gz; - for stdin) or a job file",
     )
     parser.add_argument(
-        "--out", type=Path, help="output directory (required unless the job file sets it)"
-    )
-    parser.add_argument(
-        "--base-url",
-        help="API base URL including /v1 (default: $SILICONFLOW_BASE_URL or https://api.siliconflow.cn/v1)",
-    )
-    parser.add_argument(
         "--profile",
-        choices=("cn", "com"),
+        choices=tuple(BASE_URLS),
         help="base URL profile: cn = api.siliconflow.cn, com = api.siliconflow.com",
     )
-    parser.add_argument("--model", help="model for rows that do not name one")
-    parser.add_argument("--image-size", help="WIDTHxHEIGHT for rows that do not set one")
-    parser.add_argument("--batch-size", type=int, help="images per request (1..4)")
-    parser.add_argument(
-        "--steps", type=int, dest="num_inference_steps", metavar="N", help="num_inference_steps"
+    for spec in specs_of(RunConfig):
+        help_text = spec.setting.help
+        if spec.default not in (None, dataclasses.MISSING) and "default" not in help_text:
+            help_text += f" (default {spec.default})"
+        options: dict[str, Any] = {"dest": spec.id, "default": None, "help": help_text}
+        if spec.kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = _flag_type(spec)
+            options["metavar"] = _METAVARS.get(spec.key[-2:], spec.flag.upper().replace("-", "_"))
+        parser.add_argument(f"--{spec.flag}", **options)
+
+
+_METAVARS = {"_s": "SECONDS", "_h": "HOURS"}
+
+
+def job_from_args(args: argparse.Namespace) -> Job:
+    """The job the parsed flags describe: a job file (if the input is one) under the flags."""
+    given = str(args.input)
+    job_file = jobfile.load(Path(given)) if given.endswith(".toml") else None
+    overrides = jobfile.Overrides(
+        settings={
+            spec.id: value
+            for spec in specs_of(RunConfig)
+            if (value := getattr(args, spec.id)) is not None
+        },
+        input=None if job_file else given,
+        profile=args.profile,
+        emulator=bool(getattr(args, "emulator", False)),
     )
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--cfg", type=float, help="cfg, for Qwen/Qwen-Image models")
-    parser.add_argument("--negative-prompt")
-    parser.add_argument(
-        "--seed",
-        type=int,
-        help="seed for rows without one (else derived from --base-seed and the row id)",
-    )
-    parser.add_argument("--prompt-enhancement", action="store_true", default=None)
-    parser.add_argument(
-        "--base-seed", type=int, help="base of the derived per-row seeds (default 0)"
-    )
-    parser.add_argument(
-        "--variations", type=int, help="images per prompt, each with its own derived seed"
-    )
-    parser.add_argument(
-        "--dedupe", action="store_true", default=None, help="make identical prompt+parameters once"
-    )
-    parser.add_argument(
-        "--models-file", type=Path, help="TOML file adding or overriding model rules"
-    )
-    parser.add_argument("--rpm", type=float, help="requests per minute the account allows")
-    parser.add_argument("--ipm", type=float, help="images per minute the account allows")
-    parser.add_argument("--ipd", type=int, help="images per day: stop cleanly (exit 4) when made")
-    parser.add_argument(
-        "--tz-offset",
-        type=float,
-        dest="day_utc_offset_h",
-        metavar="HOURS",
-        help="UTC offset in hours of the account's day (default 8)",
-    )
-    parser.add_argument(
-        "--shard", type=_shard, help="I/N: take only the rows whose id hashes to shard I of N"
-    )
-    parser.add_argument("--limit", type=int, help="read only the first N rows of the input")
+    return jobfile.merge(job_file, overrides)
 
 
 def _add_run(subparsers: Any) -> None:
@@ -120,31 +116,39 @@ def _add_run(subparsers: Any) -> None:
         description="Generate images for every row of PROMPTS (or the job file's inputs), "
         "resuming from DIR/manifest.jsonl. The API key comes from $SILICONFLOW_API_KEY.",
     )
-    add_request_flags(parser)
-    parser.add_argument("--concurrency", type=int, help="generation requests in flight (default 4)")
-    parser.add_argument("--download-concurrency", type=int, help="downloads in flight (default 8)")
-    parser.add_argument("--max-retries", type=int, help="retries of a failing request (default 5)")
-    parser.add_argument(
-        "--retry-failed",
-        action="store_true",
-        default=None,
-        help="try items recorded as failed again",
-    )
+    add_config_flags(parser)
     parser.add_argument(
         "--emulator",
         action="store_true",
         default=None,
         help="run against an embedded emulator (what the demo job does when no API key is set)",
     )
-    parser.add_argument(
-        "--grace",
-        type=float,
-        dest="grace_s",
-        metavar="SECONDS",
-        help="seconds in-flight work may take after Ctrl-C (default 30)",
-    )
     add_output_flags(parser)
     parser.set_defaults(handler=run_command)
+
+
+def _add_validate(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a prompt file or job offline: rows, model rules, limits, base URL",
+        description="Check everything `sfbatch run` would check, without sending a request.",
+    )
+    add_config_flags(parser)
+    parser.set_defaults(handler=validate_command)
+
+
+def validate_command(args: argparse.Namespace) -> int:
+    from sfbatch.validate import validate_job
+
+    if getattr(args, "job.out") is None:
+        setattr(args, "job.out", Path("."))  # validate writes nothing
+    try:
+        job = job_from_args(args)
+        problems = validate_job(job, out=sys.stdout)
+    except SfbatchError as exc:
+        print(f"sfbatch validate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_USAGE if problems else EXIT_OK
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +161,7 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sfbatch import __version__, gallery, status, validate
+    from sfbatch import __version__, gallery, status
     from sfbatch.emulator import cli as emulator_cli
 
     parser = argparse.ArgumentParser(
@@ -167,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sfbatch {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(subparsers)
-    for module in (validate, status, gallery, emulator_cli):
+    _add_validate(subparsers)
+    for module in (status, gallery, emulator_cli):
         module.register(subparsers)
     return parser
 
@@ -182,9 +187,7 @@ def setup_logging(args: argparse.Namespace) -> None:
 def run_command(args: argparse.Namespace) -> int:
     setup_logging(args)
     try:
-        from sfbatch.jobfile import build_run
-
-        job = build_run(args)
+        job = job_from_args(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
@@ -194,7 +197,7 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
-async def _run(job: Any, args: argparse.Namespace) -> int:
+async def _run(job: Job, args: argparse.Namespace) -> int:
     from sfbatch.pipeline import Pipeline
     from sfbatch.progress import Progress
     from sfbatch.summary import print_summary
@@ -241,7 +244,7 @@ def _on_signal(pipeline: Any, sig: signal.Signals) -> None:
         log.warning(
             "%s: finishing in-flight work (up to %.0f s; again to stop at once)",
             sig.name,
-            pipeline.config.grace_s,
+            pipeline.config.timeouts.grace_s,
         )
     pipeline.interrupt()
 
@@ -252,10 +255,8 @@ def _chain(sources: Sequence[Any]) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def _api_endpoint(job: Any) -> AsyncIterator[Any]:
+async def _api_endpoint(job: Job) -> AsyncIterator[RunConfig]:
     """The run's config, pointed at an embedded emulator when the job asks for one."""
-    import dataclasses
-
     from sfbatch.emulator import Emulator
 
     config = job.config

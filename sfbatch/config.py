@@ -1,28 +1,48 @@
-"""Run configuration: frozen, keyword-only dataclasses validated on creation.
+"""Run configuration: small frozen, keyword-only parts, each validated once, on creation.
 
-A :class:`RunConfig` is everything one run needs. The CLI builds it from flags and a
-job file (:mod:`sfbatch.jobfile`); library users build it directly::
+A :class:`RunConfig` is everything one run needs, in parts: :class:`Limits`,
+:class:`Workers`, the :class:`~sfbatch.retry.RetryPolicy`, :class:`Timeouts`,
+:class:`Output`, :class:`Build` and the :class:`RequestDefaults`. Every field is declared
+with :func:`sfbatch.settings.setting`, which makes it a job-file key and a flag too (see
+:mod:`sfbatch.settings`). Library users pass parts, or the flat keywords of old, or both
+(flat keywords are applied over the parts)::
 
-    >>> cfg = RunConfig(out_dir=Path("out"), api_key="sk-test", rpm=60)
-    >>> cfg.base_url
-    'https://api.siliconflow.cn/v1'
+    >>> cfg = RunConfig(out_dir="out", api_key="sk-test", rpm=60)
+    >>> cfg.limits.rpm, cfg.workers.concurrency, cfg.out_dir
+    (60, 4, PosixPath('out'))
+    >>> RunConfig(out_dir="out", api_key="k", limits=Limits(ipd=400)) == RunConfig(
+    ...     out_dir="out", api_key="k", ipd=400)
+    True
+
+The environment is read in one place, :meth:`Environment.read`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sfbatch.errors import ConfigError
+from sfbatch.limiter import batch_fit_problem
+from sfbatch.retry import RetryPolicy
+from sfbatch.settings import check, setting, specs_of
 
 __all__ = [
     "BASE_URLS",
     "DEFAULT_BASE_URL",
+    "Build",
+    "Environment",
+    "Limits",
+    "Output",
     "RequestDefaults",
     "RunConfig",
-    "base_url_from_env",
+    "Timeouts",
+    "Workers",
     "parse_shard",
 ]
 
@@ -31,6 +51,7 @@ BASE_URLS = {
     "com": "https://api.siliconflow.com/v1",
 }
 DEFAULT_BASE_URL = BASE_URLS["cn"]
+DEFAULT_KEY_ENV = "SILICONFLOW_API_KEY"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -39,34 +60,64 @@ def parse_shard(text: str) -> tuple[int, int]:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
         raise ConfigError(f"shard must be I/N (e.g. 0/4), got {text!r}") from None
+    return _checked_shard((index, count))
+
+
+def _checked_shard(shard: tuple[int, ...]) -> tuple[int, int]:
+    if len(shard) != 2 or not all(type(n) is int for n in shard):
+        raise ConfigError(f"shard must be (I, N), got {shard!r}")
+    index, count = shard
     if not (count >= 1 and 0 <= index < count):
-        raise ConfigError(f"shard I/N needs 0 <= I < N, got {text!r}")
+        raise ConfigError(f"shard I/N needs 0 <= I < N, got {index}/{count}")
     return index, count
 
 
-def base_url_from_env() -> str:
-    return os.environ.get("SILICONFLOW_BASE_URL") or DEFAULT_BASE_URL
+@dataclass(frozen=True, kw_only=True)
+class Environment:
+    """What sfbatch takes from the environment: the API key and ``SILICONFLOW_BASE_URL``."""
+
+    api_key: str = ""
+    base_url: str | None = None
+
+    @classmethod
+    def read(cls, key_env: str = DEFAULT_KEY_ENV) -> Environment:
+        """The key from ``key_env`` (a job's ``api.key_env``) and the base-URL override."""
+        return cls(
+            api_key=os.environ.get(key_env, "").strip(),
+            base_url=os.environ.get("SILICONFLOW_BASE_URL") or None,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
 class RequestDefaults:
     """Request fields applied to every row that does not set them itself.
 
-    ``None`` means "do not send": the server's (model's) default applies.
+    ``None`` means "do not send": the server's (model's) default applies. The values are
+    checked against the model's rules by the loader, like a row's own.
     """
 
-    model: str | None = None
-    image_size: str | None = None
-    batch_size: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    cfg: float | None = None
-    negative_prompt: str | None = None
-    seed: int | None = None
-    prompt_enhancement: bool | None = None
-    #: An input image (path, URL or data URI) for rows that give none; a relative path
-    #: is taken from the current directory (see :mod:`sfbatch.inputs`).
-    image: str | None = None
+    SECTION: ClassVar[str] = "request"
+
+    model: str | None = setting(None, help="model for rows that do not name one")
+    image_size: str | None = setting(None, help="WIDTHxHEIGHT for rows that do not set one")
+    batch_size: int | None = setting(None, help="images per request (1..4)")
+    num_inference_steps: int | None = setting(None, flag="steps", help="num_inference_steps")
+    guidance_scale: float | None = setting(None, help="guidance_scale")
+    cfg: float | None = setting(None, help="cfg, for Qwen/Qwen-Image models")
+    negative_prompt: str | None = setting(None, help="negative_prompt")
+    seed: int | None = setting(
+        None, help="seed for rows without one (else derived from --base-seed and the row id)"
+    )
+    prompt_enhancement: bool | None = setting(None, help="prompt_enhancement")
+    #: An input image for rows that give none (see :mod:`sfbatch.inputs`).
+    image: str | None = setting(
+        None,
+        help="input image (path, URL or data URI) for edit-model rows that give none; "
+        "a relative path is taken from the current directory",
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
 
     def as_request(self) -> dict[str, Any]:
         return {
@@ -74,85 +125,78 @@ class RequestDefaults:
         }
 
 
-def _positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
-    if value is None:
-        if not allow_none:
-            raise ConfigError(f"{name} is required")
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """The account's limits: per minute (``rpm``, ``ipm``) and per day (``ipd``)."""
+
+    SECTION: ClassVar[str] = "limits"
+
+    rpm: float | None = setting(None, help="requests per minute the account allows", above=0)
+    ipm: float | None = setting(None, help="images per minute the account allows", above=0)
+    ipd: int | None = setting(
+        None, help="images per day: stop cleanly (exit 4) when made", at_least=0
+    )
+    day_utc_offset_h: float = setting(
+        8.0, key="tz_offset_h", help="UTC offset in hours of the account's day (default 8)"
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """Everything one run needs. Rates are per minute (``rpm``, ``ipm``) or per day (``ipd``)."""
+class Workers:
+    """Pool sizes and the loader's queue (job-file table ``[limits]``)."""
 
-    out_dir: Path
-    api_key: str = field(repr=False)
-    base_url: str = field(default_factory=base_url_from_env)
-    defaults: RequestDefaults = field(default_factory=RequestDefaults)
-    models_file: Path | None = None
+    SECTION: ClassVar[str] = "limits"
 
-    rpm: float | None = None
-    ipm: float | None = None
-    ipd: int | None = None
-    day_utc_offset_h: float = 8.0
-
-    concurrency: int = 4
-    download_concurrency: int = 8
-    queue_size: int = 256
-    max_retries: int = 5
-    backoff_base_s: float = 1.0
-    backoff_cap_s: float = 60.0
-    request_timeout_s: float = 300.0
-    connect_timeout_s: float = 30.0
-    download_timeout_s: float = 120.0
-    max_image_bytes: int = 64 * 1024 * 1024
-    url_ttl_s: float = 3600.0
-    fsync_images: bool = True
-    grace_s: float = 30.0
-
-    limit: int | None = None
-    retry_failed: bool = False
-    base_seed: int = 0
-    variations: int = 1
-    dedupe: bool = False
-    shard: tuple[int, int] | None = None
-    name_template: str = "{id}_{index}"
+    concurrency: int = setting(4, help="generation requests in flight (default 4)", at_least=1)
+    download_concurrency: int = setting(8, help="downloads in flight (default 8)", at_least=1)
+    queue_size: int = setting(256, help="rows read ahead of the workers (default 256)", at_least=1)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "out_dir", Path(self.out_dir))
-        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"base URL must start with http:// or https://, got {self.base_url!r}"
-            )
-        for name in ("rpm", "ipm"):
-            _positive(name, getattr(self, name))
-        if self.ipd is not None and (isinstance(self.ipd, bool) or self.ipd < 0):
-            raise ConfigError(f"ipd must be zero or a positive integer, got {self.ipd!r}")
-        for name in ("concurrency", "download_concurrency", "queue_size", "variations"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
-        if not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ConfigError(f"max_retries must be 0 or more, got {self.max_retries!r}")
-        for name in (
-            "backoff_base_s",
-            "backoff_cap_s",
-            "request_timeout_s",
-            "connect_timeout_s",
-            "download_timeout_s",
-            "url_ttl_s",
-            "grace_s",
-        ):
-            _positive(name, getattr(self, name), allow_none=False)
-        if self.limit is not None and self.limit < 0:
-            raise ConfigError(f"limit must be 0 or more, got {self.limit!r}")
+        check(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timeouts:
+    """How long things may take, in seconds (job-file table ``[retry]``)."""
+
+    SECTION: ClassVar[str] = "retry"
+
+    request_timeout_s: float = setting(300.0, help="deadline of one API request, s", above=0)
+    connect_timeout_s: float = setting(30.0, help="deadline of one connection, s", above=0)
+    download_timeout_s: float = setting(120.0, help="deadline of one image download, s", above=0)
+    url_ttl_s: float = setting(3600.0, help="how long image URLs live, s", above=0)
+    grace_s: float = setting(
+        30.0, help="seconds in-flight work may take after Ctrl-C (default 30)", above=0
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Output:
+    """How images and manifests are written (job-file table ``[build]``)."""
+
+    SECTION: ClassVar[str] = "build"
+
+    name_template: str = setting(
+        "{id}_{index}", key="file_naming", help="image file name, with {id} and {index}"
+    )
+    fsync_images: bool = setting(True, help="fsync each image before it is recorded")
+    max_image_bytes: int = setting(64 * 1024 * 1024, help="largest image accepted", at_least=1)
+    shard: tuple[int, int] | None = setting(
+        None,
+        parse=parse_shard,
+        help="I/N: take only the rows whose id hashes to shard I of N",
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
         if self.shard is not None:
-            index, count = self.shard
-            if not (count >= 1 and 0 <= index < count):
-                raise ConfigError(f"shard must be i/N with 0 <= i < N, got {index}/{count}")
+            _checked_shard(self.shard)
         if "{id}" not in self.name_template or "{index}" not in self.name_template:
             raise ConfigError(
                 f"file naming must contain {{id}} and {{index}}, got {self.name_template!r}"
@@ -174,6 +218,151 @@ class RunConfig:
         index, count = self.shard
         return f"manifest-{index}-of-{count}.jsonl"
 
+
+@dataclass(frozen=True, kw_only=True)
+class Build:
+    """Which rows are made, and with which seeds (job-file table ``[build]``)."""
+
+    SECTION: ClassVar[str] = "build"
+
+    base_seed: int = setting(0, help="base of the derived per-row seeds (default 0)")
+    variations: int = setting(
+        1, help="images per prompt, each with its own derived seed", at_least=1
+    )
+    dedupe: bool = setting(False, help="make identical prompt+parameters once")
+    limit: int | None = setting(None, help="read only the first N rows of the input", at_least=0)
+    retry_failed: bool = setting(False, help="try items recorded as failed again")
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+@dataclass(frozen=True, kw_only=True, init=False)
+class RunConfig:
+    """Everything one run needs, in parts; see the module docstring for how to build one."""
+
+    # RunConfig writes its own __init__ (flat keywords): these calls only declare settings.
+    out_dir: Path = setting(section="job", key="out", help="output directory")  # noqa: RUF009
+    api_key: str = dataclasses.field(repr=False)
+    base_url: str = setting(
+        section="api",
+        help="API base URL including /v1 (default: $SILICONFLOW_BASE_URL or "
+        "https://api.siliconflow.cn/v1)",
+    )
+    models_file: Path | None = setting(  # noqa: RUF009
+        None, section="build", help="TOML file adding or overriding model rules"
+    )
+    defaults: RequestDefaults
+    limits: Limits
+    workers: Workers
+    retry: RetryPolicy
+    timeouts: Timeouts
+    output: Output
+    build: Build
+
+    def __init__(
+        self,
+        *,
+        out_dir: str | Path,
+        api_key: str,
+        base_url: str | None = None,
+        models_file: str | Path | None = None,
+        defaults: RequestDefaults | None = None,
+        limits: Limits | None = None,
+        workers: Workers | None = None,
+        retry: RetryPolicy | None = None,
+        timeouts: Timeouts | None = None,
+        output: Output | None = None,
+        build: Build | None = None,
+        **flat: Any,
+    ) -> None:
+        given: dict[str, Any] = {
+            "defaults": defaults,
+            "limits": limits,
+            "workers": workers,
+            "retry": retry,
+            "timeouts": timeouts,
+            "output": output,
+            "build": build,
+        }
+        routed: dict[str, dict[str, Any]] = {}
+        for name, value in flat.items():
+            if name not in _FLAT:
+                raise TypeError(f"RunConfig() got an unexpected keyword argument {name!r}")
+            part, field_name = _FLAT[name]
+            routed.setdefault(part, {})[field_name] = value
+        for part, cls in _PART_TYPES.items():
+            value = given[part] if given[part] is not None else cls()
+            if part in routed:
+                value = dataclasses.replace(value, **routed[part])
+            object.__setattr__(self, part, value)
+        if base_url is None:
+            base_url = Environment.read().base_url or DEFAULT_BASE_URL
+        object.__setattr__(self, "out_dir", Path(out_dir))
+        object.__setattr__(self, "api_key", api_key)
+        object.__setattr__(self, "base_url", str(base_url).rstrip("/"))
+        object.__setattr__(self, "models_file", None if models_file is None else Path(models_file))
+        check(self)
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"base URL must start with http:// or https://, got {self.base_url!r}"
+            )
+        unfit = batch_fit_problem(self.defaults.batch_size or 1, self.limits.ipm)
+        if unfit is not None:
+            raise ConfigError(unfit)
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], *, api_key: str) -> RunConfig:
+        """A config from ``{spec id: value}`` (``{"limits.rpm": 2, "job.out": ...}``), as
+        :mod:`sfbatch.jobfile` merges them; missing ones keep their defaults."""
+        top: dict[str, Any] = {}
+        parts: dict[str, dict[str, Any]] = {}
+        for spec in specs_of(cls):
+            if spec.id not in values:
+                continue
+            if spec.part is None:
+                top[spec.name] = values[spec.id]
+            else:
+                parts.setdefault(spec.part, {})[spec.name] = values[spec.id]
+        built = {part: _PART_TYPES[part](**kwargs) for part, kwargs in parts.items()}
+        return cls(api_key=api_key, **top, **built)
+
+    def __getattr__(self, name: str) -> Any:
+        """Flat reads of old (``config.rpm``); new code reads the part (``config.limits.rpm``)."""
+        if name not in _FLAT:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        part, field_name = _FLAT[name]
+        return getattr(object.__getattribute__(self, part), field_name)
+
+    @property
+    def manifest_name(self) -> str:
+        """``manifest.jsonl``, or ``manifest-I-of-N.jsonl`` for a shard."""
+        return self.output.manifest_name
+
     @property
     def summary_name(self) -> str:
         return self.manifest_name.replace("manifest", "summary").replace(".jsonl", ".json")
+
+
+_PART_TYPES: dict[str, Any] = {
+    f.name: hint
+    for f in fields(RunConfig)
+    if isinstance(getattr(hint := typing.get_type_hints(RunConfig)[f.name], "SECTION", None), str)
+}
+
+
+def _flat_names() -> dict[str, tuple[str, str]]:
+    """Flat keyword -> (part, field): each field's name, and its job-file key where it differs
+    (``backoff_base_s`` for ``retry.base_s``). Request defaults stay in their part."""
+    names: dict[str, tuple[str, str]] = {}
+    for spec in specs_of(RunConfig):
+        if spec.part is None or spec.part == "defaults":
+            continue
+        for name in {spec.name, spec.key}:
+            if name in names:
+                raise RuntimeError(f"two RunConfig settings are both called {name!r}")
+            names[name] = (spec.part, spec.name)
+    return names
+
+
+_FLAT = _flat_names()

@@ -51,6 +51,9 @@ class WorkItem:
     generation: Generation | None = None
     # When an earlier run made ``generation`` (epoch s), if it came from the manifest.
     pending_at: float = 0.0
+    # ``generation``'s URLs expired before its images were downloaded: generate again.
+    expired: bool = False
+    regenerations: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -94,7 +97,11 @@ class DailyQuota:
 
 
 class Generator:
-    """Turns a :class:`WorkItem` into a :class:`Generation`, or raises why not."""
+    """Gives a :class:`WorkItem` its :class:`Generation`, or raises why not.
+
+    ``sleep`` (the wait between retries) and ``rng`` (their jitter) are injectable, so tests
+    need no real waiting.
+    """
 
     def __init__(
         self,
@@ -118,9 +125,11 @@ class Generator:
         self.retries = 0
         self.rate_limited = 0
 
-    async def generate(self, item: WorkItem) -> Generation:
-        """Generate ``item`` (again, if it was before), with the row's own seed.
+    async def generate(self, item: WorkItem) -> None:
+        """Generate ``item`` (again, if its URLs expired), with the row's own seed.
 
+        On return ``item.generation`` is the new generation; ``attempts``,
+        ``billed_images`` and ``rate_limited`` count what it took, also when it raises.
         Raises :class:`Stopped` instead of sending once the run is stopping.
         """
         request = item.row.request
@@ -144,8 +153,8 @@ class Generator:
                 billed = batch
                 self._limiter.on_success()
                 item.billed_images += batch
-                item.generation = generation
-                return generation
+                item.generation, item.expired = generation, False
+                return
             except RateLimitError as exc:
                 if not exc.retryable:
                     raise  # a daily limit

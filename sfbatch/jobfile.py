@@ -1,10 +1,12 @@
-"""Job files (``jobs/*.toml``) and how they merge with flags into one :class:`Job`.
+"""Job files (``jobs/*.toml``): :func:`load` reads one, :func:`merge` lays overrides over it.
 
-A job file describes a whole build; command-line flags override it. The base URL
-is taken from ``--base-url``/``--profile``, else ``SILICONFLOW_BASE_URL``, else the job's
-``api.base_url``/``api.profile``, else api.siliconflow.cn. Relative paths in a job file
-are relative to the job file, so cron can run it from any directory. Every key is
-checked: an unknown key or a wrong type is an error naming the key and the file::
+A job file describes a whole build; the command line overrides it (``sfbatch.cli`` turns
+its flags into :class:`Overrides`; this module never sees a command line). The schema is not a table
+of its own: every :class:`~sfbatch.config.RunConfig` field is a key (see
+:mod:`sfbatch.settings`), plus the job's own keys below (what to read, which endpoint, the
+variable holding its key) and the embedded emulator's ``[emulator]`` table. An unknown key
+or a wrong type is an error naming the key and the file. Relative paths in a job file are
+relative to the job file, so cron can run it from any directory::
 
     [job]
     inputs = ["prompts.jsonl"]      # one or more prompt files
@@ -29,89 +31,101 @@ checked: an unknown key or a wrong type is an error naming the key and the file:
     [build]
     base_seed = 20261124
     variations = 1
+
+The base URL is ``--base-url``/``--profile``, else ``SILICONFLOW_BASE_URL``, else the job's
+``api.base_url``/``api.profile``, else api.siliconflow.cn.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
-from sfbatch.config import BASE_URLS, RequestDefaults, RunConfig, base_url_from_env, parse_shard
+from sfbatch.config import BASE_URLS, DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Environment, RunConfig
 from sfbatch.errors import ConfigError
 from sfbatch.loader import PromptSource
 from sfbatch.models import ModelRegistry
+from sfbatch.settings import Spec, check, own_specs, setting, specs_of
 
-__all__ = ["Job", "build_run", "load_job_file"]
+__all__ = ["EmulatorSettings", "Job", "JobFile", "Overrides", "load", "merge"]
 
 EmulatorMode = Literal["off", "auto", "on"]
 
-# section -> key -> (accepted types, RunConfig/RequestDefaults field or special name)
-_SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
-    "job": {
-        "name": ((str,), "name"),
-        "inputs": ((list, str), "inputs"),
-        "out": ((str,), "out_dir"),
-        "emulator": ((str, bool), "emulator"),
-    },
-    "api": {
-        "profile": ((str,), "profile"),
-        "base_url": ((str,), "base_url"),
-        "key_env": ((str,), "key_env"),
-    },
-    "request": {
-        "model": ((str,), "model"),
-        "image_size": ((str,), "image_size"),
-        "batch_size": ((int,), "batch_size"),
-        "num_inference_steps": ((int,), "num_inference_steps"),
-        "guidance_scale": ((int, float), "guidance_scale"),
-        "cfg": ((int, float), "cfg"),
-        "negative_prompt": ((str,), "negative_prompt"),
-        "seed": ((int,), "seed"),
-        "prompt_enhancement": ((bool,), "prompt_enhancement"),
-    },
-    "limits": {
-        "rpm": ((int, float), "rpm"),
-        "ipm": ((int, float), "ipm"),
-        "ipd": ((int,), "ipd"),
-        "tz_offset_h": ((int, float), "day_utc_offset_h"),
-        "concurrency": ((int,), "concurrency"),
-        "download_concurrency": ((int,), "download_concurrency"),
-    },
-    "retry": {
-        "max_retries": ((int,), "max_retries"),
-        "backoff_base_s": ((int, float), "backoff_base_s"),
-        "backoff_cap_s": ((int, float), "backoff_cap_s"),
-        "request_timeout_s": ((int, float), "request_timeout_s"),
-        "download_timeout_s": ((int, float), "download_timeout_s"),
-        "grace_s": ((int, float), "grace_s"),
-    },
-    "build": {
-        "base_seed": ((int,), "base_seed"),
-        "variations": ((int,), "variations"),
-        "dedupe": ((bool,), "dedupe"),
-        "limit": ((int,), "limit"),
-        "retry_failed": ((bool,), "retry_failed"),
-        "file_naming": ((str,), "name_template"),
-        "models_file": ((str,), "models_file"),
-        "shard": ((str,), "shard"),
-    },
-    "emulator": {
-        "latency_s": ((int, float), "latency_s"),
-        "latency_jitter_s": ((int, float), "latency_jitter_s"),
-        "image_px": ((int,), "image_px"),
-        "rpm": ((int,), "rpm"),
-        "ipm": ((int,), "ipm"),
-        "ipd": ((int,), "ipd"),
-        "url_ttl_s": ((int, float), "url_ttl_s"),
-        "seed": ((int,), "seed"),
-    },
+
+@dataclass(frozen=True, kw_only=True)
+class EmulatorSettings:
+    """The ``[emulator]`` table: how the embedded emulator behaves, when a job runs one."""
+
+    SECTION: ClassVar[str] = "emulator"
+
+    latency_s: float | None = setting(None, help="seconds per generation")
+    latency_jitter_s: float | None = setting(None, help="± seconds of random latency")
+    image_px: int | None = setting(None, help="side of the square images served")
+    rpm: int | None = setting(None, help="the emulated account's requests per minute")
+    ipm: int | None = setting(None, help="the emulated account's images per minute")
+    ipd: int | None = setting(None, help="the emulated account's images per day")
+    url_ttl_s: float | None = setting(None, help="how long image URLs live")
+    seed: int | None = setting(None, help="seed of the server-picked seeds and latencies")
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def as_overrides(self) -> dict[str, Any]:
+        """The fields the job sets, as :class:`~sfbatch.emulator.Emulator` keywords."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: value for name, value in values.items() if value is not None}
+
+
+# The job's own keys, which are not RunConfig fields: section -> key -> accepted TOML types.
+_JOB_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
+    "job": {"name": (str,), "inputs": (list, str), "emulator": (str, bool)},
+    "api": {"profile": (str,), "key_env": (str,)},
 }
-_REQUEST_FIELDS = set(_SCHEMA["request"])
-_PATH_FIELDS = {"out_dir", "models_file"}
+
+
+def _schema() -> dict[str, dict[str, tuple[tuple[type, ...], Spec | None]]]:
+    schema: dict[str, dict[str, tuple[tuple[type, ...], Spec | None]]] = {
+        section: {key: (types, None) for key, types in keys.items()}
+        for section, keys in _JOB_KEYS.items()
+    }
+    for spec in (*specs_of(RunConfig), *own_specs(EmulatorSettings)):
+        schema.setdefault(spec.section, {})[spec.key] = (spec.text_kinds, spec)
+    return schema
+
+
+_SCHEMA = _schema()
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFile:
+    """A job file's contents, checked: RunConfig settings by spec id (``limits.rpm``), with
+    paths resolved against the file's folder, and the job's own keys."""
+
+    path: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    inputs: tuple[str, ...] = ()
+    emulator: EmulatorMode | None = None
+    profile: str | None = None
+    key_env: str | None = None
+    emulator_settings: EmulatorSettings = field(default_factory=EmulatorSettings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overrides:
+    """What the command line sets over a job file (``None``/empty: not set)."""
+
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """RunConfig settings by spec id, e.g. ``{"limits.rpm": 60.0}``."""
+    input: str | None = None
+    """A prompt file to read instead of a job file's inputs."""
+    profile: str | None = None
+    emulator: bool = False
+    """``--emulator``: run against the embedded emulator whatever the job says."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +138,7 @@ class Job:
     emulator: EmulatorMode = "off"
     emulator_settings: dict[str, Any] = field(default_factory=dict)
     name: str = ""
-    key_env: str = "SILICONFLOW_API_KEY"
+    key_env: str = DEFAULT_KEY_ENV
 
     def source(self, path: str) -> PromptSource:
         cfg = self.config
@@ -132,16 +146,16 @@ class Job:
             path,
             defaults=cfg.defaults,
             registry=self.registry,
-            base_seed=cfg.base_seed,
-            variations=cfg.variations,
-            shard=cfg.shard,
-            limit=cfg.limit,
-            dedupe=cfg.dedupe,
+            base_seed=cfg.build.base_seed,
+            variations=cfg.build.variations,
+            shard=cfg.output.shard,
+            limit=cfg.build.limit,
+            dedupe=cfg.build.dedupe,
         )
 
 
-def load_job_file(path: Path) -> dict[str, Any]:
-    """A job file's settings as flat ``{field: value}``, paths resolved against its folder."""
+def load(path: Path) -> JobFile:
+    """Read and check the job file at ``path``; raise :class:`ConfigError` naming the key."""
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -149,8 +163,9 @@ def load_job_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    base = path.parent
-    settings: dict[str, Any] = {"emulator_settings": {}}
+    settings: dict[str, Any] = {}
+    own: dict[str, Any] = {}
+    emulator: dict[str, Any] = {}
     for section, table in doc.items():
         schema = _SCHEMA.get(section)
         if schema is None:
@@ -158,115 +173,113 @@ def load_job_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
-        value: Any
         for key, value in table.items():
             if key not in schema:
                 raise ConfigError(
                     f"{path}: unknown key {section}.{key} (known: {', '.join(schema)})"
                 )
-            types, target = schema[key]
+            types, spec = schema[key]
             if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
                 names = " or ".join(t.__name__ for t in types)
                 raise ConfigError(
                     f"{path}: {section}.{key} must be {names}, got {type(value).__name__} {value!r}"
                 )
-            if section == "emulator":
-                settings["emulator_settings"][target] = value
-            elif target in _PATH_FIELDS:
-                settings[target] = Path(os.path.normpath(base / str(value)))
-            elif target == "inputs":
-                items: list[Any] = [value] if isinstance(value, str) else cast(list[Any], value)
-                if not items or not all(isinstance(item, str) for item in items):
-                    raise ConfigError(f"{path}: job.inputs must be a list of file paths")
-                settings["inputs"] = [i if i == "-" else os.path.normpath(base / i) for i in items]
+            if spec is None:
+                own[key] = value
+            elif section == EmulatorSettings.SECTION:
+                emulator[spec.name] = value
             else:
-                settings[target] = value
-    return settings
+                settings[spec.id] = _value(spec, value, path)
+    try:
+        return JobFile(
+            path=path,
+            settings=settings,
+            name=own.get("name"),
+            inputs=_inputs(own.get("inputs"), path),
+            emulator=None if "emulator" not in own else _emulator_mode(own["emulator"]),
+            profile=own.get("profile") if _profile_url(own.get("profile")) else None,
+            key_env=own.get("key_env"),
+            emulator_settings=EmulatorSettings(**emulator),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
-def _emulator_mode(value: Any, source: str) -> EmulatorMode:
+def _value(spec: Spec, value: Any, path: Path) -> Any:
+    if spec.kind is Path:
+        return Path(os.path.normpath(path.parent / str(value)))
+    if spec.setting.parse is not None:
+        try:
+            return spec.setting.parse(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {spec.id}: {exc}") from exc
+    return value
+
+
+def _inputs(value: Any, path: Path) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items: list[Any] = [value] if isinstance(value, str) else cast(list[Any], value)
+    if not items or not all(isinstance(item, str) for item in items):
+        raise ConfigError("job.inputs must be a list of file paths")
+    return tuple(i if i == "-" else os.path.normpath(path.parent / i) for i in items)
+
+
+def _emulator_mode(value: Any) -> EmulatorMode:
     if value is True or value == "on":
         return "on"
-    if value is None or value is False or value == "off":
+    if value is False or value == "off":
         return "off"
     if value == "auto":
         return "auto"
-    raise ConfigError(f"{source}: job.emulator must be off, auto or on, got {value!r}")
+    raise ConfigError(f"job.emulator must be off, auto or on, got {value!r}")
 
 
-def build_run(args: argparse.Namespace) -> Job:
-    """Merge flags over the job file (if the input is one) over the environment."""
-    job_path = Path(args.input) if str(args.input).endswith(".toml") else None
-    settings = load_job_file(job_path) if job_path else {"emulator_settings": {}}
-    source = str(job_path) if job_path else "command line"
+def _profile_url(profile: str | None) -> str | None:
+    if profile is None:
+        return None
+    if profile not in BASE_URLS:
+        raise ConfigError(f"api.profile must be cn or com, got {profile!r}")
+    return BASE_URLS[profile]
 
-    flags = {k: v for k, v in vars(args).items() if v is not None}
-    for key in ("out", "base_url", "profile"):
-        flags.pop(key, None)
-    request = {k: settings.pop(k) for k in list(settings) if k in _REQUEST_FIELDS}
-    request.update({k: flags.pop(k) for k in list(flags) if k in _REQUEST_FIELDS})
 
-    out = args.out or settings.pop("out_dir", None)
-    if out is None:
+def merge(job: JobFile | None, overrides: Overrides, env: Environment | None = None) -> Job:
+    """The run that ``overrides`` over ``job`` (if any) over ``env`` describe.
+
+    ``env`` defaults to :meth:`Environment.read` with the job's ``api.key_env``.
+    """
+    source = str(job.path) if job else "command line"
+    given = job
+    job = job or JobFile(path=Path())
+    key_env = job.key_env or DEFAULT_KEY_ENV
+    env = env or Environment.read(key_env)
+    values = {**job.settings, **overrides.settings}
+    if values.get("job.out") is None:
         raise ConfigError(f"{source}: give an output directory with --out (or job.out)")
-    settings.pop("out_dir", None)
-
-    key_env = settings.pop("key_env", "SILICONFLOW_API_KEY")
-    profile = args.profile or settings.pop("profile", None)
-    settings.pop("profile", None)
-    if profile is not None and profile not in BASE_URLS:
-        raise ConfigError(f"{source}: api.profile must be cn or com, got {profile!r}")
-    # Flags, then the environment (a per-invocation override, e.g. a proxy), then the job.
-    base_url = (
-        args.base_url
-        or (BASE_URLS[profile] if args.profile else None)
-        or os.environ.get("SILICONFLOW_BASE_URL")
-        or settings.pop("base_url", None)
-        or (BASE_URLS[profile] if profile else None)
-        or base_url_from_env()
-    )
-    settings.pop("base_url", None)
-
-    inputs: list[str] = [str(args.input)] if job_path is None else settings.pop("inputs", [])
+    inputs = (overrides.input,) if overrides.input is not None else job.inputs
     if not inputs:
         raise ConfigError(f"{source}: job.inputs names no prompt file")
-    emulator = _emulator_mode(flags.pop("emulator", None) or settings.pop("emulator", None), source)
-    emulator_settings = settings.pop("emulator_settings")
-    name = settings.pop("name", job_path.stem if job_path else "")
-
-    shard = flags.pop("shard", None) or settings.pop("shard", None)
-    if isinstance(shard, str):
-        try:
-            shard = parse_shard(shard)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-    run_fields = {f for f in RunConfig.__dataclass_fields__} - {"defaults", "out_dir", "api_key"}
-    merged: dict[str, Any] = {k: v for k, v in settings.items() if k in run_fields}
-    merged.update({k: v for k, v in flags.items() if k in run_fields})
-    if shard is not None:
-        merged["shard"] = shard
+    # Flags, then the environment (a per-invocation override, e.g. a proxy), then the job.
+    values["api.base_url"] = (
+        overrides.settings.get("api.base_url")
+        or _profile_url(overrides.profile)
+        or env.base_url
+        or job.settings.get("api.base_url")
+        or _profile_url(job.profile)
+        or DEFAULT_BASE_URL
+    )
     try:
-        defaults = RequestDefaults(**request)
-        config = RunConfig(
-            out_dir=Path(out),
-            api_key=os.environ.get(key_env, "").strip(),
-            base_url=base_url,
-            defaults=defaults,
-            **merged,
-        )
-    except TypeError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+        config = RunConfig.from_settings(values, api_key=env.api_key)
     except ConfigError as exc:
-        if job_path is None:
+        if given is None:
             raise
-        raise ConfigError(f"{job_path} (or a flag overriding it): {exc}") from exc
-    registry = ModelRegistry.load(config.models_file)
+        raise ConfigError(f"{source} (or a flag overriding it): {exc}") from exc
     return Job(
         config=config,
-        inputs=inputs,
-        registry=registry,
-        emulator=emulator,
-        emulator_settings=emulator_settings,
-        name=name,
+        inputs=list(inputs),
+        registry=ModelRegistry.load(config.models_file),
+        emulator="on" if overrides.emulator else job.emulator or "off",
+        emulator_settings=job.emulator_settings.as_overrides(),
+        name=job.name or (given.path.stem if given else ""),
         key_env=key_env,
     )

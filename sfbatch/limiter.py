@@ -252,6 +252,23 @@ def _check_rate(name: str, value: float | None) -> None:
         raise ConfigError(f"{name} must be a positive number per minute or None, got {value!r}")
 
 
+def batch_fit_problem(batch_size: int, ipm: float | None) -> str | None:
+    """Why a request of ``batch_size`` images can never fit an ``ipm`` limit, or ``None``.
+
+    >>> batch_fit_problem(2, 2) is None and batch_fit_problem(4, None) is None
+    True
+    >>> print(batch_fit_problem(3, 2))  # doctest: +ELLIPSIS
+    batch_size 3 can never fit an images-per-minute limit of 2: all of a request's images ...
+    """
+    if ipm is None or batch_size <= ipm:
+        return None
+    return (
+        f"batch_size {batch_size} can never fit an images-per-minute limit of {ipm:g}: "
+        f"all of a request's images count in the same minute, so it needs "
+        f"ipm >= batch_size; lower the batch_size or raise the ipm limit"
+    )
+
+
 class RateLimiter:
     """Requests-per-minute and images-per-minute limits shared by a pool of workers.
 
@@ -322,13 +339,9 @@ class RateLimiter:
             raise ConfigError(
                 f"batch_size must be a whole number of at least 1, got {batch_size!r}"
             )
-        ipm = self._images.configured
-        if ipm is not None and batch_size > ipm:
-            raise ConfigError(
-                f"batch_size {batch_size} can never fit an images-per-minute limit of {ipm:g}: "
-                f"all of a request's images count in the same minute, so it needs "
-                f"ipm >= batch_size; lower the batch_size or raise the ipm limit"
-            )
+        unfit = batch_fit_problem(batch_size, self._images.configured)
+        if unfit is not None:
+            raise ConfigError(unfit)
         if batch_size > self._max_batch_size:
             raise ConfigError(
                 f"batch_size {batch_size} is larger than max_batch_size {self._max_batch_size} "

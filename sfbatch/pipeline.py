@@ -46,7 +46,6 @@ from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.config import RunConfig
 from sfbatch.downloader import Downloader, StoredImage, clean_tmp
 from sfbatch.errors import (
-    ConfigError,
     ExpiredUrlError,
     FatalApiError,
     InputFileError,
@@ -55,11 +54,10 @@ from sfbatch.errors import (
 )
 from sfbatch.figures import Reservoir
 from sfbatch.generator import DailyQuota, Generator, Stopped, WorkItem
-from sfbatch.limiter import RateLimiter
+from sfbatch.limiter import RateLimiter, batch_fit_problem
 from sfbatch.loader import PromptSource, Row, image_shard_dir
 from sfbatch.manifest import (
     ManifestRecord,
-    ManifestState,
     ManifestWriter,
     RecordError,
     Status,
@@ -71,12 +69,13 @@ from sfbatch.manifest import (
 )
 from sfbatch.models import ModelRegistry
 from sfbatch.reasons import Reason, ReasonTally
-from sfbatch.retry import RetryPolicy
 
 __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
 
 Outcome = Literal["done", "quota", "interrupted", "fatal", "input_error"]
 _YIELD_EVERY_ROWS = 256
+# Generation queue order: regenerations first, then new rows, then the workers' end.
+_REGENERATE, _NEW_ROW, _END = 0, 1, 2
 # A "generated" record's URLs are reused only while this much of their lifetime is left.
 _URL_MARGIN_S = 120.0
 
@@ -141,9 +140,10 @@ class RunResult:
 class Pipeline:
     """One run of the engine over ``rows`` with ``config``.
 
-    Create it inside the running loop; call :meth:`run` once. ``on_record`` is awaited
-    with every record after it is in the manifest (the library's :func:`generate`
-    uses it; so does the progress display).
+    Create it inside the running loop: the constructor reads the manifest back and builds
+    every part (it opens the manifest and two HTTP sessions); then call :meth:`run` once,
+    which closes them. ``on_record`` is awaited with every record after it is in the
+    manifest (the library's :func:`generate` uses it; so does the progress display).
     """
 
     def __init__(
@@ -159,23 +159,75 @@ class Pipeline:
         self.stats = RunStats()
         self._rows = rows
         self._on_record = on_record
-        self._gen_queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(config.queue_size)
-        self._dl_queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(
-            2 * config.download_concurrency
-        )
         self._stop_reason: Outcome | None = None
         self._stop_message = ""
         self._interrupts = 0
         self._stages: asyncio.Task[None] | None = None
         self._cancelled_by_us = False
-        self._writer: ManifestWriter | None = None
-        self._state = ManifestState()
-        self._limiter: RateLimiter | None = None
-        self._generator: Generator | None = None
-        self._downloader: Downloader | None = None
-        self._quota: DailyQuota | None = None
         self.fatal_error: FatalApiError | None = None
         self.input_error: BaseException | None = None
+
+        # Every part, built here in one phase; run() closes what they hold open.
+        out, limits, workers = config.out_dir, config.limits, config.workers
+        out.mkdir(parents=True, exist_ok=True)
+        clean_tmp(out)
+        manifest_path = out / config.manifest_name
+        self._state = read_state([manifest_path], day_start=day_start_iso(limits.day_utc_offset_h))
+        self._quota = (
+            None
+            if limits.ipd is None
+            else DailyQuota(
+                limit=limits.ipd,
+                used=self._state.billed_today,
+                utc_offset_h=limits.day_utc_offset_h,
+            )
+        )
+        # Rows may set their own batch_size: size the limiter for the largest any model takes.
+        self._limiter = RateLimiter(
+            rpm=limits.rpm,
+            ipm=limits.ipm,
+            max_batch_size=max(rule.max_batch_size for rule in self.registry),
+        )
+        # New rows wait in the generation queue behind items sent back for regeneration
+        # (their URLs expired). Those come from the downloaders, which must never wait on
+        # it, so the queue has no bound of its own: ``_room`` bounds the rows in it.
+        self._gen_queue: asyncio.PriorityQueue[tuple[int, int, WorkItem | None]] = (
+            asyncio.PriorityQueue()
+        )
+        self._room = asyncio.Semaphore(workers.queue_size)
+        self._order = itertools.count()
+        self._dl_queue: asyncio.Queue[WorkItem | None] = asyncio.Queue(
+            2 * workers.download_concurrency
+        )
+        self._api_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=workers.concurrency), raise_for_status=False
+        )
+        self._dl_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=workers.download_concurrency)
+        )
+        client = SiliconFlowClient(
+            base_url=config.base_url,
+            api_key=config.api_key,
+            session=self._api_session,
+            request_timeout_s=config.timeouts.request_timeout_s,
+            connect_timeout_s=config.timeouts.connect_timeout_s,
+        )
+        self._generator = Generator(
+            client=client,
+            limiter=self._limiter,
+            retry=config.retry,
+            quota=self._quota,
+            stopping=lambda: self.stopping,
+        )
+        self._downloader = Downloader(
+            out_dir=out,
+            session=self._dl_session,
+            timeout_s=config.timeouts.download_timeout_s,
+            max_bytes=config.output.max_image_bytes,
+            retry=config.retry,
+            fsync=config.output.fsync_images,
+        )
+        self._writer = ManifestWriter(manifest_path)
 
     # -- control ---------------------------------------------------------------
 
@@ -188,7 +240,8 @@ class Pipeline:
         self._interrupts += 1
         if self._interrupts == 1:
             self._request_stop("interrupted", "interrupted: finishing in-flight work")
-            asyncio.get_running_loop().call_later(self.config.grace_s, self._cancel_stages)
+            grace_s = self.config.timeouts.grace_s
+            asyncio.get_running_loop().call_later(grace_s, self._cancel_stages)
         else:
             self._request_stop("interrupted", "interrupted twice: stopping now")
             self._cancel_stages()
@@ -212,12 +265,12 @@ class Pipeline:
             "finished": self.stats.finished,
             **{f"n_{k}": v for k, v in self.stats.counts.items()},
             "images": self.stats.images,
-            "requests": gen.requests if gen else 0,
-            "retries": gen.retries if gen else 0,
-            "rate_limited": gen.rate_limited if gen else 0,
+            "requests": gen.requests,
+            "retries": gen.retries,
+            "rate_limited": gen.rate_limited,
             "in_generation_queue": self._gen_queue.qsize(),
             "in_download_queue": self._dl_queue.qsize(),
-            "limiter": self._limiter.statistics() if self._limiter else {},
+            "limiter": self._limiter.statistics(),
             "quota_remaining": self._quota.remaining if self._quota else None,
             "stopping": self._stop_reason,
         }
@@ -225,52 +278,8 @@ class Pipeline:
     # -- run ----------------------------------------------------------------------
 
     async def run(self) -> RunResult:
-        """Run the job to its end; never raises for item-level failures."""
-        cfg = self.config
-        cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        clean_tmp(cfg.out_dir)
-        manifest_path = cfg.out_dir / cfg.manifest_name
-        self._state = read_state([manifest_path], day_start=day_start_iso(cfg.day_utc_offset_h))
-        if cfg.ipd is not None:
-            self._quota = DailyQuota(
-                limit=cfg.ipd, used=self._state.billed_today, utc_offset_h=cfg.day_utc_offset_h
-            )
-        # Rows may set their own batch_size: size the limiter for the largest any model takes.
-        max_batch = max(rule.max_batch_size for rule in self.registry)
-        self._limiter = RateLimiter(rpm=cfg.rpm, ipm=cfg.ipm, max_batch_size=max_batch)
-        self._limiter.check_batch_size(cfg.defaults.batch_size or 1)
-        self._writer = ManifestWriter(manifest_path)
-        api_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=cfg.concurrency), raise_for_status=False
-        )
-        dl_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=cfg.download_concurrency)
-        )
-        client = SiliconFlowClient(
-            base_url=cfg.base_url,
-            api_key=cfg.api_key,
-            session=api_session,
-            request_timeout_s=cfg.request_timeout_s,
-            connect_timeout_s=cfg.connect_timeout_s,
-        )
-        retry = RetryPolicy(
-            max_retries=cfg.max_retries, base_s=cfg.backoff_base_s, cap_s=cfg.backoff_cap_s
-        )
-        self._generator = Generator(
-            client=client,
-            limiter=self._limiter,
-            retry=retry,
-            quota=self._quota,
-            stopping=lambda: self.stopping,
-        )
-        self._downloader = Downloader(
-            out_dir=cfg.out_dir,
-            session=dl_session,
-            timeout_s=cfg.download_timeout_s,
-            max_bytes=cfg.max_image_bytes,
-            retry=retry,
-            fsync=cfg.fsync_images,
-        )
+        """Run the job to its end; never raises for item-level failures. Call it once: it
+        closes the manifest and the sessions the constructor opened."""
         try:
             await self._run_stages()
         except* FatalApiError as group:
@@ -285,9 +294,9 @@ class Pipeline:
         finally:
             await self._save_undownloaded()
             self._writer.close()
-            await api_session.close()
-            await dl_session.close()
-            clean_tmp(cfg.out_dir)
+            await self._api_session.close()
+            await self._dl_session.close()
+            clean_tmp(self.config.out_dir)
         return self._finish()
 
     async def _run_stages(self) -> None:
@@ -300,20 +309,19 @@ class Pipeline:
                 raise
 
     async def _stages_body(self) -> None:
-        cfg = self.config
+        workers = self.config.workers
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._load())
-            generators = [tg.create_task(self._generate_worker()) for _ in range(cfg.concurrency)]
-            for _ in range(cfg.download_concurrency):
+            for _ in range(workers.concurrency):
+                tg.create_task(self._generate_worker())
+            for _ in range(workers.download_concurrency):
                 tg.create_task(self._download_worker())
-            tg.create_task(self._close_downloads_after(generators))
-
-    async def _close_downloads_after(self, generators: list[asyncio.Task[None]]) -> None:
-        await asyncio.wait(generators)
-        for _ in range(self.config.download_concurrency):
-            await self._dl_queue.put(None)
 
     # -- stages -------------------------------------------------------------------
+    #
+    # An item counts as unfinished in the generation queue (``join``) from the loader's put
+    # until it is recorded or dropped: the generation worker marks it done when it ends
+    # there, else the download worker does; a regeneration puts it back first.
 
     async def _load(self) -> None:
         state, stats = self._state, self.stats
@@ -322,18 +330,20 @@ class Pipeline:
             if self.stopping:
                 break
             status = state.status(row.id)
-            if status == "ok" or (status == "failed" and not self.config.retry_failed):
+            if status == "ok" or (status == "failed" and not self.config.build.retry_failed):
                 stats.skipped += 1
                 continue
-            if not row.valid:
+            if row.request is None:
                 if status == "invalid":
                     stats.skipped += 1
                 else:
                     await self._emit(row, "invalid", error=invalid_error(row.error or ""))
                 continue
-            unfit = self._batch_problem(row)
+            unfit = batch_fit_problem(row.request.get("batch_size", 1), self.config.limits.ipm)
             if unfit is not None:
-                await self._emit(row, "invalid", error=invalid_error(unfit))
+                await self._emit(
+                    row, "invalid", error=invalid_error(f"{row.file}:{row.line}: {unfit}")
+                )
                 continue
             if row.duplicate_of is not None:
                 if status == "duplicate":
@@ -344,26 +354,22 @@ class Pipeline:
             item = WorkItem(row=row)
             if status == "generated":
                 self._attach_pending(item, state.generated.get(row.id))
-            await self._gen_queue.put(item)
-        # Only on the way out through the end of input or a stop: after an error the
-        # TaskGroup cancels the workers, and a put into a full queue would never return.
-        for _ in range(self.config.concurrency):
-            await self._gen_queue.put(None)
-
-    def _batch_problem(self, row: Row) -> str | None:
-        """Why the limiter can never admit this row's batch, if it cannot."""
-        assert self._limiter is not None and row.request is not None
-        try:
-            self._limiter.check_batch_size(row.request.get("batch_size", 1))
-        except ConfigError as exc:
-            return f"{row.file}:{row.line}: {exc}"
-        return None
+            await self._room.acquire()
+            self._gen_queue.put_nowait((_NEW_ROW, next(self._order), item))
+        # Only on the way out through the end of input or a stop (after an error the
+        # TaskGroup cancels every task): once every item is finished none can come back
+        # for regeneration, and the workers may go.
+        await self._gen_queue.join()
+        for _ in range(self.config.workers.concurrency):
+            self._gen_queue.put_nowait((_END, next(self._order), None))
+        for _ in range(self.config.workers.download_concurrency):
+            await self._dl_queue.put(None)
 
     def _attach_pending(self, item: WorkItem, record: dict[str, Any] | None) -> None:
         if not record:
             return
         made_at = float(record.get("generated_at") or 0)
-        if time.time() - made_at < self.config.url_ttl_s - _URL_MARGIN_S:
+        if time.time() - made_at < self.config.timeouts.url_ttl_s - _URL_MARGIN_S:
             timings = record.get("timings") or {}
             item.generation = Generation(
                 urls=tuple(record.get("urls") or ()),
@@ -375,28 +381,36 @@ class Pipeline:
             item.pending_at = made_at
 
     async def _generate_worker(self) -> None:
-        assert self._generator is not None
         while True:
-            item = await self._gen_queue.get()
+            origin, _, item = await self._gen_queue.get()
             if item is None:
                 return
+            if origin == _NEW_ROW:
+                self._room.release()
+                item.started = time.monotonic()
+            if not await self._generate_item(item):
+                self._gen_queue.task_done()
+
+    async def _generate_item(self, item: WorkItem) -> bool:
+        """Generate ``item`` if it needs it and hand it to the downloaders; ``False`` if it
+        ends here instead (failed, or not sent because the run is stopping)."""
+        try:
             if self.stopping:
-                continue  # never sent, so nothing is lost: the next run takes it
-            item.started = time.monotonic()
-            if item.generation is None:
-                try:
-                    await self._generator.generate(item)
-                except Stopped:
-                    continue
-                except QuotaReachedError as exc:
-                    self._request_stop("quota", str(exc))
-                    continue
-                except FatalApiError:
-                    raise
-                except SfbatchError as exc:
-                    await self._emit(item.row, "failed", item=item, error=exc)
-                    continue
+                raise Stopped
+            if item.generation is None or item.expired:
+                await self._generator.generate(item)
             await self._dl_queue.put(item)
+            return True
+        except (Stopped, QuotaReachedError) as exc:
+            if isinstance(exc, QuotaReachedError):
+                self._request_stop("quota", str(exc))
+            await self._keep_paid(item)  # nothing was sent: the next run takes it
+        except (asyncio.CancelledError, FatalApiError):
+            await self._keep_paid(item)
+            raise
+        except SfbatchError as exc:
+            await self._emit(item.row, "failed", item=item, error=exc)
+        return False
 
     async def _download_worker(self) -> None:
         while True:
@@ -408,46 +422,48 @@ class Pipeline:
             except asyncio.CancelledError:
                 await self._save_generated(item)
                 raise
+            self._gen_queue.task_done()
 
     async def _download_item(self, item: WorkItem) -> None:
-        assert self._downloader is not None and self._generator is not None
-        regenerations = 0
-        while True:
-            generation = item.generation
-            assert generation is not None
-            try:
-                images = [
-                    await self._downloader.fetch(url, self._stem(item.row, index))
-                    for index, url in enumerate(generation.urls)
-                ]
-            except ExpiredUrlError as exc:
-                regenerations += 1
-                self.stats.regenerated += 1
-                if regenerations > self.config.max_retries:
-                    await self._emit(item.row, "failed", item=item, error=exc)
-                    return
-                try:
-                    await self._generator.generate(item)
-                except (Stopped, QuotaReachedError):
-                    await self._save_generated(item)  # expired URLs: the next run regenerates
-                    return
-                except SfbatchError as gen_exc:
-                    if isinstance(gen_exc, FatalApiError):
-                        raise
-                    await self._emit(item.row, "failed", item=item, error=gen_exc)
-                    return
-                continue
-            except SfbatchError as exc:
+        generation = item.generation
+        if generation is None:
+            raise RuntimeError(f"{item.row.id} reached the downloaders without a generation")
+        try:
+            images = [
+                await self._downloader.fetch(url, self._stem(item.row, index))
+                for index, url in enumerate(generation.urls)
+            ]
+        except ExpiredUrlError as exc:
+            if item.regenerations >= self.config.retry.max_retries:
                 await self._emit(item.row, "failed", item=item, error=exc)
-                return
-            await self._emit(item.row, "ok", item=item, images=images)
+            else:
+                self._regenerate(item)
             return
+        except SfbatchError as exc:
+            await self._emit(item.row, "failed", item=item, error=exc)
+            return
+        await self._emit(item.row, "ok", item=item, images=images)
+
+    def _regenerate(self, item: WorkItem) -> None:
+        """Send ``item`` back to the generation workers (same seed), ahead of new rows: a
+        download slot never waits on the rate limiter."""
+        item.expired = True
+        item.regenerations += 1
+        self.stats.regenerated += 1
+        self._gen_queue.put_nowait((_REGENERATE, next(self._order), item))
+
+    async def _keep_paid(self, item: WorkItem) -> None:
+        """Record a generation this run paid for and did not download, for the next run."""
+        if item.billed_images and item.generation is not None:
+            await self._save_generated(item)
 
     def _stem(self, row: Row, index: int) -> str:
-        name = self.config.name_template.format(id=row.id, index=index)
+        name = self.config.output.name_template.format(id=row.id, index=index)
         # A prompt's variations share its shard directory.
         base_id = (
-            row.id.removesuffix(f"-v{row.variation}") if self.config.variations > 1 else row.id
+            row.id.removesuffix(f"-v{row.variation}")
+            if self.config.build.variations > 1
+            else row.id
         )
         return f"images/{image_shard_dir(base_id)}/{name}"
 
@@ -465,10 +481,15 @@ class Pipeline:
         )
 
     async def _save_undownloaded(self) -> None:
+        """Once the stages are over: keep what was paid for and is not on disk."""
         while not self._dl_queue.empty():
             item = self._dl_queue.get_nowait()
             if item is not None:
                 await self._save_generated(item)
+        while not self._gen_queue.empty():
+            _, _, waiting = self._gen_queue.get_nowait()
+            if waiting is not None:
+                await self._keep_paid(waiting)
 
     def _write(self, record: ManifestRecord) -> None:
         assert self._writer is not None
@@ -580,7 +601,7 @@ async def _numbered(rows: Iterable[Row] | AsyncIterable[Row]) -> AsyncIterator[t
 
 RowInput = str | Mapping[str, Any] | Row
 _BRIDGE_ITEMS = 256
-_END = object()
+_BRIDGE_END = object()
 
 
 async def generate(
@@ -698,7 +719,7 @@ async def _as_async_rows(
     inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
 
     def fed() -> Iterator[str | Mapping[str, Any]]:  # runs in the worker thread
-        while (item := inbox.get()) is not _END:
+        while (item := inbox.get()) is not _BRIDGE_END:
             loop.call_soon_threadsafe(room.release)
             yield item  # type: ignore[misc]
 
@@ -709,7 +730,7 @@ async def _as_async_rows(
                 await room.acquire()
                 inbox.put(item)
         finally:
-            inbox.put(_END)
+            inbox.put(_BRIDGE_END)
 
     pumping = asyncio.create_task(pump())
     built = iter(_source(fed(), config, registry))
@@ -723,4 +744,4 @@ async def _as_async_rows(
         await pumping  # the async iterable's own error, if it raised one
     finally:
         pumping.cancel()
-        inbox.put(_END)  # a worker still waiting for an item returns
+        inbox.put(_BRIDGE_END)  # a worker still waiting for an item returns

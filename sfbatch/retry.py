@@ -14,18 +14,20 @@ the loop, the sleeping and the decision of *what* is retryable (``SfbatchError.r
         await asyncio.sleep(policy.delay_s(attempts, rng))
 
 The random generator is passed in, never global, so a seeded ``random.Random`` makes a
-run's delays reproducible and tests need no real waiting. A 429's ``Retry-After`` is not
+run's delays reproducible and tests need no real waiting. The policy is also a part of
+:class:`~sfbatch.config.RunConfig` (job-file table ``[retry]``). A 429's ``Retry-After`` is not
 this module's business: :meth:`sfbatch.limiter.RateLimiter.on_rate_limited` turns it into a
 cooldown shared by every worker.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
 from sfbatch.errors import ConfigError
+from sfbatch.settings import check, setting
 
 __all__ = ["RetryPolicy"]
 
@@ -46,31 +48,21 @@ class RetryPolicy:
     [0.5, 1.0, 2.0, 4.0, 4.0]
     """
 
-    max_retries: int = 5
+    SECTION: ClassVar[str] = "retry"
+
+    max_retries: int = setting(5, help="retries of a failing request (default 5)", at_least=0)
     """Retries after the first attempt: ``max_retries=5`` allows 6 attempts in all."""
-    base_s: float = 1.0
+    base_s: float = setting(
+        1.0, key="backoff_base_s", help="longest wait before the first retry, s", above=0
+    )
     """Upper bound of the first retry's wait, in seconds; it doubles for each further retry."""
-    cap_s: float = 60.0
+    cap_s: float = setting(
+        60.0, key="backoff_cap_s", help="longest wait before any retry, s", above=0
+    )
     """No wait is ever longer than this, in seconds."""
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_retries, bool)
-            or not isinstance(self.max_retries, int)
-            or self.max_retries < 0
-        ):
-            raise ConfigError(
-                f"max_retries must be a whole number, 0 or more, got {self.max_retries!r}"
-            )
-        for name in ("base_s", "cap_s"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        check(self)
         if self.cap_s < self.base_s:
             raise ConfigError(f"cap_s ({self.cap_s!r}) must be at least base_s ({self.base_s!r})")
 

@@ -54,6 +54,21 @@ def prompts(path: Path, n: int) -> Path:
     return path
 
 
+def lines_in(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+async def wait_for_lines(
+    proc: asyncio.subprocess.Process, manifest: Path, n: int, deadline_s: float = 60
+) -> None:
+    """Poll until ``manifest`` has ``n`` lines: the run is well under way, and still running."""
+    async with asyncio.timeout(deadline_s):
+        while lines_in(manifest) < n:
+            assert proc.returncode is None, "the run ended before it could be stopped"
+            await asyncio.sleep(0.05)
+    assert proc.returncode is None, "the run ended before it could be stopped"
+
+
 def ok_counts(out: Path) -> Counter[str]:
     """How many ok records each id has, over every line of every manifest."""
     counts: Counter[str] = Counter()
@@ -83,8 +98,9 @@ async def test_kill_9_twice_then_resume_makes_every_item_once(tmp_path: Path) ->
         )
         for _ in range(2):
             proc = await start(*args)
-            await asyncio.sleep(1.5)
-            assert proc.returncode is None, "the run ended before it could be killed"
+            await wait_for_lines(
+                proc, out / "manifest.jsonl", lines_in(out / "manifest.jsonl") + 10
+            )
             proc.kill()
             await proc.wait()
         code, output = await sfbatch(*args)
@@ -104,7 +120,7 @@ async def test_ctrl_c_finishes_in_flight_work_exits_130_and_resumes(tmp_path: Pa
     async with Emulator(latency_s=0.1) as emu:
         args = ("run", str(src), "--out", str(out), "--base-url", emu.base_url, "--no-progress")
         proc = await start(*args)
-        await asyncio.sleep(1.5)
+        await wait_for_lines(proc, out / "manifest.jsonl", 10)
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 130, err.decode()
