@@ -17,7 +17,7 @@ checked: an unknown key or a wrong type is an error naming the key and the file:
     key_env = "SILICONFLOW_API_KEY" # the variable holding this endpoint's key
 
     [request]                       # defaults for rows that do not set them
-    model = "stabilityai/stable-diffusion-3-5-large"
+    model = "Kwai-Kolors/Kolors"
     image_size = "1024x1024"
 
     [limits]
