@@ -754,6 +754,34 @@ async def test_403s_are_switched_by_the_control_endpoint(
     assert bad.status == 400
 
 
+async def test_one_key_can_run_out_while_the_others_go_on(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    keys = frozenset({"sk-a", "sk-b"})
+    async with emulator_factory(api_keys=keys, ipm=5, key_limits={"sk-b": Limits(ipd=1)}) as emu:
+        assert (await generate(session, emu, key="sk-b")).status == 200
+        assert (await generate(session, emu, key="sk-b")).json() == rate_limited("IPD")
+        for _ in range(5):
+            assert (await generate(session, emu, key="sk-a")).status == 200
+        assert (await generate(session, emu, key="sk-a")).json() == rate_limited("IPM")
+        emu.set_key_limits("sk-b", None)  # back to ipm=5, no daily limit
+        assert (await generate(session, emu, key="sk-b")).status == 200
+
+        emu.set_account_block("balance", key="sk-a")
+        assert (await generate(session, emu, key="sk-a")).json()["code"] == 30001
+        assert (await generate(session, emu, key="sk-b")).status == 200
+        control = emu.root_url + "/_control"
+        body = {"key_blocks": {"sk-a": None, "sk-b": "verification"}, "key_limits": {"sk-a": {}}}
+        state = (await call(session, "POST", control, json=body)).json()
+        assert state["key_blocks"] == {"sk-b": "verification"}
+        assert state["key_limits"] == {"sk-a": {"rpm": None, "ipm": None, "ipd": None, "rpd": None}}
+        assert (await generate(session, emu, key="sk-a")).status == 200  # its own: unlimited
+        assert (await generate(session, emu, key="sk-b")).json()["code"] == 30002
+        assert emu.config.key_blocks == {"sk-b": "verification"}
+        bad = await call(session, "POST", control, json={"key_blocks": {"sk-a": "broke"}})
+        assert bad.status == 400
+
+
 # --------------------------------------------------------------------------- outage
 
 
@@ -1142,7 +1170,7 @@ def test_cli_flags_for_todays_service() -> None:
             "--no-models-list", "--rpd", "100", "--ipm", "2",
             "--model-limit", f"{QWEN}:ipm=60,rpm=10", "--model-limit", f"{KOLORS}:ipd=5",
             "--fault-403", "balance", "--fault-403", f"disabled:{QWEN}",
-            "--fault-echo-key", "0.5", "--outage",
+            "--fault-echo-key", "0.5", "--outage", "--key-limit", "sk-b:ipd=3",
         ]
     )  # fmt: skip
     config = config_from_args(args)
@@ -1151,6 +1179,7 @@ def test_cli_flags_for_todays_service() -> None:
     assert config.models_endpoint is False
     assert (config.rpd, config.ipm) == (100, 2)
     assert config.model_limits == {QWEN: Limits(ipm=60, rpm=10), KOLORS: Limits(ipd=5)}
+    assert config.key_limits == {"sk-b": Limits(ipd=3)}
     assert config.account_block == "balance"
     assert config.disabled_models == frozenset({QWEN})
     assert config.faults.p_echo_key == 0.5
@@ -1166,6 +1195,7 @@ def test_cli_flags_for_todays_service() -> None:
         ["--model-limit", "Qwen/Qwen-Image:ipm=lots"],
         ["--model-limit", ":ipm=5"],
         ["--model-limit", "Qwen/Qwen-Image:ipm=0"],
+        ["--key-limit", "sk-b"],
         ["--fault-403", "broke"],
         ["--fault-403", "disabled"],
         ["--fault-403", "balance:Qwen/Qwen-Image"],

@@ -30,8 +30,9 @@ of ``sfbatch emulator``):
   is ``{"code": 50604, "message": "Request was rejected due to rate limiting. Details:
   IPM limit reached.", "data": null}`` (RPM/IPM/RPD/IPD); ``retry_after_s`` adds
   ``Retry-After`` (default: none). ``emu.usage(key, model=None)``.
-- **403s**: ``emu.set_account_block("balance" | "verification" | None)`` (30001 / 30002),
-  ``emu.disable_model(name)`` (30003 "Model disabled." for that model only);
+- **403s**: ``emu.set_account_block("balance" | "verification" | None, key=None)``
+  (30001 / 30002; every key, or one key: ``key_blocks``), ``emu.disable_model(name)``
+  (30003 "Model disabled." for that model only);
   ``--fault-403 balance|verification|disabled:MODEL``.
 - **Outage**: ``emu.set_outage(True)`` closes every API/image connection at once (the
   client sees a reset); ``set_outage(False)`` and the API answers again on the same
@@ -39,7 +40,9 @@ of ``sfbatch emulator``):
 - **Secrets**: ``FaultConfig(p_echo_key=1.0)`` / ``--fault-echo-key 1``: a 400 whose
   ``code`` is the caller's key and whose message carries it across character 500.
 - **Several keys**: ``api_keys={"k1", "k2"}`` / ``--key`` (repeatable); each key is
-  its own account with its own limits; ``stats()["images_by_key"]``.
+  its own account with its own counters; ``key_limits={"k2": Limits(ipd=100)}`` /
+  ``--key-limit k2:ipd=100`` / ``emu.set_key_limits(...)`` give one key other limits
+  (a model's own limits still win); ``stats()["images_by_key"]``.
 
 Out of process: ``sfbatch emulator --port 8765 --ipm 60 --offer Kwai-Kolors/Kolors``,
 with ``GET /_stats`` and ``POST /_control``. See :mod:`sfbatch.emulator.server`.

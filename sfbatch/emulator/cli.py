@@ -7,10 +7,10 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sfbatch.emulator.limits import Limits
-from sfbatch.emulator.server import ACCOUNT_BLOCKS, Emulator, EmulatorConfig, FaultConfig
+from sfbatch.emulator.server import AccountBlock, Emulator, EmulatorConfig, FaultConfig
 
 __all__ = ["config_from_args", "register", "run"]
 
@@ -56,6 +56,14 @@ def register(subparsers: Any) -> None:
         metavar="MODEL:LIMIT=N[,...]",
         help="a model's own limits instead of --rpm/--ipm/--rpd/--ipd, e.g. "
         "'Qwen/Qwen-Image:ipm=60,rpm=10' (repeatable)",
+    )
+    p.add_argument(
+        "--key-limit",
+        action="append",
+        default=[],
+        metavar="KEY:LIMIT=N[,...]",
+        help="a key's own limits instead of --rpm/--ipm/--rpd/--ipd (a model's own still "
+        "win), e.g. 'sk-b:ipd=100' (repeatable)",
     )
     p.add_argument(
         "--profile",
@@ -142,34 +150,34 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=run)
 
 
-def _model_limit(text: str) -> tuple[str, Limits]:
-    """``MODEL:ipm=60,rpm=10`` → ``("MODEL", Limits(ipm=60, rpm=10))``."""
-    model, colon, spec = text.rpartition(":")
+def _named_limits(flag: str, text: str) -> tuple[str, Limits]:
+    """``NAME:ipm=60,rpm=10`` → ``("NAME", Limits(ipm=60, rpm=10))``."""
+    subject, colon, spec = text.rpartition(":")
     values: dict[str, int] = {}
     for part in spec.split(","):
         name, eq, number = part.partition("=")
         name = name.strip().lower()
         if not eq or name not in ("rpm", "ipm", "rpd", "ipd"):
-            raise ValueError(f"--model-limit {text!r}: expected MODEL:rpm|ipm|rpd|ipd=N[,...]")
+            raise ValueError(f"{flag} {text!r}: expected NAME:rpm|ipm|rpd|ipd=N[,...]")
         try:
             values[name] = int(number)
         except ValueError:
-            raise ValueError(f"--model-limit {text!r}: {number!r} is not a whole number") from None
-    if not colon or not model:
-        raise ValueError(f"--model-limit {text!r}: expected MODEL:rpm|ipm|rpd|ipd=N[,...]")
-    return model, Limits(**values)
+            raise ValueError(f"{flag} {text!r}: {number!r} is not a whole number") from None
+    if not colon or not subject:
+        raise ValueError(f"{flag} {text!r}: expected NAME:rpm|ipm|rpd|ipd=N[,...]")
+    return subject, Limits(**values)
 
 
-def _faults_403(kinds: list[str]) -> tuple[str | None, frozenset[str]]:
+def _faults_403(kinds: list[str]) -> tuple[AccountBlock | None, frozenset[str]]:
     """``--fault-403`` values → (account block, disabled models)."""
-    block: str | None = None
+    block: AccountBlock | None = None
     disabled: set[str] = set()
     for kind in kinds:
         name, _, model = kind.partition(":")
         if name == "disabled" and model:
             disabled.add(model)
-        elif name in ACCOUNT_BLOCKS and not model:
-            block = name
+        elif name in ("balance", "verification") and not model:
+            block = cast(AccountBlock, name)
         else:
             raise ValueError(
                 f"--fault-403 {kind!r}: expected balance, verification or disabled:MODEL"
@@ -194,11 +202,12 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         ipm=args.ipm,
         ipd=args.ipd,
         rpd=args.rpd,
-        model_limits=dict(_model_limit(text) for text in args.model_limit),
+        model_limits=dict(_named_limits("--model-limit", text) for text in args.model_limit),
+        key_limits=dict(_named_limits("--key-limit", text) for text in args.key_limit),
         profile=args.profile,
         offer=tuple(args.offer) if args.offer else None,
         models_endpoint=args.models_endpoint,
-        account_block=block,  # type: ignore[arg-type]  # checked by EmulatorConfig
+        account_block=block,
         disabled_models=disabled,
         outage=args.outage,
         retry_after_s=args.retry_after,

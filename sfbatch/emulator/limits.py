@@ -5,7 +5,7 @@ minute (IPM, a request costs ``batch_size`` images), requests per day (RPD) and 
 per day (IPD). The emulator treats each key as an account and keeps, per (key, model)
 pair, a sliding 60-second window of *admitted* requests and per-day counts; a refused
 request consumes nothing. The same :class:`Limits` apply to every pair unless a model
-has its own (``model_limits``)::
+has its own (``model_limits``) or, failing that, the key has its own (``key_limits``)::
 
     >>> clock = Clock()
     >>> limits = RateLimits(Limits(rpm=1), clock=clock)
@@ -168,10 +168,10 @@ class _PairState:
 class RateLimits:
     """RPM, IPM, RPD and IPD per (API key, model) pair, checked in that order.
 
-    ``limits`` apply to every model without an entry in ``model_limits`` (an entry
-    replaces them whole for that model). Only admitted requests are recorded, and only
-    while a limit is set: a window never holds more entries than its limit, and with
-    no limits nothing is kept.
+    ``limits`` apply to every pair unless the model has an entry in ``model_limits``
+    or, failing that, the key one in ``key_limits``; an entry replaces them whole.
+    Only admitted requests are recorded, and only while a limit is set: a window
+    never holds more entries than its limit, and with no limits nothing is kept.
     """
 
     def __init__(
@@ -181,16 +181,21 @@ class RateLimits:
         clock: Clock,
         day_utc_offset_h: float = 8.0,
         model_limits: Mapping[str, Limits] | None = None,
+        key_limits: Mapping[str, Limits] | None = None,
     ) -> None:
         self.limits = limits
         self.model_limits: dict[str, Limits] = dict(model_limits or {})
+        self.key_limits: dict[str, Limits] = dict(key_limits or {})
         self._clock = clock
         self._day_offset_s = day_utc_offset_h * 3600.0
         self._pairs: dict[tuple[str, str], _PairState] = {}
 
-    def limits_for(self, model: str) -> Limits:
-        """The limits in force for ``model``."""
-        return self.model_limits.get(model, self.limits)
+    def limits_for(self, key: str, model: str) -> Limits:
+        """The limits in force for ``key`` using ``model``: the most specific entry."""
+        found = self.model_limits.get(model)
+        if found is None:
+            found = self.key_limits.get(key, self.limits)
+        return found
 
     def day_index(self, wall: float) -> int:
         """The calendar day of epoch second ``wall`` in the configured time zone."""
@@ -203,7 +208,7 @@ class RateLimits:
 
         ``now_ms`` is the clock's :meth:`Clock.mono_ms`, read now if not given.
         """
-        limits = self.limits_for(model)
+        limits = self.limits_for(key, model)
         if not limits.active:
             return None
         state = self._pairs.get((key, model))

@@ -99,6 +99,8 @@ _CONTROL_KEYS = frozenset(
         "faults",
         "limits",
         "model_limits",
+        "key_limits",
+        "key_blocks",
         "offer",
         "models_endpoint",
         "account_block",
@@ -177,12 +179,14 @@ class EmulatorConfig:
 
     ``api_keys``: the Bearer keys accepted; empty accepts any non-empty key. Each key
     is its own account. ``rpm``/``ipm``/``rpd``/``ipd`` apply to each (key, model)
-    pair; ``model_limits`` replaces them whole for the models it names.
+    pair; ``model_limits`` replaces them whole for the models it names, else
+    ``key_limits`` for the keys it names.
     ``profile``: which endpoint family's model list is offered (``cn`` or ``com``, from
     the registry's ``endpoints``); ``offer``: the offered models instead (any names,
     known to the registry or not). ``models_endpoint=False``: ``GET /v1/models``
     answers 404 (an endpoint without the list). ``account_block``: every generation
-    answers that 403; ``disabled_models``: generations for these answer 403/30003.
+    answers that 403; ``key_blocks``: the generations of one key do (a key's entry
+    wins over ``account_block``); ``disabled_models``: generations for these answer 403/30003.
     ``outage``: start with every API route dropping connections. ``retry_after_s``:
     ``None`` sends no ``Retry-After`` on 429 (the default, as the service documents
     none); ``0`` sends the whole seconds until the refused request would be admitted
@@ -204,10 +208,12 @@ class EmulatorConfig:
     ipd: int | None = None
     rpd: int | None = None
     model_limits: Mapping[str, Limits] = field(default_factory=dict)
+    key_limits: Mapping[str, Limits] = field(default_factory=dict)
     profile: Profile = "cn"
     offer: tuple[str, ...] | None = None
     models_endpoint: bool = True
     account_block: AccountBlock | None = None
+    key_blocks: Mapping[str, AccountBlock] = field(default_factory=dict)
     disabled_models: frozenset[str] = frozenset()
     outage: bool = False
     retry_after_s: float | None = None
@@ -228,15 +234,18 @@ class EmulatorConfig:
             object.__setattr__(self, "disabled_models", frozenset(self.disabled_models))
         if self.offer is not None and not isinstance(self.offer, tuple):
             object.__setattr__(self, "offer", tuple(self.offer))
-        for model, limits in self.model_limits.items():
-            if not isinstance(limits, Limits):
-                raise ValueError(f"model_limits[{model!r}] must be a Limits, got {limits!r}")
+        for name, table in (("model_limits", self.model_limits), ("key_limits", self.key_limits)):
+            for entry, limits in table.items():
+                if not isinstance(limits, Limits):
+                    raise ValueError(f"{name}[{entry!r}] must be a Limits, got {limits!r}")
         if self.profile not in ("cn", "com"):
             raise ValueError(f"profile must be cn or com, got {self.profile!r}")
-        if self.account_block is not None and self.account_block not in ACCOUNT_BLOCKS:
-            raise ValueError(
-                f"account_block must be balance, verification or None, got {self.account_block!r}"
-            )
+        for block in (self.account_block, *self.key_blocks.values()):
+            if block is not None and block not in ACCOUNT_BLOCKS:
+                raise ValueError(
+                    f"account_block and key_blocks take balance, verification or None, "
+                    f"got {block!r}"
+                )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.retry_after_s is not None and not self.retry_after_s >= 0:
@@ -361,6 +370,17 @@ def _png_response(body: bytes, trace_id: str) -> web.Response:
     return web.Response(body=body, content_type="image/png", headers={TRACE_HEADER: trace_id})
 
 
+def _updated_limits(current: Mapping[str, Limits], changes: Any) -> dict[str, Limits]:
+    """``current`` with a control body's ``{name: limits object or null}`` applied."""
+    updated = dict(current)
+    for name, spec in dict(changes).items():
+        if spec is None:
+            updated.pop(name, None)
+        else:
+            updated[name] = Limits(**spec)
+    return updated
+
+
 def _echo_key_body(key: str) -> dict[str, Any]:
     """A 400 body that leaks ``key``: as the code, and across a message's 500th character."""
     start = max(0, 504 - len(key))  # a cut at 500 characters keeps all but the last 4
@@ -402,6 +422,7 @@ class _EmulatorApp:
             clock=self.clock,
             day_utc_offset_h=config.day_utc_offset_h,
             model_limits=config.model_limits,
+            key_limits=config.key_limits,
         )
         self.offer: tuple[str, ...] = (
             config.offer
@@ -410,6 +431,7 @@ class _EmulatorApp:
         )
         self.models_endpoint = config.models_endpoint
         self.account_block: AccountBlock | None = config.account_block
+        self.key_blocks: dict[str, AccountBlock] = dict(config.key_blocks)
         self.disabled_models: set[str] = set(config.disabled_models)
         self.outage = config.outage
         self.received_inputs: deque[dict[str, ReceivedImage]] = deque(maxlen=_INPUTS_KEPT)
@@ -517,8 +539,9 @@ class _EmulatorApp:
         if not isinstance(model, str) or model not in self.offer:
             payload = {"code": 20012, "message": NO_SUCH_MODEL_MESSAGE, "data": None}
             return "400", _json(400, payload, trace_id)
-        if self.account_block is not None:
-            return "403", _json(403, ACCOUNT_BLOCKS[self.account_block], trace_id)
+        block = self.key_blocks.get(key, self.account_block)
+        if block is not None:
+            return "403", _json(403, ACCOUNT_BLOCKS[block], trace_id)
         if model in self.disabled_models:
             return "403", _json(403, MODEL_DISABLED, trace_id)
 
@@ -741,10 +764,12 @@ class _EmulatorApp:
             "clock_offset_s": self.clock.offset_s,
             "limits": asdict(self.limits.limits),
             "model_limits": {m: asdict(lim) for m, lim in self.limits.model_limits.items()},
+            "key_limits": {k: asdict(lim) for k, lim in self.limits.key_limits.items()},
             "faults": asdict(self.faults),
             "offer": list(self.offer),
             "models_endpoint": self.models_endpoint,
             "account_block": self.account_block,
+            "key_blocks": dict(self.key_blocks),
             "disabled_models": sorted(self.disabled_models),
             "outage": self.outage,
         }
@@ -754,8 +779,9 @@ class _EmulatorApp:
 
         Keys (all optional): ``advance_s`` (seconds, moves the clock), ``faults`` (a
         :class:`FaultConfig` as an object), ``limits`` (``rpm``/``ipm``/``rpd``/``ipd``
-        to change; null lifts one), ``model_limits`` (model → limits object, or null to
-        drop a model's own limits), ``offer`` (list of model names), ``models_endpoint``
+        to change; null lifts one), ``model_limits`` / ``key_limits`` (model or key →
+        limits object, or null to drop its own limits), ``key_blocks`` (key → block or
+        null), ``offer`` (list of model names), ``models_endpoint``
         (bool), ``account_block`` (``"balance"``, ``"verification"`` or null),
         ``disabled_models`` (list, replaces the set), ``outage`` (bool), ``reset_stats``
         (bool: zero the counters and forget the received inputs).
@@ -765,12 +791,16 @@ class _EmulatorApp:
             raise ValueError(f"unknown keys {sorted(unknown)}")
         faults = FaultConfig(**body["faults"]) if "faults" in body else None
         limits = replace(self.limits.limits, **body["limits"]) if "limits" in body else None
-        model_limits = dict(self.limits.model_limits)
-        for model, spec in dict(body.get("model_limits", {})).items():
-            if spec is None:
-                model_limits.pop(model, None)
+        model_limits = _updated_limits(self.limits.model_limits, body.get("model_limits", {}))
+        key_limits = _updated_limits(self.limits.key_limits, body.get("key_limits", {}))
+        key_blocks = dict(self.key_blocks)
+        for key, kind in dict(body.get("key_blocks", {})).items():
+            if kind is None:
+                key_blocks.pop(key, None)
+            elif kind in ACCOUNT_BLOCKS:
+                key_blocks[key] = kind
             else:
-                model_limits[model] = Limits(**spec)
+                raise ValueError(f"key_blocks take balance, verification or null, got {kind!r}")
         advance = body.get("advance_s", 0)
         if isinstance(advance, bool) or not isinstance(advance, int | float) or advance < 0:
             raise ValueError(f"advance_s must be a number >= 0, got {advance!r}")
@@ -792,6 +822,8 @@ class _EmulatorApp:
         if limits is not None:
             self.limits.limits = limits
         self.limits.model_limits = model_limits
+        self.limits.key_limits = key_limits
+        self.key_blocks = key_blocks
         self.offer = tuple(offer)
         self.disabled_models = set(disabled)
         self.account_block = cast(AccountBlock | None, block)
@@ -838,10 +870,12 @@ class Emulator:
             ipd=limits.ipd,
             rpd=limits.rpd,
             model_limits=dict(app.limits.model_limits),
+            key_limits=dict(app.limits.key_limits),
             faults=app.faults,
             offer=app.offer,
             models_endpoint=app.models_endpoint,
             account_block=app.account_block,
+            key_blocks=dict(app.key_blocks),
             disabled_models=frozenset(app.disabled_models),
             outage=app.outage,
         )
@@ -963,6 +997,13 @@ class Emulator:
         else:
             self._app.limits.model_limits[model] = limits
 
+    def set_key_limits(self, key: str, limits: Limits | None) -> None:
+        """Give ``key`` its own limits (per model; a model's own still win), or ``None``."""
+        if limits is None:
+            self._app.limits.key_limits.pop(key, None)
+        else:
+            self._app.limits.key_limits[key] = limits
+
     def usage(self, api_key: str | None = None, model: str | None = None) -> dict[str, int]:
         """What ``api_key`` (default :attr:`api_key`) has used of ``model``'s limits now.
 
@@ -989,11 +1030,18 @@ class Emulator:
         """``False``: ``GET /v1/models`` answers 404, as an endpoint without the list does."""
         self._app.models_endpoint = available
 
-    def set_account_block(self, kind: AccountBlock | None) -> None:
-        """Answer every generation with the 403 of ``kind`` (``None``: unblocked)."""
+    def set_account_block(self, kind: AccountBlock | None, *, key: str | None = None) -> None:
+        """Answer generations with the 403 of ``kind`` (``None``: unblocked): every key's,
+        or only ``key``'s (another account's balance runs out; the others go on)."""
         if kind is not None and kind not in ACCOUNT_BLOCKS:
             raise ValueError(f"kind must be balance, verification or None, got {kind!r}")
-        self._app.account_block = kind
+        app = self._app
+        if key is None:
+            app.account_block = kind
+        elif kind is None:
+            app.key_blocks.pop(key, None)
+        else:
+            app.key_blocks[key] = kind
 
     def disable_model(self, model: str) -> None:
         """Answer generations for ``model`` with 403 ``{"code": 30003, ...}``."""
