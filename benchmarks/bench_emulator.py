@@ -37,7 +37,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 _KEY = "sk-emulator"
 _BODY = orjson.dumps(
     {
-        "model": "stabilityai/stable-diffusion-3-5-large",
+        "model": "Kwai-Kolors/Kolors",
         "prompt": "an island near sea, with seagulls, moon shining over the sea, light house",
         "image_size": "1024x1024",
         "batch_size": 1,

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 WORK = BENCH / "_work"
 KEY = "sk-emulator"
-MODEL = "stabilityai/stable-diffusion-3-5-large"
+MODEL = "Kwai-Kolors/Kolors"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 

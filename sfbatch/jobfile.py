@@ -19,7 +19,7 @@ relative to the job file, so cron can run it from any directory::
     key_env = "SILICONFLOW_API_KEY" # the variable holding this endpoint's key
 
     [request]                       # defaults for rows that do not set them
-    model = "stabilityai/stable-diffusion-3-5-large"
+    model = "Kwai-Kolors/Kolors"
     image_size = "1024x1024"
 
     [limits]

@@ -26,6 +26,7 @@ from sfbatch.errors import ConfigError
 
 __all__ = [
     "DEFAULT_MODEL",
+    "IMAGE_FIELDS",
     "REQUEST_FIELDS",
     "SEED_MAX",
     "ModelRegistry",
@@ -35,7 +36,7 @@ __all__ = [
     "validate_request",
 ]
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-3-5-large"
+DEFAULT_MODEL = "Kwai-Kolors/Kolors"
 SEED_MAX = 9_999_999_999
 REQUEST_FIELDS = (
     "model",
@@ -49,11 +50,18 @@ REQUEST_FIELDS = (
     "cfg",
     "prompt_enhancement",
     "image",
+    "image2",
+    "image3",
 )
+#: The request fields that carry an input image (a URL or a data URI).
+IMAGE_FIELDS = ("image", "image2", "image3")
 _SIZE_RE = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
 _RULE_KEYS = {
     "image_sizes",
+    "sizes_recommended",
     "max_pixels",
+    "soft_max_pixels",
+    "takes_size",
     "default_size",
     "steps",
     "fixed_steps",
@@ -63,18 +71,34 @@ _RULE_KEYS = {
     "default_guidance",
     "batch_size",
     "takes_image",
+    "image_fields",
+    "image_required",
     "endpoints",
 }
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelRule:
-    """What one model accepts. ``image_sizes=None`` means any size up to ``max_pixels``."""
+    """What one model accepts.
+
+    Sizes: ``image_sizes`` lists the sizes; with ``sizes_recommended`` they are only
+    the provider's recommendation (another size passes with a warning), else they are
+    the only ones allowed. ``image_sizes=None`` allows any size up to ``max_pixels``.
+    ``soft_max_pixels`` is a cap known only from observation: above it, a warning (the
+    server's 400 is the final word). ``takes_size=False``: the model takes no
+    ``image_size`` (an edit model's output follows its input image).
+
+    Image inputs: ``image_fields`` are the input-image fields the model takes (``()``
+    for text-to-image), ``image_required`` those it cannot do without.
+    """
 
     name: str
     image_sizes: tuple[str, ...] | None = None
+    sizes_recommended: bool = False
     max_pixels: int | None = None
-    default_size: str = "1024x1024"
+    soft_max_pixels: int | None = None
+    default_size: str | None = "1024x1024"
+    takes_size: bool = True
     steps: tuple[int, int] = (1, 50)
     fixed_steps: int | None = None
     default_steps: int = 20
@@ -82,12 +106,15 @@ class ModelRule:
     guidance: tuple[float, float] = (0.0, 20.0)
     default_guidance: float | None = 7.5
     batch_size: tuple[int, int] = (1, 4)
-    takes_image: bool = False
+    image_fields: tuple[str, ...] = ()
+    image_required: tuple[str, ...] = ()
     endpoints: tuple[str, ...] = ("cn", "com")
 
     def __post_init__(self) -> None:
-        if self.image_sizes is None and self.max_pixels is None:
+        if self.takes_size and self.image_sizes is None and self.max_pixels is None:
             raise ConfigError(f"model {self.name}: give image_sizes or max_pixels")
+        if not self.takes_size:
+            object.__setattr__(self, "default_size", None)
         if self.guidance_field not in ("guidance_scale", "cfg", ""):
             raise ConfigError(
                 f"model {self.name}: guidance_field must be guidance_scale, cfg or empty, "
@@ -96,15 +123,30 @@ class ModelRule:
         lo, hi = self.batch_size
         if not 1 <= lo <= hi:
             raise ConfigError(f"model {self.name}: batch_size range {lo}..{hi} is empty")
+        unknown = [f for f in self.image_fields if f not in IMAGE_FIELDS]
+        if unknown:
+            raise ConfigError(
+                f"model {self.name}: image_fields may hold {', '.join(IMAGE_FIELDS)}, "
+                f"got {unknown[0]!r}"
+            )
+        extra = [f for f in self.image_required if f not in self.image_fields]
+        if extra:
+            raise ConfigError(f"model {self.name}: required image field {extra[0]!r} not taken")
 
     @property
     def max_batch_size(self) -> int:
         return self.batch_size[1]
 
+    @property
+    def takes_image(self) -> bool:
+        """An image-to-image (edit) model: it takes at least one input image."""
+        return bool(self.image_fields)
 
-# Used for a model the registry does not know: the loosest rules the API documents.
+
+# Used for a model the registry does not know: the loosest rules the API documents
+# (it may be a new edit model, so input images are taken but not required).
 def _generic_rule(name: str) -> ModelRule:
-    return ModelRule(name=name, max_pixels=4096 * 4096, steps=(1, 100))
+    return ModelRule(name=name, max_pixels=4096 * 4096, steps=(1, 100), image_fields=IMAGE_FIELDS)
 
 
 class ModelRegistry:
@@ -181,14 +223,22 @@ def _parse_rules(text: str, source: str) -> dict[str, ModelRule]:
 def _rule_from_spec(name: str, spec: dict[str, Any]) -> ModelRule:
     kwargs: dict[str, Any] = {"name": name}
     for key, value in spec.items():
-        if key in ("image_sizes", "endpoints"):
+        if key in ("image_sizes", "endpoints", "image_fields", "image_required"):
             kwargs[key] = tuple(str(v) for v in value)
+        elif key == "takes_image":  # the older spelling: one required `image`
+            if not isinstance(value, bool):
+                raise TypeError(f"takes_image must be true or false, got {value!r}")
+            if value:
+                kwargs.setdefault("image_fields", ("image",))
+                kwargs.setdefault("image_required", ("image",))
         elif key in ("steps", "batch_size"):
             lo, hi = value
             kwargs[key] = (int(lo), int(hi))
         elif key == "guidance":
             lo, hi = value
             kwargs[key] = (float(lo), float(hi))
+        elif key in ("takes_size", "sizes_recommended") and not isinstance(value, bool):
+            raise TypeError(f"{key} must be true or false, got {value!r}")
         else:
             kwargs[key] = value
     if kwargs.get("guidance_field") == "":
@@ -281,8 +331,14 @@ def validate_request(
         del out["negative_prompt"]
 
     size = out.get("image_size")
-    if size is not None:
-        _check_size(size, rule, errors)
+    if size is not None and not rule.takes_size:
+        # The service ignores it (U); dropping it keeps the record true to what was made.
+        warnings.append(
+            f"image_size is not taken by {model} (the output follows the input image); not sent"
+        )
+        del out["image_size"]
+    elif size is not None:
+        _check_size(size, rule, errors, warnings)
 
     if "batch_size" in out:
         batch = _as_int("batch_size", out["batch_size"], errors)
@@ -327,29 +383,52 @@ def validate_request(
     if enhance is not None and not isinstance(enhance, bool):
         errors.append(f"prompt_enhancement must be true or false, got {enhance!r}")
 
-    image = out.get("image")
-    if rule.takes_image and not (isinstance(image, str) and image):
-        errors.append(f"image is required by {model} (an edit model): give a URL or data URI")
-    elif image is not None and not rule.takes_image:
-        errors.append(f"image is not accepted by {model}")
+    _check_images(out, rule, errors)
 
     if errors:
         return Validation(None, tuple(errors), tuple(warnings))
     return Validation(out, (), tuple(warnings))
 
 
-def _check_size(size: Any, rule: ModelRule, errors: list[str]) -> None:
+def _check_size(size: Any, rule: ModelRule, errors: list[str], warnings: list[str]) -> None:
     match = _SIZE_RE.match(size) if isinstance(size, str) else None
     if match is None:
         errors.append(f"image_size must look like WIDTHxHEIGHT, got {size!r}")
-    elif rule.image_sizes is not None:
-        if size not in rule.image_sizes:
-            allowed = ", ".join(rule.image_sizes)
+        return
+    if rule.image_sizes is not None and size not in rule.image_sizes:
+        allowed = ", ".join(rule.image_sizes)
+        if not rule.sizes_recommended:
             errors.append(f"image_size {size} is not offered by {rule.name} (one of: {allowed})")
-    elif rule.max_pixels is not None:
-        pixels = int(match.group(1)) * int(match.group(2))
-        if pixels > rule.max_pixels:
-            errors.append(f"image_size {size} has {pixels} pixels, above {rule.max_pixels}")
+            return
+        warnings.append(
+            f"image_size {size} is not one of {rule.name}'s recommended sizes ({allowed}); "
+            "sent anyway, the server has the last word"
+        )
+    pixels = int(match.group(1)) * int(match.group(2))
+    if rule.max_pixels is not None and pixels > rule.max_pixels:
+        errors.append(f"image_size {size} has {pixels} pixels, above {rule.max_pixels}")
+    elif rule.soft_max_pixels is not None and pixels > rule.soft_max_pixels:
+        warnings.append(
+            f"image_size {size} has {pixels} pixels, above the {rule.soft_max_pixels} the "
+            f"service is reported to allow for {rule.name}; sent anyway"
+        )
+
+
+def _check_images(out: Mapping[str, Any], rule: ModelRule, errors: list[str]) -> None:
+    """Input images: strings (URL, data URI, or a local path the engine will encode)."""
+    for name in IMAGE_FIELDS:
+        value = out.get(name)
+        if value is None:
+            if name in rule.image_required:
+                errors.append(
+                    f"{name} is required by {rule.name} (an edit model): "
+                    "give a URL, a data URI or a local image file"
+                )
+        elif name not in rule.image_fields:
+            takes = ", ".join(rule.image_fields) if rule.image_fields else "no input image"
+            errors.append(f"{name} is not accepted by {rule.name} (it takes {takes})")
+        elif not isinstance(value, str) or not value.strip():
+            errors.append(f"{name} must be a URL, a data URI or a file path, got {value!r}")
 
 
 def effective_params(request: Mapping[str, Any], registry: ModelRegistry) -> dict[str, Any]:
@@ -363,9 +442,10 @@ def effective_params(request: Mapping[str, Any], registry: ModelRegistry) -> dic
     guidance = None
     if rule.guidance_field:
         guidance = request.get(rule.guidance_field, rule.default_guidance)
+    size = request.get("image_size", rule.default_size) if rule.takes_size else None
     return {
         "model": model,
-        "image_size": request.get("image_size", rule.default_size),
+        "image_size": size,
         "batch_size": request.get("batch_size", 1),
         "num_inference_steps": steps,
         "guidance_scale": guidance,

@@ -84,7 +84,7 @@ def validate_job(job: Job, *, out: TextIO) -> int:
         if rule is not None and family is not None and family not in rule.endpoints:
             warnings.append(
                 f"model {model} is not listed on the .{family} endpoint "
-                f"(the model rules say: {', '.join(rule.endpoints)})"
+                f"(the model rules say: {', '.join(rule.endpoints) or 'withdrawn from both'})"
             )
     if counts["invalid"] > _MAX_LISTED:
         print(f"... and {counts['invalid'] - _MAX_LISTED} more invalid rows", file=out)

@@ -68,7 +68,7 @@ async def test_client_single_request_and_error_mapping() -> None:
             generation = await client.generate({"prompt": "a cat", "seed": 42, "batch_size": 3})
             assert generation.seed == 42 and len(generation.urls) == 3
             assert generation.trace_id
-            assert "stabilityai/stable-diffusion-3-5-large" in await client.list_models()
+            assert "Kwai-Kolors/Kolors" in await client.list_models()
             with pytest.raises(BadRequestError) as info:
                 await client.generate({"prompt": "a cat", "batch_size": 9})
             assert info.value.status == 400 and info.value.code == 20012

@@ -164,13 +164,15 @@ def test_jsonl_bad_utf8_line(tmp_path: Path) -> None:
         (
             "image",
             "http://x/y.png",
-            "image is not accepted by stabilityai/stable-diffusion-3-5-large",
+            "image is not accepted by stabilityai/stable-diffusion-3-5-large "
+            "(it takes no input image)",
         ),
         ("prompt", "   ", "prompt must be a non-empty string"),
     ],
 )
 def test_out_of_range_field_message(tmp_path: Path, field: str, value: Any, message: str) -> None:
-    p = write(tmp_path / "p.jsonl", jsonl({"prompt": "ok"}, {"prompt": "a cat", field: value}))
+    row = {"prompt": "a cat", "model": "stabilityai/stable-diffusion-3-5-large", field: value}
+    p = write(tmp_path / "p.jsonl", jsonl({"prompt": "ok"}, row))
     ok, bad = rows(p)
     assert ok.valid
     assert not bad.valid and bad.request is None
@@ -409,12 +411,12 @@ def test_csv_header_without_prompt_column(tmp_path: Path) -> None:
 def test_tsv(tmp_path: Path) -> None:
     p = write(
         tmp_path / "p.tsv",
-        "id\tprompt\tnum_inference_steps\nt1\ta cat, with a comma\t30\nt2\ta dog\t99\n",
+        "id\tprompt\tnum_inference_steps\nt1\ta cat, with a comma\t30\nt2\ta dog\t101\n",
     )
     good, bad = rows(p)
     assert good.id == "t1" and good.prompt == "a cat, with a comma"
     assert good.request is not None and good.request["num_inference_steps"] == 30
-    assert bad.error == f"{p}:3: num_inference_steps must be 1..50, got 99"
+    assert bad.error == f"{p}:3: num_inference_steps must be 1..100, got 101"
 
 
 # -- gzip, stdin, files ------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 
 import requests
 
-MODEL = "stabilityai/stable-diffusion-3-5-large"
+MODEL = "Kwai-Kolors/Kolors"
 
 
 def payload(prompt: str, batch_size: int = 1) -> dict[str, Any]:

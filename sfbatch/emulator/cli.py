@@ -7,9 +7,10 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sfbatch.emulator.server import Emulator, EmulatorConfig, FaultConfig
+from sfbatch.emulator.limits import Limits
+from sfbatch.emulator.server import AccountBlock, Emulator, EmulatorConfig, FaultConfig
 
 __all__ = ["config_from_args", "register", "run"]
 
@@ -18,6 +19,7 @@ _FAULT_FLAGS = {
     "fault_504": "p_504",
     "fault_500": "p_500",
     "fault_reset": "p_reset",
+    "fault_echo_key": "p_echo_key",
     "fault_truncated": "p_truncated_image",
     "fault_stalled": "p_stalled_image",
     "fault_expired": "p_expired_url",
@@ -43,9 +45,58 @@ def register(subparsers: Any) -> None:
         metavar="KEY",
         help="an accepted API key (repeatable; default sk-emulator); --key '' accepts any",
     )
-    p.add_argument("--rpm", type=int, help="requests per minute per key")
-    p.add_argument("--ipm", type=int, help="images per minute per key")
-    p.add_argument("--ipd", type=int, help="images per day per key")
+    p.add_argument("--rpm", type=int, help="requests per minute per key and model")
+    p.add_argument("--ipm", type=int, help="images per minute per key and model")
+    p.add_argument("--rpd", type=int, help="requests per day per key and model")
+    p.add_argument("--ipd", type=int, help="images per day per key and model")
+    p.add_argument(
+        "--model-limit",
+        action="append",
+        default=[],
+        metavar="MODEL:LIMIT=N[,...]",
+        help="a model's own limits instead of --rpm/--ipm/--rpd/--ipd, e.g. "
+        "'Qwen/Qwen-Image:ipm=60,rpm=10' (repeatable)",
+    )
+    p.add_argument(
+        "--key-limit",
+        action="append",
+        default=[],
+        metavar="KEY:LIMIT=N[,...]",
+        help="a key's own limits instead of --rpm/--ipm/--rpd/--ipd (a model's own still "
+        "win), e.g. 'sk-b:ipd=100' (repeatable)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("cn", "com"),
+        default="cn",
+        help="offer this endpoint's model list (default %(default)s: today's .cn list)",
+    )
+    p.add_argument(
+        "--offer",
+        action="append",
+        metavar="MODEL",
+        help="offer exactly these models instead of the profile's list (repeatable)",
+    )
+    p.add_argument(
+        "--no-models-list",
+        dest="models_endpoint",
+        action="store_false",
+        help="GET /v1/models answers 404, as an endpoint without the list",
+    )
+    p.add_argument(
+        "--fault-403",
+        action="append",
+        default=[],
+        metavar="KIND[:MODEL]",
+        help="answer generations with a 403: balance, verification, or disabled:MODEL "
+        "(30003 for that model; repeatable)",
+    )
+    p.add_argument(
+        "--outage",
+        action="store_true",
+        help="start in an outage: API connections are closed at once (POST /_control "
+        '{"outage": false} ends it)',
+    )
     p.add_argument(
         "--retry-after",
         type=float,
@@ -99,9 +150,45 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=run)
 
 
+def _named_limits(flag: str, text: str) -> tuple[str, Limits]:
+    """``NAME:ipm=60,rpm=10`` → ``("NAME", Limits(ipm=60, rpm=10))``."""
+    subject, colon, spec = text.rpartition(":")
+    values: dict[str, int] = {}
+    for part in spec.split(","):
+        name, eq, number = part.partition("=")
+        name = name.strip().lower()
+        if not eq or name not in ("rpm", "ipm", "rpd", "ipd"):
+            raise ValueError(f"{flag} {text!r}: expected NAME:rpm|ipm|rpd|ipd=N[,...]")
+        try:
+            values[name] = int(number)
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: {number!r} is not a whole number") from None
+    if not colon or not subject:
+        raise ValueError(f"{flag} {text!r}: expected NAME:rpm|ipm|rpd|ipd=N[,...]")
+    return subject, Limits(**values)
+
+
+def _faults_403(kinds: list[str]) -> tuple[AccountBlock | None, frozenset[str]]:
+    """``--fault-403`` values → (account block, disabled models)."""
+    block: AccountBlock | None = None
+    disabled: set[str] = set()
+    for kind in kinds:
+        name, _, model = kind.partition(":")
+        if name == "disabled" and model:
+            disabled.add(model)
+        elif name in ("balance", "verification") and not model:
+            block = cast(AccountBlock, name)
+        else:
+            raise ValueError(
+                f"--fault-403 {kind!r}: expected balance, verification or disabled:MODEL"
+            )
+    return block, frozenset(disabled)
+
+
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     """The :class:`EmulatorConfig` the flags describe."""
     keys = args.key if args.key is not None else ["sk-emulator"]
+    block, disabled = _faults_403(args.fault_403)
     faults = FaultConfig(
         seed=args.seed,
         stall_s=args.stall,
@@ -114,6 +201,15 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         rpm=args.rpm,
         ipm=args.ipm,
         ipd=args.ipd,
+        rpd=args.rpd,
+        model_limits=dict(_named_limits("--model-limit", text) for text in args.model_limit),
+        key_limits=dict(_named_limits("--key-limit", text) for text in args.key_limit),
+        profile=args.profile,
+        offer=tuple(args.offer) if args.offer else None,
+        models_endpoint=args.models_endpoint,
+        account_block=block,
+        disabled_models=disabled,
+        outage=args.outage,
         retry_after_s=args.retry_after,
         day_utc_offset_h=args.day_utc_offset,
         latency_s=args.latency,

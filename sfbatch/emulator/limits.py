@@ -1,18 +1,22 @@
-"""The emulator's clock and its per-key rate limits.
+"""The emulator's clock and its rate limits, per API key and per model.
 
-SiliconFlow limits an account by requests per minute (RPM), images per minute (IPM,
-a request costs ``batch_size`` images) and images per day (IPD). The emulator keeps,
-per API key, a sliding 60-second window of *admitted* requests and a per-day image
-count; a refused request consumes nothing::
+SiliconFlow limits an account per model by requests per minute (RPM), images per
+minute (IPM, a request costs ``batch_size`` images), requests per day (RPD) and images
+per day (IPD). The emulator treats each key as an account and keeps, per (key, model)
+pair, a sliding 60-second window of *admitted* requests and per-day counts; a refused
+request consumes nothing. The same :class:`Limits` apply to every pair unless a model
+has its own (``model_limits``) or, failing that, the key has its own (``key_limits``)::
 
     >>> clock = Clock()
     >>> limits = RateLimits(Limits(rpm=1), clock=clock)
-    >>> limits.admit("sk-a", 1) is None
+    >>> limits.admit("sk-a", 1, model="m1") is None
     True
-    >>> limits.admit("sk-a", 1).details
+    >>> limits.admit("sk-a", 1, model="m1").details
     'RPM limit reached.'
+    >>> limits.admit("sk-a", 1, model="m2") is None      # another model: its own window
+    True
     >>> clock.advance(60)
-    >>> limits.admit("sk-a", 1) is None
+    >>> limits.admit("sk-a", 1, model="m1") is None
     True
 
 Window arithmetic is done in whole milliseconds of :meth:`Clock.mono_ms`: an event at
@@ -25,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,14 +122,15 @@ class SlidingWindow:
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
-    """Per-key limits; ``None`` means unlimited."""
+    """The limits of one (key, model) pair; ``None`` means unlimited."""
 
     rpm: int | None = None
     ipm: int | None = None
     ipd: int | None = None
+    rpd: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("rpm", "ipm", "ipd"):
+        for name in ("rpm", "ipm", "ipd", "rpd"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{name} must be an integer or None, got {value!r}")
@@ -133,14 +139,14 @@ class Limits:
 
     @property
     def active(self) -> bool:
-        return self.rpm is not None or self.ipm is not None or self.ipd is not None
+        return any(v is not None for v in (self.rpm, self.ipm, self.ipd, self.rpd))
 
 
 @dataclass(frozen=True)
 class Refusal:
     """Why a request was refused, and how long until it would be admitted."""
 
-    limit: Literal["RPM", "IPM", "IPD"]
+    limit: Literal["RPM", "IPM", "RPD", "IPD"]
     wait_s: float
 
     @property
@@ -149,43 +155,65 @@ class Refusal:
         return f"{self.limit} limit reached."
 
 
-class _KeyState:
-    __slots__ = ("day", "day_images", "minute")
+class _PairState:
+    __slots__ = ("day", "day_images", "day_requests", "minute")
 
     def __init__(self) -> None:
         self.minute = SlidingWindow()
         self.day = -1
         self.day_images = 0
+        self.day_requests = 0
 
 
 class RateLimits:
-    """RPM, IPM and IPD per API key, checked in that order.
+    """RPM, IPM, RPD and IPD per (API key, model) pair, checked in that order.
 
+    ``limits`` apply to every pair unless the model has an entry in ``model_limits``
+    or, failing that, the key one in ``key_limits``; an entry replaces them whole.
     Only admitted requests are recorded, and only while a limit is set: a window
     never holds more entries than its limit, and with no limits nothing is kept.
     """
 
-    def __init__(self, limits: Limits, *, clock: Clock, day_utc_offset_h: float = 8.0) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        clock: Clock,
+        day_utc_offset_h: float = 8.0,
+        model_limits: Mapping[str, Limits] | None = None,
+        key_limits: Mapping[str, Limits] | None = None,
+    ) -> None:
         self.limits = limits
+        self.model_limits: dict[str, Limits] = dict(model_limits or {})
+        self.key_limits: dict[str, Limits] = dict(key_limits or {})
         self._clock = clock
         self._day_offset_s = day_utc_offset_h * 3600.0
-        self._keys: dict[str, _KeyState] = {}
+        self._pairs: dict[tuple[str, str], _PairState] = {}
+
+    def limits_for(self, key: str, model: str) -> Limits:
+        """The limits in force for ``key`` using ``model``: the most specific entry."""
+        found = self.model_limits.get(model)
+        if found is None:
+            found = self.key_limits.get(key, self.limits)
+        return found
 
     def day_index(self, wall: float) -> int:
         """The calendar day of epoch second ``wall`` in the configured time zone."""
         return math.floor((wall + self._day_offset_s) / _DAY_S)
 
-    def admit(self, key: str, images: int, *, now_ms: int | None = None) -> Refusal | None:
-        """Admit (and record) a request costing ``images``, or say why not.
+    def admit(
+        self, key: str, images: int, *, model: str = "", now_ms: int | None = None
+    ) -> Refusal | None:
+        """Admit (and record) a request of ``key`` for ``model`` costing ``images``, or say why not.
 
         ``now_ms`` is the clock's :meth:`Clock.mono_ms`, read now if not given.
         """
-        limits = self.limits
+        limits = self.limits_for(key, model)
         if not limits.active:
             return None
-        state = self._keys.get(key)
+        state = self._pairs.get((key, model))
         if state is None:
-            state = self._keys[key] = _KeyState()
+            state = self._pairs[(key, model)] = _PairState()
 
         if now_ms is None:
             now_ms = self._clock.mono_ms()
@@ -201,25 +229,35 @@ class RateLimits:
         wall = self._clock.wall()
         day = self.day_index(wall)
         if state.day != day:
-            state.day, state.day_images = day, 0
+            state.day, state.day_images, state.day_requests = day, 0, 0
+        next_day_s = (day + 1) * _DAY_S - self._day_offset_s
+        if limits.rpd is not None and state.day_requests + 1 > limits.rpd:
+            return Refusal("RPD", max(0.0, next_day_s - wall))
         if limits.ipd is not None and state.day_images + images > limits.ipd:
-            next_day_s = (day + 1) * _DAY_S - self._day_offset_s
             return Refusal("IPD", max(0.0, next_day_s - wall))
 
         if limits.rpm is not None or limits.ipm is not None:
             minute.add(now_ms, images)
         state.day_images += images
+        state.day_requests += 1
         return None
 
-    def usage(self, key: str) -> dict[str, int]:
-        """What ``key`` has used: requests and images in the current window, images today."""
-        state = self._keys.get(key)
-        if state is None:
-            return {"requests_60s": 0, "images_60s": 0, "images_today": 0}
-        state.minute.prune(self._clock.mono_ms())
-        today = state.day_images if state.day == self.day_index(self._clock.wall()) else 0
-        return {
-            "requests_60s": state.minute.requests,
-            "images_60s": state.minute.images,
-            "images_today": today,
-        }
+    def usage(self, key: str, model: str | None = None) -> dict[str, int]:
+        """What ``key`` has used of ``model``'s limits (of all models' summed if ``None``).
+
+        Requests and images in the current window, requests and images today. Only
+        pairs with a limit in force are counted (nothing is recorded without one).
+        """
+        now_ms = self._clock.mono_ms()
+        today = self.day_index(self._clock.wall())
+        total = {"requests_60s": 0, "images_60s": 0, "requests_today": 0, "images_today": 0}
+        for (pair_key, pair_model), state in self._pairs.items():
+            if pair_key != key or (model is not None and pair_model != model):
+                continue
+            state.minute.prune(now_ms)
+            total["requests_60s"] += state.minute.requests
+            total["images_60s"] += state.minute.images
+            if state.day == today:
+                total["requests_today"] += state.day_requests
+                total["images_today"] += state.day_images
+        return total
