@@ -24,8 +24,11 @@ from aiolimiter import AsyncLimiter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sfbatch.emulator.limits as emulator_limits
 import sfbatch.limiter
-from sfbatch.errors import ConfigError
+from sfbatch.client import SiliconFlowClient
+from sfbatch.emulator import Emulator, EmulatorConfig
+from sfbatch.errors import ConfigError, RateLimitError
 from sfbatch.limiter import RateLimiter
 
 SAFETY = 0.995
@@ -813,3 +816,62 @@ async def test_statistics() -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(sfbatch.limiter).failed == 0
+
+
+# --- against the emulator over loopback, in virtual time ---------------------------------
+
+
+@pytest.mark.parametrize("retry_after_s", [None, 0.0])
+def test_unknown_ipm_limit_learned_against_the_emulator(
+    monkeypatch: pytest.MonkeyPatch, retry_after_s: float | None
+) -> None:
+    """The real client and emulator over 127.0.0.1; their clocks are the loop's virtual one.
+
+    The emulator's sliding windows read :meth:`Clock.mono`, which is pointed at the loop's
+    clock, and its latency is an ``asyncio.sleep``: six minutes take well under a second.
+    ``retry_after_s=0`` makes it send the computed wait as ``Retry-After``.
+    """
+    monkeypatch.setattr(
+        emulator_limits.Clock,
+        "mono",
+        lambda self: asyncio.get_running_loop().time() + self.offset_s,
+    )
+
+    @virtual_time
+    async def scenario() -> None:
+        config = EmulatorConfig(
+            host="127.0.0.1", port=0, ipm=120, latency_s=8.0, retry_after_s=retry_after_s
+        )
+        async with (
+            Emulator(config) as emu,
+            SiliconFlowClient(base_url=emu.base_url, api_key=emu.api_key) as client,
+        ):
+            limiter = RateLimiter(rpm=None, ipm=None, probe=True)
+            start = now()
+            accepted: list[float] = []
+            sent: list[float] = []
+
+            async def worker() -> None:
+                while now() - start < 360:
+                    ticket = await limiter.acquire()
+                    sent.append(ticket.at)
+                    try:
+                        await client.generate({"model": "Kwai-Kolors/Kolors", "prompt": "x"})
+                    except RateLimitError as exc:
+                        limiter.on_rate_limited(
+                            exc.retry_after_s, limit=getattr(exc, "limit", None), ticket=ticket
+                        )
+                    else:
+                        accepted.append(ticket.at)
+                        limiter.on_success(ticket=ticket)
+
+            async with asyncio.TaskGroup() as group:
+                for _ in range(40):
+                    group.create_task(worker())
+            stats = emu.stats()
+        assert sustained_from(accepted, 120, start, start + 360) <= 90
+        assert limiter.statistics()["rate_limited"] < 0.05 * len(sent)
+        assert longest_gap_s([start, *sent]) <= 10.0
+        assert stats["status_counts"].get("429", 0) == limiter.statistics()["rate_limited"]
+
+    scenario()
