@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -130,6 +130,7 @@ class KeyPool:
         probe: bool = False,
         used_today: Callable[[int, str], int] = lambda key_index, model: 0,
         utc_offset_h: float = 8.0,
+        models: Sequence[str] = (),
     ) -> None:
         if isinstance(keys, bool) or not isinstance(keys, int) or keys < 1:
             raise ConfigError(f"a key pool needs at least one key, got {keys!r}")
@@ -148,6 +149,9 @@ class KeyPool:
         for model_limits in (limits, *self._per_model.values()):
             # fail at start, not at the first row: a batch that can never fit
             RateLimiter(rpm=model_limits.rpm, ipm=model_limits.ipm, max_batch_size=max_batch_size)
+        # the run's models known up front: the window has a target rate from the start
+        for key_index, model in itertools.product(range(keys), models):
+            self._slot(key_index, model)
 
     def limits_for(self, model: str) -> ModelLimits:
         return self._per_model.get(model, self._limits)

@@ -505,20 +505,20 @@ class RateLimiter:
         return max(0.0, self._delay_s(images, now))
 
     def target_rate_per_min(self, images_per_request: float = 1.0) -> float | None:
-        """The requests per minute this limiter aims for (known limits, else probing rates).
+        """The requests per minute this limiter may admit now (its buckets' rates).
 
         What a :class:`~sfbatch.concurrency.ConcurrencyWindow` is sized for; None while
-        nothing limits the rate. A learned limit's faster bucket is not the aim: its
-        minute log is.
+        nothing limits the rate. For a learned limit that is twice the limit: after the
+        lesson the server's minute frees up as fast as the probe filled it, and a window
+        sized for the limit alone would not carry that (the minute log keeps the limit).
 
         >>> RateLimiter(rpm=None, ipm=120, max_batch_size=4).target_rate_per_min(2.0)
-        60.0
+        59.7
         """
         rates = []
         for limit, per_request in ((self._requests, 1.0), (self._images, images_per_request)):
-            rate = limit.known if limit.known is not None else limit.per_minute
-            if rate is not None:
-                rates.append(rate / max(per_request, 1e-9))
+            if limit.per_minute is not None:
+                rates.append(limit.per_minute / max(per_request, 1e-9))
         return min(rates) if rates else None
 
     def on_rate_limited(
