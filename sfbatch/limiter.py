@@ -30,25 +30,35 @@ What it guarantees, for each configured limit (``rpm`` requests, ``ipm`` images 
   in the same instant, so a request of ``n`` images needs ``n <= ipm``;
   :meth:`RateLimiter.check_batch_size` (and ``acquire``) raise :class:`ConfigError` otherwise.
 
-After a 429 the whole engine slows down (AIMD):
+After a 429 the whole engine slows down, and the limit the 429 named is **learned**:
 
 * A shared **cooldown**: no request is admitted until it ends. It lasts ``Retry-After``
   when the server sent one (at most an hour), else 1 s doubling per consecutive 429, at
-  most 30 s. 429s of requests that were in flight together count as one.
-* **Multiplicative decrease**: each limit's rate becomes half of the lower of its current
-  rate and the rate actually admitted over the last minute, but not below one full request
-  per minute. A limit that was never configured starts unlimited and gets its first rate
-  this way, so an absent or overestimated limit converges instead of hammering the server.
-  At most one decrease a minute: a server counting a sliding minute keeps refusing for up
-  to a minute after it was overrun whatever we do now, so those 429s only extend the
-  cooldown (halving on each of them would drive the rate to the floor).
-* **Additive increase**: each :meth:`RateLimiter.on_success` after the cooldown adds
-  ``r * dt / 120 s`` (``r`` the rate before the decrease, ``dt`` the time since the last
-  adjustment, at most 60 s), so a halving is undone after 60 s of successful requests;
-  the configured limit (times ``safety``) is the ceiling. An unconfigured limit keeps
-  growing, probing for the server's limit the way TCP does: against a simulated server
-  allowing 20 (or 300) requests per sliding minute, an unconfigured limiter settles at
-  about 85 % of it with a 429 every minute and a half.
+  most 8 s. 429s of requests that were in flight together count as one.
+* **The limit is what the server held.** A server counting a sliding minute refuses
+  exactly when its minute is full, so the limit is what we had admitted in the minute
+  before the refused request and that was not refused itself. ``acquire`` returns a
+  :class:`Ticket`; handed back with the 429 it makes that count exact (the refused
+  request is marked and taken out of the minute log: the server did not count it).
+  Without a ticket the minute before the 429's arrival is counted. The 429 names the
+  limit (``limit="IPM"`` or ``"RPM"``); if it names none, both are learned. Not a rate
+  from a 1-2 s burst (2,162/min against a limit of 120), not a halving: the limit itself.
+  Within a minute of a lesson, later lessons only lower it (requests in flight together
+  report one overrun, some late). The known limit is then the lower of the configured
+  and the learned one, with the same minute log as a configured limit; the bucket of a
+  learned limit runs at twice its rate, because the server's minute frees up as fast
+  as the probe filled it (pacing at the limit would leave the next minute at 73 %).
+  A learned limit used for a whole minute without a 429 is raised 2 %, so a lesson made
+  too low (another process on the same key) recovers; each such probe costs about one
+  429 a minute and a half (0.7 % of requests at IPM 120).
+* **Probing an unknown limit** (``probe=True``): an unconfigured limit does not start
+  unlimited but at 30 a minute, doubling every 15 s in which it was used at least half.
+  The first 429 then finds the server's minute filled over about a minute, not in a few
+  seconds: the minute after it frees up as steadily as it filled, and sending never
+  stops for long. Against the emulator at IPM 120 and 8 s latency, told nothing: every
+  trailing minute holds >= 90 % of the limit from 60 s on, 0.7 % 429s, the longest
+  pause 2.2 s (without the probe: 105 s, a 28 s pause). ``probe=False`` (the default, as
+  before) starts unlimited until the first 429.
 
 How it is built: a FIFO lock lets one waiter at a time through the gates (cooldown,
 adaptive leaky buckets, minute logs). Each gate says how long until it admits the request
