@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import doctest
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from test_limiter import SAFETY, most_in_window, now, virtual_time
@@ -201,3 +204,20 @@ def test_bad_configuration_fails_at_start() -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(sfbatch.keypool).failed == 0
+
+
+@pytest.mark.timeout(120)
+def test_bench_quota_runs_in_virtual_time() -> None:
+    """benchmarks/bench_quota.py still runs (virtual time, a few seconds); no figure asserted."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_quota.py")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in ("quota fill, auto", "unknown IPM 120, probe", "three keys of IPM 60"):
+        assert f"**{name}" in proc.stdout
