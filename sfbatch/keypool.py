@@ -27,9 +27,12 @@ when only balances are). Leases and statistics name a key by its position in the
 list (``key_index``), never by any part of the key.
 
 Choosing: one waiter at a time per model (a FIFO lock) asks every usable key's limiter how long
-until it would admit (:meth:`RateLimiter.delay_s`, which consumes nothing) and waits in
-the soonest one's :meth:`~RateLimiter.acquire` (so its late-timer credit still applies).
-Ties go to the key used least recently, so equal keys share the work evenly.
+until it would admit (:meth:`RateLimiter.delay_s`, which consumes nothing), sleeps until
+the soonest (woken early by any settled lease or set-aside key, so a key that a 429
+cools down never holds the others up), checks again and is admitted by that key's
+limiter. With one usable key it waits in that limiter's :meth:`~RateLimiter.acquire`
+directly, whose late-timer credit then applies. Ties go to the key used least recently,
+so equal keys share the work evenly.
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ class KeyPool:
         self._aside: dict[tuple[int, str | None], SetAside] = {}
         self._turnstiles: dict[str, asyncio.Lock] = {}
         self._turn = itertools.count()
-        self._changed: asyncio.Event | None = None
+        self._changed: set[asyncio.Event] = set()
         for model_limits in (limits, *self._per_model.values()):
             # fail at start, not at the first row: a batch that can never fit
             RateLimiter(rpm=model_limits.rpm, ipm=model_limits.ipm, max_batch_size=max_batch_size)
@@ -176,6 +179,7 @@ class KeyPool:
             while True:
                 soonest: tuple[float, int, int] | None = None
                 busy = False
+                usable = 0
                 for key_index in range(self.keys):
                     if self.set_aside_reason(key_index, model) is not None:
                         continue
@@ -187,6 +191,7 @@ class KeyPool:
                     if quota is not None and quota.remaining < images:
                         busy = True  # reserved by requests in flight: some may come back
                         continue
+                    usable += 1
                     choice = (slot.limiter.delay_s(images), slot.last_used, key_index)
                     soonest = choice if soonest is None else min(soonest, choice)
                 if soonest is None:
@@ -194,7 +199,13 @@ class KeyPool:
                         raise self._no_key_left(model)
                     await self._wait_for_change(_RESERVED_RECHECK_S)
                     continue
-                lease = await self._admit(soonest[2], model, images)
+                delay_s, _, key_index = soonest
+                if delay_s > 0 and (usable > 1 or busy):
+                    # another key may come first (a 429 cools this one down, a key is set
+                    # aside): wait here, where any change wakes us, not in one limiter
+                    await self._wait_for_change(delay_s)
+                    continue
+                lease = await self._admit(key_index, model, images)
                 if self.set_aside_reason(lease.key_index, model) is None:
                     return lease
                 self._settle(lease, billed=False)  # set aside while it waited: not sent
@@ -321,13 +332,17 @@ class KeyPool:
 
     async def _wait_for_change(self, timeout_s: float) -> None:
         """Sleep ``timeout_s``, or less if a lease settles or a key is set aside."""
-        changed = self._changed = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout_s)
+        changed = asyncio.Event()
+        self._changed.add(changed)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout_s)
+        finally:
+            self._changed.discard(changed)
 
     def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+        for changed in self._changed:
+            changed.set()
 
     def _no_key_left(self, model: str) -> NoKeyLeftError:
         reasons = {self.set_aside_reason(k, model) for k in range(self.keys)}

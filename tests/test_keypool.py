@@ -221,3 +221,19 @@ def test_bench_quota_runs_in_virtual_time() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("quota fill, auto", "unknown IPM 120, probe", "three keys of IPM 60"):
         assert f"**{name}" in proc.stdout
+
+
+@virtual_time
+async def test_a_waiter_switches_keys_when_its_key_cools_down() -> None:
+    pool = KeyPool(keys=2, limits=ModelLimits(rpm=6))  # one request per ~10 s per key
+    start = now()
+    first = await pool.acquire(KOLORS)
+    second = await pool.acquire(KOLORS)
+    assert {first.key_index, second.key_index} == {0, 1}
+    waiting = asyncio.create_task(pool.acquire(KOLORS))  # both keys free again at ~10 s
+    await asyncio.sleep(1.0)
+    refused = first if first.key_index == 0 else second
+    pool.on_rate_limited(refused, retry_after_s=60.0, limit="RPM")
+    lease = await waiting
+    assert lease.key_index == 1 - refused.key_index
+    assert now() - start == pytest.approx(10 / SAFETY, abs=0.01)
