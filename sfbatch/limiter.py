@@ -30,25 +30,35 @@ What it guarantees, for each configured limit (``rpm`` requests, ``ipm`` images 
   in the same instant, so a request of ``n`` images needs ``n <= ipm``;
   :meth:`RateLimiter.check_batch_size` (and ``acquire``) raise :class:`ConfigError` otherwise.
 
-After a 429 the whole engine slows down (AIMD):
+After a 429 the whole engine slows down, and the limit the 429 named is **learned**:
 
 * A shared **cooldown**: no request is admitted until it ends. It lasts ``Retry-After``
   when the server sent one (at most an hour), else 1 s doubling per consecutive 429, at
-  most 30 s. 429s of requests that were in flight together count as one.
-* **Multiplicative decrease**: each limit's rate becomes half of the lower of its current
-  rate and the rate actually admitted over the last minute, but not below one full request
-  per minute. A limit that was never configured starts unlimited and gets its first rate
-  this way, so an absent or overestimated limit converges instead of hammering the server.
-  At most one decrease a minute: a server counting a sliding minute keeps refusing for up
-  to a minute after it was overrun whatever we do now, so those 429s only extend the
-  cooldown (halving on each of them would drive the rate to the floor).
-* **Additive increase**: each :meth:`RateLimiter.on_success` after the cooldown adds
-  ``r * dt / 120 s`` (``r`` the rate before the decrease, ``dt`` the time since the last
-  adjustment, at most 60 s), so a halving is undone after 60 s of successful requests;
-  the configured limit (times ``safety``) is the ceiling. An unconfigured limit keeps
-  growing, probing for the server's limit the way TCP does: against a simulated server
-  allowing 20 (or 300) requests per sliding minute, an unconfigured limiter settles at
-  about 85 % of it with a 429 every minute and a half.
+  most 8 s. 429s of requests that were in flight together count as one.
+* **The limit is what the server held.** A server counting a sliding minute refuses
+  exactly when its minute is full, so the limit is what we had admitted in the minute
+  before the refused request and that was not refused itself. ``acquire`` returns a
+  :class:`Ticket`; handed back with the 429 it makes that count exact (the refused
+  request is marked and taken out of the minute log: the server did not count it).
+  Without a ticket the minute before the 429's arrival is counted. The 429 names the
+  limit (``limit="IPM"`` or ``"RPM"``); if it names none, both are learned. Not a rate
+  from a 1-2 s burst (2,162/min against a limit of 120), not a halving: the limit itself.
+  Within a minute of a lesson, later lessons only lower it (requests in flight together
+  report one overrun, some late). The known limit is then the lower of the configured
+  and the learned one, with the same minute log as a configured limit; the bucket of a
+  learned limit runs at twice its rate, because the server's minute frees up as fast
+  as the probe filled it (pacing at the limit would leave the next minute at 73 %).
+  A learned limit used for a whole minute without a 429 is raised 2 %, so a lesson made
+  too low (another process on the same key) recovers; each such probe costs about one
+  429 a minute and a half (0.7 % of requests at IPM 120).
+* **Probing an unknown limit** (``probe=True``): an unconfigured limit does not start
+  unlimited but at 30 a minute, doubling every 15 s in which it was used at least half.
+  The first 429 then finds the server's minute filled over about a minute, not in a few
+  seconds: the minute after it frees up as steadily as it filled, and sending never
+  stops for long. Against the emulator at IPM 120 and 8 s latency, told nothing: every
+  trailing minute holds >= 90 % of the limit from 60 s on, 0.7 % 429s, the longest
+  pause 2.2 s (without the probe: 105 s, a 28 s pause). ``probe=False`` (the default, as
+  before) starts unlimited until the first 429.
 
 How it is built: a FIFO lock lets one waiter at a time through the gates (cooldown,
 adaptive leaky buckets, minute logs). Each gate says how long until it admits the request
@@ -76,22 +86,31 @@ import asyncio
 import math
 import time
 from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
 from sfbatch.errors import ConfigError
 
-__all__ = ["RateLimiter"]
+__all__ = ["RateLimiter", "Ticket"]
 
 _MINUTE_S = 60.0
-_DECREASE = 0.5
-_RECOVERY_S = 120.0
-_MAX_RECOVERY_STEP_S = 60.0
+# A probing (unknown) limit starts here and doubles every step in which it was used at
+# least half: a minute's worth is then spread over about a minute, not sent in seconds.
+_PROBE_START_PER_MIN = 30.0
+_PROBE_STEP_S = 15.0
+_PROBE_USED = 0.5
+# A learned limit that was used for a whole minute without a 429 is raised this much:
+# another process sharing the key may have made the lesson too low.
+_LEARNED_GROWTH = 1.02
+_HISTORY_S = 61.0
+_LEARNED_BURST = 2.0
 # A server counting a sliding minute refuses for up to a minute after being overrun,
 # however slowly we go now: 429s in that minute are no news about the lowered rate.
 _HOLD_S = 60.0
 _BACKOFF_BASE_S = 1.0
-_BACKOFF_CAP_S = 30.0
+_BACKOFF_CAP_S = 8.0
 _MAX_COOLDOWN_S = 3600.0
 # Float rounding can leave a wait of a few nanoseconds; don't sleep for those.
 _EPSILON_S = 1e-9
@@ -177,24 +196,51 @@ class _MinuteLog:
         self._log.append((now, amount))
         self._total += amount
 
+    def remove(self, amount: float, at: float) -> None:
+        """Forget one admission of ``amount`` at ``at``, if still in the log."""
+        try:
+            self._log.remove((at, amount))
+        except ValueError:
+            return
+        self._total -= amount
+
 
 class _Limit:
-    """One per-minute limit (requests or images): adaptive pacing under a hard ceiling."""
+    """One per-minute limit (requests or images): pacing at the known limit, or probing.
 
-    __slots__ = ("_backstop", "_log", "bucket", "ceiling", "configured", "floor", "reference")
+    The known limit is the lower of the configured one and the one learned from 429s.
+    Known: a bucket at ``known * safety`` plus a minute log that never holds more than
+    ``known``. Unknown: unlimited, or with ``probe`` a bucket that starts at
+    ``_PROBE_START_PER_MIN`` and doubles every ``_PROBE_STEP_S`` that it was used.
+    """
 
-    def __init__(self, *, configured: float | None, capacity: float, safety: float) -> None:
+    __slots__ = (
+        "_backstop",
+        "_safety",
+        "bucket",
+        "capacity",
+        "configured",
+        "learned",
+        "learned_at",
+        "log",
+        "probe_from",
+    )
+
+    def __init__(
+        self, *, configured: float | None, capacity: float, safety: float, probe: bool
+    ) -> None:
         self.configured = configured
-        self.ceiling = None if configured is None else configured * safety
-        self.floor = capacity if self.ceiling is None else min(capacity, self.ceiling)
-        self.bucket = _LeakyBucket(capacity, self.ceiling)
-        # the rate before the latest decrease; None when not recovering
-        self.reference: float | None = None
-        self._log: _MinuteLog | None = None
+        self.capacity = capacity
+        self._safety = safety
+        self.learned: float | None = None
+        self.learned_at = -math.inf
+        self.log: _MinuteLog | None = None
+        # when the probing rate last changed; None when not probing
+        self.probe_from: float | None = None
+        self.bucket = _LeakyBucket(capacity, None)
         self._backstop: AsyncLimiter | None = None
-        if configured is not None and self.ceiling is not None:
-            # below 1 per minute the bucket alone paces; the log must still admit one request
-            self._log = _MinuteLog(max(configured, 1.0), _MINUTE_S / safety)
+        if configured is not None:
+            self._set_known(configured, now=-math.inf, history=())
             # At the configured rate, not the paced one, so it never adds a second (late)
             # sleep. It holds the bucket's credit too: both get the same admissions, it
             # drains faster and its floor (0) is the bucket's (-credit) plus the credit, so
@@ -205,39 +251,109 @@ class _Limit:
             self._backstop = AsyncLimiter(
                 backstop_capacity, backstop_capacity * _MINUTE_S / configured
             )
+        elif probe:
+            self.bucket.set_rate(max(_PROBE_START_PER_MIN, capacity), -math.inf)
+            self.probe_from = -math.inf
 
     @property
     def per_minute(self) -> float | None:
         return self.bucket.per_minute
 
+    @property
+    def known(self) -> float | None:
+        rates = [rate for rate in (self.configured, self.learned) if rate is not None]
+        return min(rates) if rates else None
+
+    def _set_known(self, known: float, now: float, history: Iterable[tuple[float, float]]) -> None:
+        self.probe_from = None
+        self.bucket.set_rate(self._pace(known), now)
+        # below 1 per minute the bucket alone paces; the log must still admit one request
+        self.log = _MinuteLog(max(known, self.capacity, 1.0), _MINUTE_S / self._safety)
+        for at, amount in history:
+            self.log.add(amount, at)
+
+    def _pace(self, known: float) -> float:
+        """The bucket's rate: ``safety`` of a configured limit; twice a learned one.
+
+        When a limit is learned, the server's minute holds what was sent while probing, at
+        up to twice the limit's rate; the server admits again as that ages out, and the
+        minute log lets the same amounts through as they do. A bucket at the limit would
+        hold that back and the next minute would fall short (73 % instead of 100 %).
+        """
+        if self.configured is None:
+            return known * self._safety * _LEARNED_BURST
+        return min(known * _LEARNED_BURST, self.configured) * self._safety
+
     def delay_s(self, amount: float, now: float) -> float:
         delay = self.bucket.delay_s(amount, now)
-        if self._log is not None:
-            delay = max(delay, self._log.delay_s(amount, now))
+        if self.log is not None:
+            delay = max(delay, self.log.delay_s(amount, now))
         return delay
 
     def add(self, amount: float, now: float, late_s: float) -> None:
         self.bucket.add(amount, now, late_s)
-        if self._log is not None:
-            self._log.add(amount, now)
+        if self.log is not None:
+            self.log.add(amount, now)
+
+    def refund(self, amount: float, at: float) -> None:
+        """The server refused what was admitted at ``at``: it does not count in its minute."""
+        if self.log is not None:
+            self.log.remove(amount, at)
 
     async def acquire_ceiling(self, amount: float) -> None:
         if self._backstop is not None:
             await self._backstop.acquire(amount)
 
-    def decrease(self, observed: float | None, now: float) -> None:
-        known = [rate for rate in (self.per_minute, observed) if rate is not None]
-        base = min(known) if known else self.floor
-        self.reference = base
-        self.bucket.set_rate(max(self.floor, base * _DECREASE), now)
+    def learn(self, admitted: float, now: float, history: Iterable[tuple[float, float]]) -> bool:
+        """A 429 named this limit while the server held ``admitted`` of ours in its minute.
 
-    def recover(self, dt_s: float, now: float) -> None:
-        if self.reference is None or self.per_minute is None:
-            return
-        rate = self.per_minute + self.reference * dt_s / _RECOVERY_S
-        if self.ceiling is not None and rate >= self.ceiling:
-            rate, self.reference = self.ceiling, None
-        self.bucket.set_rate(rate, now)
+        That amount is the limit (a sliding-window server refuses exactly when its minute
+        is full). 429s within a minute of the last lesson can only lower it: requests in
+        flight together report one overrun, some of them late. True if the limit changed.
+        """
+        estimate = max(admitted, self.capacity)
+        if self.learned is not None and now < self.learned_at + _HOLD_S:
+            estimate = min(estimate, self.learned)
+        if self.configured is not None and estimate >= self.configured:
+            estimate_known = self.configured
+        else:
+            estimate_known = estimate
+        changed = estimate_known != self.known
+        self.learned, self.learned_at = estimate, now
+        self._set_known(estimate_known, now, history)
+        return changed
+
+    def growth_due(self, now: float) -> float | None:
+        """The window (s) whose use :meth:`grow` needs now, or None if no step is due."""
+        if self.probe_from is not None:
+            return _PROBE_STEP_S if now >= self.probe_from + _PROBE_STEP_S else None
+        if self.learned is not None and now >= self.learned_at + _MINUTE_S:
+            return _MINUTE_S
+        return None
+
+    def grow(self, now: float, used: float) -> None:
+        """Probe upward: double a used probing rate; raise a used learned limit by 2 %.
+
+        ``used`` is what was admitted over the last ``_PROBE_STEP_S`` (probing) or the last
+        minute (learned). An unused rate says nothing about the server, so it stays.
+        """
+        rate = self.per_minute
+        if self.probe_from is not None and rate is not None:
+            if now >= self.probe_from + _PROBE_STEP_S:
+                self.probe_from = now
+                if used >= _PROBE_USED * rate * _PROBE_STEP_S / _MINUTE_S:
+                    self.bucket.set_rate(rate * 2.0, now)
+        elif self.learned is not None and now >= self.learned_at + _MINUTE_S:
+            self.learned_at = now
+            if used >= _PROBE_USED * self.learned and (
+                self.configured is None or self.learned < self.configured
+            ):
+                self.learned *= _LEARNED_GROWTH
+                known = self.known
+                assert known is not None
+                self.bucket.set_rate(self._pace(known), now)
+                if self.log is not None:
+                    self.log.limit = max(known, self.capacity, 1.0)
 
 
 def _check_rate(name: str, value: float | None) -> None:
@@ -269,16 +385,32 @@ def batch_fit_problem(batch_size: int, ipm: float | None) -> str | None:
     )
 
 
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """One admission by :meth:`RateLimiter.acquire`: when, and how many images.
+
+    Hand it back with the answer (``on_success(ticket=...)``, ``on_rate_limited(...,
+    ticket=...)``): a refused request is then taken out of the minute's count, and the
+    limit is learned from exactly what the server held when it refused.
+    """
+
+    at: float
+    images: int
+    refused: bool = False
+
+
 class RateLimiter:
     """Requests-per-minute and images-per-minute limits shared by a pool of workers.
 
-    Create one per run and per event loop; ``None`` means no known limit (the rate is then
-    learned from 429s). See the module docstring for the exact guarantees::
+    Create one per run and per event loop; ``None`` means no known limit (it is then
+    learned from 429s; with ``probe=True`` the rate meanwhile starts low and doubles, so
+    the first 429 does not find a minute's worth sent in a few seconds). See the module
+    docstring for the exact guarantees::
 
         limiter = RateLimiter(rpm=60, ipm=120, max_batch_size=4)
         limiter.check_batch_size(4)          # at start: ConfigError if it can never fit
         ...
-        await limiter.acquire(images=4)      # in each worker, before each request
+        ticket = await limiter.acquire(images=4)    # in each worker, before each request
     """
 
     def __init__(
@@ -288,6 +420,7 @@ class RateLimiter:
         ipm: float | None,
         max_batch_size: int = 1,
         safety: float = 0.995,
+        probe: bool = False,
     ) -> None:
         _check_rate("rpm", rpm)
         _check_rate("ipm", ipm)
@@ -303,16 +436,15 @@ class RateLimiter:
             raise ConfigError(f"safety must be in (0, 1], got {safety!r}")
         self._max_batch_size = max_batch_size
         image_capacity = float(max_batch_size if ipm is None else min(max_batch_size, ipm))
-        self._requests = _Limit(configured=rpm, capacity=1.0, safety=safety)
-        self._images = _Limit(configured=ipm, capacity=image_capacity, safety=safety)
+        self._requests = _Limit(configured=rpm, capacity=1.0, safety=safety, probe=probe)
+        self._images = _Limit(configured=ipm, capacity=image_capacity, safety=safety, probe=probe)
         self._turnstile = asyncio.Lock()
         self._cooldown_until = -math.inf
-        self._recovery_from = -math.inf
         self._consecutive_429 = 0
         # a request went out since the last 429: a new one is not just its in-flight sibling
         self._fresh = True
-        self._last_decrease_at = -math.inf
-        self._recent: deque[tuple[float, int]] = deque()
+        # every admission of the last minute (and a little more), refused ones marked
+        self._history: deque[Ticket] = deque()
         self._first_admitted_at: float | None = None
         self._acquires = 0
         self._images_admitted = 0
@@ -348,14 +480,14 @@ class RateLimiter:
                 f"the rate limiter was sized for: build it with the largest batch_size of the run"
             )
 
-    async def acquire(self, images: int = 1) -> None:
+    async def acquire(self, images: int = 1) -> Ticket:
         """Wait until one request of ``images`` images may be sent, and count it as sent.
 
         Waiters are admitted in arrival order. Cancelling a waiting ``acquire`` uses up
         nothing. Raises :class:`ConfigError` at once if ``images`` can never fit
-        (see :meth:`check_batch_size`)::
+        (see :meth:`check_batch_size`). Returns the admission's :class:`Ticket`::
 
-            await limiter.acquire(images=row.batch_size)
+            ticket = await limiter.acquire(images=row.batch_size)
             response = await client.generate(row)
         """
         self.check_batch_size(images)
@@ -381,55 +513,93 @@ class RateLimiter:
                     if self._delay_s(images, now) <= _EPSILON_S:
                         break
                 # a late timer's lost time (at most the buckets' credit) is made up
-                self._admit(images, now, late_s=max(0.0, now - wake_at))
+                ticket = self._admit(images, now, late_s=max(0.0, now - wake_at))
         finally:
             self._waiting -= 1
         self._wait_s_total += now - started
+        return ticket
 
-    def on_rate_limited(self, retry_after_s: float | None = None) -> None:
-        """Slow every worker down after a 429: shared cooldown, then a lower rate.
+    def delay_s(self, images: int = 1) -> float:
+        """Seconds until a request of ``images`` would be admitted if nobody else asks.
 
-        ``retry_after_s`` is the server's ``Retry-After`` in seconds, if it sent one::
+        Consumes nothing; a key pool asks each of its limiters and picks the soonest.
+        """
+        now = self._now()
+        return max(0.0, self._delay_s(images, now))
+
+    def target_rate_per_min(self, images_per_request: float = 1.0) -> float | None:
+        """The requests per minute this limiter may admit now (its buckets' rates).
+
+        What a :class:`~sfbatch.concurrency.ConcurrencyWindow` is sized for; None while
+        nothing limits the rate. For a learned limit that is twice the limit: after the
+        lesson the server's minute frees up as fast as the probe filled it, and a window
+        sized for the limit alone would not carry that (the minute log keeps the limit).
+
+        >>> RateLimiter(rpm=None, ipm=120, max_batch_size=4).target_rate_per_min(2.0)
+        59.7
+        """
+        rates = []
+        for limit, per_request in ((self._requests, 1.0), (self._images, images_per_request)):
+            if limit.per_minute is not None:
+                rates.append(limit.per_minute / max(per_request, 1e-9))
+        return min(rates) if rates else None
+
+    def on_rate_limited(
+        self,
+        retry_after_s: float | None = None,
+        *,
+        limit: str | None = None,
+        ticket: Ticket | None = None,
+    ) -> None:
+        """Slow every worker down after a 429: shared cooldown, then the learned limit.
+
+        ``retry_after_s`` is the server's ``Retry-After`` in seconds, if it sent one;
+        ``limit`` the limit the 429 named (``"RPM"``, ``"IPM"``, ...; ``None`` if it named
+        none: both are learned); ``ticket`` what :meth:`acquire` returned for the request::
 
             except RateLimitError as exc:
-                limiter.on_rate_limited(exc.retry_after_s)
+                limiter.on_rate_limited(exc.retry_after_s, limit=exc.limit, ticket=ticket)
         """
         now = self._now()
         self._rate_limited += 1
         if self._fresh:
             self._fresh = False
             self._consecutive_429 += 1
-        if now >= self._last_decrease_at + _HOLD_S:
-            self._last_decrease_at = now
+        if ticket is not None and not ticket.refused:
+            ticket.refused = True
+            self._requests.refund(1, ticket.at)
+            self._images.refund(ticket.images, ticket.at)
+        # what the server held of ours in its minute when it refused: the limit
+        at = ticket.at if ticket is not None else now
+        requests, images = self._held_before(at, exclude=ticket)
+        named = (limit or "").upper()
+        changed = False
+        if named != "IPM":
+            history = [(t.at, 1.0) for t in self._history if not t.refused]
+            changed |= self._requests.learn(requests, now, history)
+        if named != "RPM":
+            history = [(t.at, float(t.images)) for t in self._history if not t.refused]
+            changed |= self._images.learn(images, now, history)
+        if changed:
             self._decreases += 1
-            observed_rpm, observed_ipm = self._observed(now)
-            self._requests.decrease(observed_rpm, now)
-            self._images.decrease(observed_ipm, now)
         if retry_after_s is not None and math.isfinite(retry_after_s) and retry_after_s >= 0:
             pause_s = min(float(retry_after_s), _MAX_COOLDOWN_S)
         else:
             exponent = max(self._consecutive_429, 1) - 1
             pause_s = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2.0 ** min(exponent, 32))
         self._cooldown_until = max(self._cooldown_until, now + pause_s)
-        self._recovery_from = max(self._recovery_from, self._cooldown_until)
 
-    def on_success(self) -> None:
-        """Report a successful request: ends a run of 429s and lets the rate recover.
+    def on_success(self, *, ticket: Ticket | None = None) -> None:
+        """Report a successful request: ends a run of 429s.
 
         ::
 
             response = await client.generate(row)
-            limiter.on_success()
+            limiter.on_success(ticket=ticket)
         """
-        now = self._now()
+        del ticket  # accepted for symmetry with on_rate_limited; nothing to undo
         self._successes += 1
         self._consecutive_429 = 0
-        dt_s = now - self._recovery_from
-        if dt_s > 0:
-            dt_s = min(dt_s, _MAX_RECOVERY_STEP_S)
-            self._requests.recover(dt_s, now)
-            self._images.recover(dt_s, now)
-            self._recovery_from = now
 
     def statistics(self) -> dict[str, float | int | bool | None]:
         """Counters and current rates, for progress lines and tests. Rates are per minute.
@@ -443,6 +613,9 @@ class RateLimiter:
         return {
             "rpm_limit": self._requests.configured,
             "ipm_limit": self._images.configured,
+            "learned_rpm": self._requests.learned,
+            "learned_ipm": self._images.learned,
+            "probing": self._requests.probe_from is not None or self._images.probe_from is not None,
             "effective_rpm": self._requests.per_minute,
             "effective_ipm": self._images.per_minute,
             "observed_rpm": observed_rpm,
@@ -460,36 +633,59 @@ class RateLimiter:
         }
 
     def _delay_s(self, images: int, now: float) -> float:
+        self._grow(now)
         return max(
             self._cooldown_until - now,
             self._requests.delay_s(1, now),
             self._images.delay_s(images, now),
         )
 
-    def _admit(self, images: int, now: float, late_s: float) -> None:
+    def _grow(self, now: float) -> None:
+        for limit, images in ((self._requests, False), (self._images, True)):
+            window_s = limit.growth_due(now)
+            if window_s is not None:
+                used = sum(
+                    (t.images if images else 1)
+                    for t in self._history
+                    if t.at > now - window_s and not t.refused
+                )
+                limit.grow(now, used)
+
+    def _admit(self, images: int, now: float, late_s: float) -> Ticket:
         self._requests.add(1, now, late_s)
         self._images.add(images, now, late_s)
-        self._recent.append((now, images))
-        while self._recent[0][0] <= now - _MINUTE_S:
-            self._recent.popleft()
+        ticket = Ticket(now, images)
+        self._history.append(ticket)
+        self._expire(now)
         if self._first_admitted_at is None:
             self._first_admitted_at = now
         self._fresh = True
         self._acquires += 1
         self._images_admitted += images
+        return ticket
+
+    def _expire(self, now: float) -> None:
+        while self._history and self._history[0].at <= now - _HISTORY_S:
+            self._history.popleft()
+
+    def _held_before(self, at: float, exclude: Ticket | None) -> tuple[float, float]:
+        """Requests and images admitted in the minute before ``at`` and not refused."""
+        requests = images = 0.0
+        for t in self._history:
+            if at - _MINUTE_S < t.at <= at and not t.refused and t is not exclude:
+                requests += 1
+                images += t.images
+        return requests, images
 
     def _observed(self, now: float) -> tuple[float | None, float | None]:
         """Requests and images per minute admitted over the last minute (or since the start)."""
-        while self._recent and self._recent[0][0] <= now - _MINUTE_S:
-            self._recent.popleft()
-        if not self._recent or self._first_admitted_at is None:
+        self._expire(now)
+        recent = [t for t in self._history if t.at > now - _MINUTE_S]
+        if not recent or self._first_admitted_at is None:
             return None, None
         span_s = max(1.0, min(_MINUTE_S, now - self._first_admitted_at))
         per_minute = _MINUTE_S / span_s
-        return (
-            len(self._recent) * per_minute,
-            sum(images for _, images in self._recent) * per_minute,
-        )
+        return len(recent) * per_minute, sum(t.images for t in recent) * per_minute
 
     @staticmethod
     def _now() -> float:

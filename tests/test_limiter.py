@@ -24,8 +24,11 @@ from aiolimiter import AsyncLimiter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sfbatch.emulator.limits as emulator_limits
 import sfbatch.limiter
-from sfbatch.errors import ConfigError
+from sfbatch.client import SiliconFlowClient
+from sfbatch.emulator import Emulator, EmulatorConfig
+from sfbatch.errors import ConfigError, RateLimitError
 from sfbatch.limiter import RateLimiter
 
 SAFETY = 0.995
@@ -479,7 +482,7 @@ async def test_cooldown_without_retry_after_grows_then_caps() -> None:
         remaining = limiter.statistics()["cooldown_remaining_s"]
         assert isinstance(remaining, float)
         pauses.append(round(remaining, 6))
-    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0]
     limiter.on_success()
     await limiter.acquire()
     limiter.on_rate_limited(None)
@@ -501,70 +504,100 @@ async def test_429s_in_flight_together_count_once() -> None:
 
 
 @virtual_time
-async def test_rate_is_lowered_at_most_once_a_minute() -> None:
-    # the server's sliding minute still holds what overran it: its 429s say nothing new
-    limiter = RateLimiter(rpm=60, ipm=None)
-    await run_workers(limiter, workers=2, duration_s=60.0)
-    limiter.on_rate_limited(None)
-    lowered = limiter.statistics()["effective_rpm"]
-    start = now()
-    for _ in range(5):
-        await limiter.acquire()
-        limiter.on_rate_limited(None)
-    assert now() - start < 35
+async def test_a_429_learns_what_the_server_held_in_its_minute() -> None:
+    limiter = RateLimiter(rpm=None, ipm=None, max_batch_size=2)
+    assert limiter.statistics()["effective_ipm"] is None
+    # 40 requests of 2 images in 10 s: the server takes 30 of them (60 images), refuses the rest
+    tickets = []
+    for _ in range(40):
+        tickets.append(await limiter.acquire(2))
+        await asyncio.sleep(0.25)
+    for ticket in tickets[30:]:
+        limiter.on_rate_limited(None, limit="IPM", ticket=ticket)
     stats = limiter.statistics()
+    assert stats["learned_ipm"] == 60
+    assert stats["effective_ipm"] == pytest.approx(2 * 60 * SAFETY)  # the log keeps 60
+    assert stats["learned_rpm"] is None and stats["effective_rpm"] is None  # IPM was named
     assert stats["rate_decreases"] == 1
-    assert stats["effective_rpm"] == lowered
-    assert stats["cooldown_remaining_s"] == pytest.approx(30.0)  # but the cooldown grew
-    await asyncio.sleep(30.0)
-    await limiter.acquire()
-    limiter.on_rate_limited(None)
+    # the refused ones do not count: the minute's 60 images age out 60.3 s after they went
+    start = now()
+    await limiter.acquire(2)
+    assert now() - tickets[0].at == pytest.approx(60 / SAFETY, abs=1e-6)
+    assert now() - start < 52
+
+
+@virtual_time
+async def test_an_unnamed_429_learns_both_limits() -> None:
+    limiter = RateLimiter(rpm=None, ipm=None, max_batch_size=4)
+    for _ in range(10):
+        await limiter.acquire(3)
+        await asyncio.sleep(1.0)
+    limiter.on_rate_limited(None)  # no ticket: what went out in the last minute
+    stats = limiter.statistics()
+    assert (stats["learned_rpm"], stats["learned_ipm"]) == (10, 30)
+
+
+@virtual_time
+async def test_429s_within_a_minute_only_lower_the_learned_limit() -> None:
+    # requests in flight together report one overrun, some late: no lesson raises the limit
+    limiter = RateLimiter(rpm=None, ipm=None)
+    tickets = []
+    for _ in range(20):
+        tickets.append(await limiter.acquire())
+        await asyncio.sleep(0.1)
+    limiter.on_rate_limited(None, limit="RPM", ticket=tickets[10])
+    assert limiter.statistics()["learned_rpm"] == 10
+    await asyncio.sleep(30)
+    limiter.on_rate_limited(None, limit="RPM", ticket=tickets[15])
+    assert limiter.statistics()["learned_rpm"] == 10
+    limiter.on_rate_limited(None, limit="RPM", ticket=tickets[5])
+    assert limiter.statistics()["learned_rpm"] == 5
     assert limiter.statistics()["rate_decreases"] == 2
 
 
 @virtual_time
-async def test_rate_halves_on_429_then_recovers_in_a_minute() -> None:
-    limiter = RateLimiter(rpm=60, ipm=None)
-    ceiling = 60 * SAFETY
-    await run_workers(limiter, workers=4, duration_s=120.0)
-    limiter.on_rate_limited(None)
-    assert limiter.statistics()["effective_rpm"] == pytest.approx(ceiling / 2, rel=0.02)
-    seen: list[tuple[float, float]] = []
-    start = now()
-
-    async def watch() -> None:
-        while now() - start < 90:
-            rate = limiter.statistics()["effective_rpm"]
-            assert isinstance(rate, float)
-            seen.append((now() - start, rate))
-            await asyncio.sleep(5)
-
-    async with asyncio.TaskGroup() as group:
-        group.create_task(watch())
-        group.create_task(run_workers(limiter, workers=4, duration_s=90.0))
-    rates = [rate for _, rate in seen]
-    assert rates == sorted(rates)
-    half_way = min(seen, key=lambda item: abs(item[0] - 31.0))[1]
-    assert half_way == pytest.approx(ceiling * 0.75, rel=0.05)
-    assert all(rate < ceiling for at, rate in seen if at < 55)
-    assert all(rate == ceiling for at, rate in seen if at > 65)
+async def test_a_learned_limit_never_exceeds_the_configured_one() -> None:
+    limiter = RateLimiter(rpm=30, ipm=None)
+    tickets = [await limiter.acquire() for _ in range(26)]
+    limiter.on_rate_limited(None, limit="RPM", ticket=tickets[-1])
+    assert limiter.statistics()["learned_rpm"] == 25
+    # a learned limit's bucket runs at twice it (at most the configured rate): the minute
+    # log keeps the limit
+    assert limiter.statistics()["effective_rpm"] == pytest.approx(30 * SAFETY)
+    await asyncio.sleep(60)
+    admissions = await run_workers(limiter, workers=2, duration_s=600)  # +2 % a used minute
+    assert limiter.statistics()["effective_rpm"] == pytest.approx(30 * SAFETY)
+    assert limiter.statistics()["learned_rpm"] >= 30
+    assert most_in_window(admissions, 60 / SAFETY)[0] <= 30
 
 
 @virtual_time
-async def test_rate_never_drops_below_one_request_a_minute() -> None:
-    limiter = RateLimiter(rpm=60, ipm=None)
-    for _ in range(10):
-        await limiter.acquire()
-        limiter.on_rate_limited(retry_after_s=0.0)
-        await asyncio.sleep(60.0)
-    assert limiter.statistics()["effective_rpm"] == 1.0
+async def test_a_probing_limit_starts_low_and_doubles_while_used() -> None:
+    limiter = RateLimiter(rpm=None, ipm=None, probe=True)
+    assert limiter.statistics()["probing"] is True
+    admissions = await run_workers(limiter, workers=4, duration_s=61.0)
+    per_step = [
+        sum(1 for at, _ in admissions if k * 15 <= at - admissions[0][0] < (k + 1) * 15)
+        for k in range(4)
+    ]
+    # 30, 60, 120, 240 a minute: 7.5, 15, 30, 60 in each 15 s (one fewer at each step edge)
+    assert per_step == [pytest.approx(n, abs=2.5) for n in (7.5, 15, 30, 60)]
+    assert most_in_window(admissions, 1.0)[0] <= 5
+
+
+@virtual_time
+async def test_an_unused_probing_rate_does_not_grow() -> None:
+    limiter = RateLimiter(rpm=None, ipm=None, probe=True)
+    await run_workers(limiter, workers=1, duration_s=120.0, latency_s=10.0)  # 6 a minute
+    assert limiter.statistics()["effective_rpm"] == 30
 
 
 class FakeServer:
-    """Accepts at most ``rpm`` requests in any sliding 60 s, like the real API."""
+    """Accepts at most ``limit`` requests in any sliding 60 s, like the real API."""
 
-    def __init__(self, rpm: int) -> None:
+    def __init__(self, rpm: int, name: str | None = None) -> None:
         self.rpm = rpm
+        self.name = name
         self._accepted: deque[float] = deque()
         self.refused: list[float] = []
         self.accepted: list[float] = []
@@ -580,17 +613,25 @@ class FakeServer:
         return True
 
 
-async def drive(limiter: RateLimiter, server: FakeServer, *, workers: int, minutes: int) -> None:
+async def drive(
+    limiter: RateLimiter,
+    server: FakeServer,
+    *,
+    workers: int,
+    minutes: float,
+    latency_s: float = 2.0,
+    tickets: bool = True,
+) -> None:
     end = now() + minutes * 60
 
     async def worker() -> None:
         while now() < end:
-            await limiter.acquire()
+            ticket = await limiter.acquire()
             if server.request(now()):
-                await asyncio.sleep(2.0)  # generation latency
-                limiter.on_success()
+                await asyncio.sleep(latency_s)  # generation latency
+                limiter.on_success(ticket=ticket)
             else:
-                limiter.on_rate_limited(None)
+                limiter.on_rate_limited(None, limit=server.name, ticket=ticket if tickets else None)
 
     async with asyncio.TaskGroup() as group:
         for _ in range(workers):
@@ -618,6 +659,41 @@ async def test_exact_limit_gets_no_429_from_an_exact_server_despite_jitter() -> 
     assert len(server.accepted) >= 30 * SAFETY * 30 - 1
 
 
+def longest_gap_s(times: Sequence[float]) -> float:
+    return max((b - a for a, b in itertools.pairwise(sorted(times))), default=0.0)
+
+
+def sustained_from(accepted: Sequence[float], limit: int, start: float, end: float) -> float:
+    """The first second from which every trailing minute until ``end`` held >= 90 % of limit."""
+    first_ok = math.inf
+    for second in range(int(end - start), 59, -1):
+        at = start + second
+        held = sum(1 for t in accepted if at - 60 < t <= at)
+        if held < 0.9 * limit:
+            break
+        first_ok = float(second)
+    return first_ok
+
+
+@pytest.mark.parametrize("tickets", [True, False])
+def test_unknown_limit_is_learned_within_90_s_without_stalls(tickets: bool) -> None:
+    """Issue 12: not told its IPM 120 limit, ≥ 90 % of it within 90 s, < 5 % 429s."""
+
+    @virtual_time
+    async def scenario() -> None:
+        server = FakeServer(rpm=120, name="IPM")
+        limiter = RateLimiter(rpm=None, ipm=None, probe=True)
+        start = now()
+        await drive(limiter, server, workers=40, minutes=6, latency_s=8.0, tickets=tickets)
+        sent = server.accepted + server.refused
+        assert sustained_from(server.accepted, 120, start, start + 360) <= 90
+        assert len(server.refused) < 0.05 * len(sent)
+        assert longest_gap_s([start, *sent]) <= 10.0
+        assert limiter.statistics()["learned_ipm"] == pytest.approx(120, rel=0.03)
+
+    scenario()
+
+
 @pytest.mark.parametrize("configured_rpm", [None, 200])
 def test_absent_or_overestimated_limit_converges(configured_rpm: int | None) -> None:
     @virtual_time
@@ -626,32 +702,17 @@ def test_absent_or_overestimated_limit_converges(configured_rpm: int | None) -> 
         limiter = RateLimiter(rpm=configured_rpm, ipm=None)
         start = now()
         await drive(limiter, server, workers=8, minutes=40)
-        late = start + 20 * 60
+        late = start + 2 * 60
         refused_late = [at for at in server.refused if at >= late]
         accepted_late = [at for at in server.accepted if at >= late]
-        # settled: most of the server's 20/minute used, few 429s (AIMD probes now and then)
-        assert len(accepted_late) >= 0.6 * 20 * 20
-        assert len(refused_late) <= 0.1 * len(accepted_late)
-        assert len(server.refused) < len(server.accepted)
-        rate = limiter.statistics()["effective_rpm"]
-        assert rate is not None and rate < 40
+        # learned at the first 429: the whole limit used from then on, about one 429 a
+        # minute and a half (the learned limit probes 2 % up after each minute)
+        assert len(accepted_late) >= 0.97 * 20 * 38
+        assert len(refused_late) <= 0.05 * len(accepted_late)
+        learned = limiter.statistics()["learned_rpm"]
+        assert isinstance(learned, float) and learned < 21
 
     scenario()
-
-
-@virtual_time
-async def test_unlimited_learns_a_rate_from_what_it_sent() -> None:
-    limiter = RateLimiter(rpm=None, ipm=None, max_batch_size=2)
-    assert limiter.statistics()["effective_rpm"] is None
-    # 40 requests of 2 images in 10 s, then a 429
-    for _ in range(40):
-        await limiter.acquire(2)
-        await asyncio.sleep(0.25)
-    limiter.on_rate_limited(None)
-    stats = limiter.statistics()
-    assert stats["observed_rpm"] == pytest.approx(240.0, rel=0.05)
-    assert stats["effective_rpm"] == pytest.approx(120.0, rel=0.05)
-    assert stats["effective_ipm"] == pytest.approx(240.0, rel=0.05)
 
 
 # --- cancellation ----------------------------------------------------------------------
@@ -723,6 +784,9 @@ async def test_statistics() -> None:
     assert set(stats) == {
         "rpm_limit",
         "ipm_limit",
+        "learned_rpm",
+        "learned_ipm",
+        "probing",
         "effective_rpm",
         "effective_ipm",
         "observed_rpm",
@@ -752,3 +816,62 @@ async def test_statistics() -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(sfbatch.limiter).failed == 0
+
+
+# --- against the emulator over loopback, in virtual time ---------------------------------
+
+
+@pytest.mark.parametrize("retry_after_s", [None, 0.0])
+def test_unknown_ipm_limit_learned_against_the_emulator(
+    monkeypatch: pytest.MonkeyPatch, retry_after_s: float | None
+) -> None:
+    """The real client and emulator over 127.0.0.1; their clocks are the loop's virtual one.
+
+    The emulator's sliding windows read :meth:`Clock.mono`, which is pointed at the loop's
+    clock, and its latency is an ``asyncio.sleep``: six minutes take well under a second.
+    ``retry_after_s=0`` makes it send the computed wait as ``Retry-After``.
+    """
+    monkeypatch.setattr(
+        emulator_limits.Clock,
+        "mono",
+        lambda self: asyncio.get_running_loop().time() + self.offset_s,
+    )
+
+    @virtual_time
+    async def scenario() -> None:
+        config = EmulatorConfig(
+            host="127.0.0.1", port=0, ipm=120, latency_s=8.0, retry_after_s=retry_after_s
+        )
+        async with (
+            Emulator(config) as emu,
+            SiliconFlowClient(base_url=emu.base_url, api_key=emu.api_key) as client,
+        ):
+            limiter = RateLimiter(rpm=None, ipm=None, probe=True)
+            start = now()
+            accepted: list[float] = []
+            sent: list[float] = []
+
+            async def worker() -> None:
+                while now() - start < 360:
+                    ticket = await limiter.acquire()
+                    sent.append(ticket.at)
+                    try:
+                        await client.generate({"model": "Kwai-Kolors/Kolors", "prompt": "x"})
+                    except RateLimitError as exc:
+                        limiter.on_rate_limited(
+                            exc.retry_after_s, limit=getattr(exc, "limit", None), ticket=ticket
+                        )
+                    else:
+                        accepted.append(ticket.at)
+                        limiter.on_success(ticket=ticket)
+
+            async with asyncio.TaskGroup() as group:
+                for _ in range(40):
+                    group.create_task(worker())
+            stats = emu.stats()
+        assert sustained_from(accepted, 120, start, start + 360) <= 90
+        assert limiter.statistics()["rate_limited"] < 0.05 * len(sent)
+        assert longest_gap_s([start, *sent]) <= 10.0
+        assert stats["status_counts"].get("429", 0) == limiter.statistics()["rate_limited"]
+
+    scenario()
