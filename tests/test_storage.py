@@ -6,8 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import aiohttp
 import pytest
-import requests
 
 from sfbatch.errors import ConfigError
 from sfbatch.storage import (
@@ -95,8 +95,9 @@ async def test_s3_round_trip_small_and_multipart(s3: S3Server, tmp_path: Path) -
         url = await store.presign("images/000/x.png", expires_s=60)
         with pytest.raises(StorageError):
             await store.read("nothing-here")
-    fetched = requests.get(url, timeout=30)
-    assert fetched.status_code == 200 and fetched.content == small.read_bytes()
+    async with aiohttp.ClientSession() as http, http.get(url) as fetched:
+        assert fetched.status == 200
+        assert await fetched.read() == small.read_bytes()
     head = s3.client().head_object(Bucket=s3.bucket, Key="run1/shards/000000.tar")
     assert "-" in head["ETag"]  # a multipart upload's ETag is "<md5>-<parts>"
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket)["Contents"]]
