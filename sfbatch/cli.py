@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import signal
 import sys
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(subparsers)
     for module in (validate, status, gallery, emulator_cli):
         module.register(subparsers)
+    importlib.import_module("sfbatch.export").register(subparsers)
     return parser
 
 
