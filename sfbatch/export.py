@@ -42,7 +42,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from sfbatch.errors import ConfigError, SfbatchError
-from sfbatch.manifest import manifest_paths
+from sfbatch.manifest import STATUSES, manifest_paths
 from sfbatch.storage import (
     ImageStore,
     MissingExtraError,
@@ -92,7 +92,7 @@ class ExportConfig:
     include_bytes: bool = True
     store: StoreConfig = field(default_factory=StoreConfig)
     work_dir: Path | None = None  # temporary files (default: the system's)
-    sort_chunk_entries: int = 200_000
+    sort_chunk_entries: int = 50_000
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -133,7 +133,7 @@ class IndexEntry:
 
 
 def latest_index(
-    paths: list[Path], work_dir: Path, *, chunk_entries: int = 200_000
+    paths: list[Path], work_dir: Path, *, chunk_entries: int = 50_000
 ) -> Iterator[IndexEntry]:
     """The latest entry of every id across ``paths``, in id order.
 
@@ -162,6 +162,9 @@ def latest_index(
         run.unlink(missing_ok=True)
 
 
+_STATUSES = {s: s for s in STATUSES}  # one string object per status, not one per line
+
+
 def _scan(path: Path) -> Iterator[tuple[int, str, str]]:
     offset = 0
     with open(path, "rb") as f:
@@ -175,7 +178,7 @@ def _scan(path: Path) -> Iterator[tuple[int, str, str]]:
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 continue
             if isinstance(row_id, str) and isinstance(status, str):
-                yield start, row_id, status
+                yield start, row_id, _STATUSES.get(status, status)
 
 
 def _spill(chunk: list[tuple[str, int, int, str]], work_dir: Path, number: int) -> Path:
@@ -400,12 +403,15 @@ def sample_key(row_id: str, index: int) -> str:
 class _Image:
     index: int
     meta: dict[str, Any]
-    local: Path  # the bytes, on local disk
+    local: Path  # the bytes, on local disk (unused when the writer needs no bytes)
     ext: str
+    temporary: bool  # a downloaded copy, removed once written
 
 
 class _ShardWriter:
     """Writes one shard under ``work`` and says which files it made (relative names)."""
+
+    needs_bytes = True
 
     def __init__(self, work: Path, name: str) -> None:
         self.work = work
@@ -455,7 +461,7 @@ class _ParquetWriter(_ShardWriter):
         self.file = f"{name}.parquet"
         self._schema = _arrow_schema(RECORD_COLUMNS + IMAGE_COLUMNS, include_bytes)
         self._writer = pa.parquet.ParquetWriter(work / self.file, self._schema)
-        self._include_bytes = include_bytes
+        self._include_bytes = self.needs_bytes = include_bytes
         self._rows: list[dict[str, Any]] = []
         self._buffered = 0
 
@@ -497,8 +503,8 @@ class _FolderWriter(_ShardWriter):
         for image in images:
             file_name = f"{sample_key(record['id'], image.index)}.{image.ext}"
             target = self.work / self.name / file_name
-            if image.local.parent.is_relative_to(self.work):
-                os.replace(image.local, target)  # a downloaded temporary copy
+            if image.temporary:
+                os.replace(image.local, target)
             else:
                 _link_or_copy(image.local, target)
             row = {"file_name": file_name, **_image_row(record, image.index, image.meta)}
@@ -556,7 +562,8 @@ class _Sources:
         self._stores: dict[str, ImageStore] = {}
         self._downloads = 0
 
-    async def local(self, path: str, work: Path) -> Path:
+    async def local(self, path: str, work: Path) -> tuple[Path, bool]:
+        """A local file with the image's bytes, and whether it is a temporary copy."""
         if is_s3_url(path):
             bucket, key = parse_s3_url(path)
             store = self._stores.get(bucket)
@@ -566,11 +573,11 @@ class _Sources:
             self._downloads += 1
             target = work / f"download-{self._downloads}{PurePosixPath(key).suffix}"
             await store.download(key, target)
-            return target
+            return target, True
         relative = PurePosixPath(path)
         if relative.is_absolute() or ".." in relative.parts:
             raise StorageError(f"image path {path!r} is outside {self.source_dir}")
-        return self.source_dir / relative
+        return self.source_dir / relative, False
 
     async def aclose(self) -> None:
         for store in self._stores.values():
@@ -722,14 +729,18 @@ class _Shard:
         local: list[_Image] = []
         for index, image in enumerate(images):
             path = str(image.get("path") or "")
-            local.append(_Image(index, image, await sources.local(path, self.work), _ext(path)))
+            where, temporary = Path(), False
+            if self.writer.needs_bytes:
+                where, temporary = await sources.local(path, self.work)
+            local.append(_Image(index, image, where, _ext(path), temporary))
         try:
-            await asyncio.to_thread(self.writer.add, record, local)
+            # In the loop's thread: a thread trip per record costs more than the write.
+            self.writer.add(record, local)
         except FileNotFoundError as exc:
             raise StorageError(f"record {record['id']}: image missing: {exc.filename}") from exc
         for done in local:
-            if done.local.is_relative_to(self.work) and done.local.exists():
-                done.local.unlink()
+            if done.temporary:
+                done.local.unlink(missing_ok=True)
         self.ids.write(orjson.dumps(record["id"]) + b"\n")
         self.records += 1
         self.images += len(images)
