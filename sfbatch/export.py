@@ -73,7 +73,7 @@ _STATE_KEY = f"{STATE_DIR}/state.json"
 _STATE_VERSION = 1
 _SUFFIX = {"webdataset": ".tar", "parquet": ".parquet", "imagefolder": ""}
 _RECORD_OVERHEAD_BYTES = 2048  # a sample's JSON and tar headers, for sizing shards
-_ROW_GROUP_BYTES = 64 << 20
+_ROW_GROUP_BYTES = 16 << 20
 _ROW_GROUP_ROWS = 4096
 _PUTS_AT_ONCE = 64  # imagefolder files stored concurrently (the store bounds it again)
 
@@ -454,13 +454,30 @@ class _TarWriter(_ShardWriter):
         return [self.file]
 
 
+# Statistics only where they help a reader skip row groups: long text columns' min/max
+# would make the footer (held in memory until close) grow with every row group.
+_STATISTICS = ["id", "line", "variation", "seed", "requested_seed", "finished_at", "image_index"]
+
+
+def _parquet_writer(path: Path, schema: Any) -> Any:
+    pa = _pyarrow()
+    names = set(schema.names)
+    return pa.parquet.ParquetWriter(
+        path,
+        schema,
+        # Images are already compressed: no dictionary, no second compression.
+        use_dictionary=[n for n in names if n != "image"],
+        compression={n: "none" if n == "image" else "snappy" for n in names},
+        write_statistics=[n for n in _STATISTICS if n in names],
+    )
+
+
 class _ParquetWriter(_ShardWriter):
     def __init__(self, work: Path, name: str, *, include_bytes: bool) -> None:
         super().__init__(work, name)
-        pa = _pyarrow()
         self.file = f"{name}.parquet"
         self._schema = _arrow_schema(RECORD_COLUMNS + IMAGE_COLUMNS, include_bytes)
-        self._writer = pa.parquet.ParquetWriter(work / self.file, self._schema)
+        self._writer = _parquet_writer(work / self.file, self._schema)
         self._include_bytes = self.needs_bytes = include_bytes
         self._rows: list[dict[str, Any]] = []
         self._buffered = 0
@@ -533,7 +550,7 @@ def _failures_file(work: Path, fmt: Format, name: str, rows: Iterable[dict[str, 
         schema = _arrow_schema(RECORD_COLUMNS + ERROR_COLUMNS, False)
         file = f"failures/{name}.parquet"
         (work / "failures").mkdir(exist_ok=True)
-        with pa.parquet.ParquetWriter(work / file, schema) as writer:
+        with _parquet_writer(work / file, schema) as writer:
             batch: list[dict[str, Any]] = []
             for row in rows:
                 batch.append(row)
@@ -633,7 +650,7 @@ async def _export(
     records = _Records(paths)
     shard: _Shard | None = None
     failures_path = work / "failures.pending"
-    failures_out: IO[bytes] = await asyncio.to_thread(open, failures_path, "wb")
+    failures_out = _open_write(failures_path)
     try:
         for entry in latest_index(paths, work, chunk_entries=config.sort_chunk_entries):
             if entry.status == "ok":
@@ -676,7 +693,7 @@ async def _write_failures(
 ) -> None:
     name = f"{len(state.failures):06d}"
     ids_path = work / f"failures-{name}.ids"
-    file = await asyncio.to_thread(_failures_files, config.format, pending, work, name, ids_path)
+    file = _failures_files(config.format, pending, work, name, ids_path)
     await dest.put_file(work / file, file, remove_source=True)
     ids_key = f"{STATE_DIR}/failures-{name}.ids"
     await dest.put_file(ids_path, ids_key, remove_source=True)
@@ -689,6 +706,10 @@ def _failures_files(fmt: Format, pending: Path, work: Path, name: str, ids_path:
     with open(ids_path, "wb") as ids:
         ids.writelines(orjson.dumps(r["id"]) + b"\n" for r in _read_jsonl(pending))
     return _failures_file(work, fmt, name, (_failure_row(r) for r in _read_jsonl(pending)))
+
+
+def _open_write(path: Path) -> IO[bytes]:
+    return open(path, "wb")
 
 
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -747,7 +768,7 @@ class _Shard:
 
     async def finish(self, dest: ImageStore, state: _State, result: ExportResult) -> None:
         self.ids.close()
-        files = await asyncio.to_thread(self.writer.close)
+        files = self.writer.close()
         for start in range(0, len(files), _PUTS_AT_ONCE):
             async with asyncio.TaskGroup() as group:
                 for file in files[start : start + _PUTS_AT_ONCE]:
