@@ -749,7 +749,9 @@ class _Shard:
     ) -> None:
         local: list[_Image] = []
         for index, image in enumerate(images):
-            path = str(image.get("path") or "")
+            path = image.get("path")
+            if not isinstance(path, str) or not path:
+                raise StorageError(f"record {record['id']}: image {index} has no path")
             where, temporary = Path(), False
             if self.writer.needs_bytes:
                 where, temporary = await sources.local(path, self.work)
@@ -757,8 +759,8 @@ class _Shard:
         try:
             # In the loop's thread: a thread trip per record costs more than the write.
             self.writer.add(record, local)
-        except FileNotFoundError as exc:
-            raise StorageError(f"record {record['id']}: image missing: {exc.filename}") from exc
+        except OSError as exc:
+            raise StorageError(f"record {record['id']}: {exc.filename}: {exc.strerror}") from exc
         for done in local:
             if done.temporary:
                 done.local.unlink(missing_ok=True)

@@ -341,6 +341,12 @@ async def test_cli_export_and_its_errors(s3: S3Server, tmp_path: Path) -> None:
         "export", str(tmp_path / "nowhere"), "--format", "parquet", "--to", "d"
     )
     assert code == 2
+    write_build(out, [ok_record("c", "three", out)])
+    (out / "images/c/c_0.png").unlink()
+    code, text = await sfbatch(
+        "export", str(out), "--format", "webdataset", "--to", str(tmp_path / "v")
+    )
+    assert code == 1 and "c_0.png" in text, text
 
 
 async def test_missing_extra_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
