@@ -13,7 +13,7 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
@@ -22,7 +22,9 @@ from sfbatch.errors import ConfigError
 from sfbatch.export import ExportConfig, export, latest_index, parse_size, sample_key
 from sfbatch.manifest import latest_records, manifest_paths
 from sfbatch.storage import MissingExtraError, open_store
-from tests.conftest import S3Server
+
+if TYPE_CHECKING:
+    from conftest import S3Server
 
 pytest.importorskip("pyarrow", reason="needs the parquet extra")
 wds = pytest.importorskip("webdataset", reason="needs webdataset (the test extra)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -19,7 +20,9 @@ from sfbatch.storage import (
     open_store,
     parse_s3_url,
 )
-from tests.conftest import S3Server
+
+if TYPE_CHECKING:
+    from conftest import S3Server
 
 pytest.importorskip("aiobotocore", reason="needs the s3 extra")
 
