@@ -6,7 +6,9 @@
    directory, and as webdataset to a moto S3 server (``python -m moto.server``, its own
    process on 127.0.0.1). Images/s and MB/s of image bytes, wall clock of the child.
 2. Store uploads: ``ImageStore.put_file`` of ``uploads`` small (12 KB) images, 16 at a time,
-   to a local directory and to the moto server: what ``--images-to`` will cost per image.
+   to a local directory and to the moto server: what ``--images-to`` will cost per image;
+   and of one 64 MB file (multipart) against boto3's ``upload_file`` (s3transfer, threads)
+   of the same file to the same server: the baseline that says whether moto is the bound.
 3. Peak memory: a manifest of ``records`` lines (1,000,000 in full and quick modes; 10 %
    superseded by a later line, 1 % failed) exported as parquet with ``--no-bytes`` (so
    the figure is the index, the join and the writer, not the disk), ``--include-failed``;
@@ -164,6 +166,24 @@ def _export(source: Path, fmt_name: str, dest: str, *extra: str, s3: str = "") -
     return r
 
 
+async def _put_one(store_url: str, path: Path) -> float:
+    from sfbatch.storage import open_store
+
+    async with open_store(store_url) as store:
+        t0 = time.perf_counter()
+        await store.put_file(path, "big/one.bin")
+        return time.perf_counter() - t0
+
+
+def _boto3_upload(endpoint: str, path: Path) -> float:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, **_boto_kwargs())
+    t0 = time.perf_counter()
+    client.upload_file(str(path), "bench", "big/boto3.bin")
+    return time.perf_counter() - t0
+
+
 async def _uploads(store_url: str, files: list[Path]) -> float:
     from sfbatch.storage import open_store
 
@@ -217,6 +237,13 @@ def measure(mode: str = "full", log: Any = print) -> dict[str, Any]:
                 log(f"uploads: {label} ({len(files)} x 12 KB)", file=sys.stderr)
                 elapsed = asyncio.run(_uploads(url, files))
                 results[f"put_file → {label}"] = {"images_s": len(files) / elapsed}
+            big_file = work / "64m.bin"
+            big_file.write_bytes(os.urandom(64 << 20))
+            log("uploads: one 64 MB file, sfbatch and boto3", file=sys.stderr)
+            results["64 MB put_file"] = (
+                64 * 1.048576 / asyncio.run(_put_one("s3://bench", big_file))
+            )
+            results["64 MB boto3"] = 64 * 1.048576 / _boto3_upload(moto.endpoint, big_file)
         finally:
             for key in (*S3_ENV, "AWS_ENDPOINT_URL"):
                 os.environ.pop(key, None)
@@ -250,6 +277,11 @@ def report(r: dict[str, Any]) -> str:
                 "",
             ]
         )
+    for label, key in (
+        ("ImageStore.put_file", "64 MB put_file"),
+        ("boto3 upload_file", "64 MB boto3"),
+    ):
+        rows.append([f"one 64 MB file → moto S3, {label}", "-", fmt(r[key], 1), "-", "-", ""])
     mem = r["memory"]
     met = "yes" if mem["rss_mb"] < TARGET_RSS_MB else "**NO**"
     what = f"export {r['records']:,}-record manifest (parquet --no-bytes)"
