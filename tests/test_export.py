@@ -359,3 +359,22 @@ async def test_missing_extra_is_named(tmp_path: Path, monkeypatch: pytest.Monkey
         await export(ExportConfig(source_dir=out, dest=str(tmp_path / "d"), format="parquet"))
     with pytest.raises(ConfigError):
         ExportConfig(source_dir=out, dest="d", format="csv")  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(180)
+def test_bench_export_smoke_runs() -> None:
+    """benchmarks/bench_export.py --smoke still runs end to end (no timing is asserted)."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_export.py"), "--smoke"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "export 20,000-record manifest (parquet --no-bytes)" in proc.stdout
+    assert "| export webdataset → moto S3" in proc.stdout
