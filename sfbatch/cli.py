@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import logging
 import signal
 import sys
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validate(subparsers)
     for module in (status, gallery, emulator_cli):
         module.register(subparsers)
+    importlib.import_module("sfbatch.export").register(subparsers)
     return parser
 
 

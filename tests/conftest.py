@@ -3,12 +3,19 @@
 ``emulator`` is one with the defaults (key ``sk-emulator``, zero latency, no limits,
 no faults); ``emulator_factory(**config_fields)`` is an async context manager for any
 other configuration, e.g. ``async with emulator_factory(rpm=2, latency_s=0.05) as emu``.
+
+``s3`` is a fresh bucket on moto's S3 server (one per session, on 127.0.0.1), with the
+AWS environment variables pointing at it (``AWS_ENDPOINT_URL``, test credentials).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,3 +49,51 @@ async def emulator(emulator_factory: EmulatorFactory) -> AsyncIterator[Emulator]
     """An emulator with the defaults: key ``sk-emulator``, no latency, limits or faults."""
     async with emulator_factory() as emu:
         yield emu
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A moto S3 server on 127.0.0.1 and a fresh, empty bucket in it."""
+
+    endpoint_url: str
+    bucket: str
+
+    def client(self) -> Any:
+        """A plain boto3 client on the server, for checking what landed."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server (ThreadedMotoServer) on 127.0.0.1, a free port, for the session."""
+    server_mod = pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Server:
+    """Credentials and endpoint the standard AWS way (environment), and an empty bucket."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    server = S3Server(endpoint_url=moto_endpoint, bucket=f"b-{uuid.uuid4().hex[:16]}")
+    server.client().create_bucket(Bucket=server.bucket)
+    return server
