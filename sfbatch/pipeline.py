@@ -44,10 +44,12 @@ from sfbatch.errors import (
     SfbatchError,
 )
 from sfbatch.generator import DailyQuota, Generator, Stopped, WorkItem
+from sfbatch.identity import unused_stem
 from sfbatch.limiter import RateLimiter
-from sfbatch.loader import PromptSource, Row, image_shard_dir
-from sfbatch.manifest import ManifestState, ManifestWriter, day_start_iso, now_iso, read_state
+from sfbatch.loader import JobRows, PromptSource, Row, image_shard_dir
+from sfbatch.manifest import ManifestWriter, day_start_iso, now_iso
 from sfbatch.models import ModelRegistry, effective_params
+from sfbatch.resume import ResumeIndex, read_index
 from sfbatch.retry import RetryPolicy
 
 __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "error_key", "generate"]
@@ -165,7 +167,7 @@ class Pipeline:
         self._stages: asyncio.Task[None] | None = None
         self._cancelled_by_us = False
         self._writer: ManifestWriter | None = None
-        self._state = ManifestState()
+        self._state = ResumeIndex()
         self._limiter: RateLimiter | None = None
         self._generator: Generator | None = None
         self._downloader: Downloader | None = None
@@ -226,7 +228,9 @@ class Pipeline:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         clean_tmp(cfg.out_dir)
         manifest_path = cfg.out_dir / cfg.manifest_name
-        self._state = read_state([manifest_path], day_start=day_start_iso(cfg.day_utc_offset_h))
+        self._state = read_index([manifest_path], day_start=day_start_iso(cfg.day_utc_offset_h))
+        if isinstance(self._rows, JobRows | PromptSource):
+            self._rows.legacy = self._state  # rows made by an older sfbatch keep their ids
         if cfg.ipd is not None:
             self._quota = DailyQuota(
                 limit=cfg.ipd, used=self._state.billed_today, utc_offset_h=cfg.day_utc_offset_h
@@ -319,7 +323,7 @@ class Pipeline:
                 await asyncio.sleep(0)  # a queue with room never yields; let the others run
             if self.stopping:
                 break
-            status = state.status(row.id)
+            status = state.status(row.id, row.fingerprint)
             if status == "ok" or (status == "failed" and not self.config.retry_failed):
                 stats.skipped += 1
                 continue
@@ -341,7 +345,7 @@ class Pipeline:
                 continue
             item = WorkItem(row=row)
             if status == "generated":
-                self._attach_pending(item, state.generated.get(row.id))
+                self._attach_pending(item, state.generated_record(row.id, row.fingerprint))
             await self._gen_queue.put(item)
         # Only on the way out through the end of input or a stop: after an error the
         # TaskGroup cancels the workers, and a put into a full queue would never return.
@@ -447,7 +451,9 @@ class Pipeline:
         base_id = (
             row.id.removesuffix(f"-v{row.variation}") if self.config.variations > 1 else row.id
         )
-        return f"images/{image_shard_dir(base_id)}/{name}"
+        return unused_stem(
+            self.config.out_dir, f"images/{image_shard_dir(base_id)}/{name}", row.fingerprint
+        )
 
     # -- records -------------------------------------------------------------------
 
@@ -469,7 +475,7 @@ class Pipeline:
     def _write(self, record: dict[str, Any]) -> None:
         assert self._writer is not None
         self._writer.append(record)
-        self._state.set_status(record["id"], record["status"])
+        self._state.set_status(record["id"], record["fingerprint"], record["status"])
         stats = self.stats
         status = record["status"]
         stats.billed_images += record["billed_images"]
@@ -510,6 +516,7 @@ class Pipeline:
             "status": status,
             "finished_at": now_iso(),
             "billed_images": item.billed_images if item else 0,
+            "fingerprint": row.fingerprint,
             "line": row.line,
             "file": row.file,
             "variation": row.variation,

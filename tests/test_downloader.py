@@ -18,11 +18,14 @@ FAST = RetryPolicy(max_retries=0, base_s=0.01, cap_s=0.01)
 
 
 async def image_url(emu: Emulator, **request: object) -> str:
-    async with aiohttp.ClientSession() as session, session.post(
-        f"{emu.base_url}/images/generations",
-        json={"prompt": "a cat", "seed": 1, **request},
-        headers={"Authorization": f"Bearer {emu.api_key}"},
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{emu.base_url}/images/generations",
+            json={"prompt": "a cat", "seed": 1, **request},
+            headers={"Authorization": f"Bearer {emu.api_key}"},
+        ) as resp,
+    ):
         body = await resp.json()
     url: str = body["images"][0]["url"]
     return url

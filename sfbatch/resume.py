@@ -1,0 +1,234 @@
+"""The resume index: what earlier runs recorded, keyed by item id *and* fingerprint.
+
+A row is skipped only when a record with its id and its fingerprint is done, so an edited
+row, another ``--model`` or another base seed is made again while a row that merely moved
+is not. :func:`read_index` reads manifests of millions of lines flat and fast:
+
+- each record is one entry of a :class:`~sfbatch.identity.KeyTable`: the key mixes the
+  id's hash with the 64-bit fingerprint, the value is the latest status; about 6.5 bytes a
+  record (10M records: ~65 MB), never a dict of strings;
+- a record is taken from the front of its line with one regex (``id``, ``status``,
+  ``finished_at``, ``billed_images``, ``fingerprint``: the writer puts them first), and
+  trusted only if the line is complete: it ends with ``}`` and holds no second record
+  start (a ``{"id":"`` outside a string can only begin a record). Any other line is
+  parsed in full; one that does not parse is *damaged*: listed in
+  :attr:`ResumeIndex.damaged` with its line number, and its item is made again. A
+  complete record glued behind a torn one (a crash mid-line, then appends) is recovered.
+- records written before fingerprints existed (line ids ``000000042``) get the
+  fingerprint of the fields they stored; a row whose content matches one adopts its
+  line id and seed (:meth:`ResumeIndex.adopt`), so upgrading pays nothing again.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from sfbatch.identity import KeyTable, content_digest, content_of_record, fingerprint
+from sfbatch.manifest import FRONT_RE, STATUSES
+
+__all__ = ["DamagedLine", "ResumeIndex", "item_key", "read_index"]
+
+_CODE: Final = {name: code for code, name in enumerate(STATUSES, start=1)}
+_RECORD_START: Final = b'{"id":"'
+_MASK64: Final = (1 << 64) - 1
+
+
+def item_key(row_id: str, fp: str) -> int:
+    """The index key of (id, fingerprint): the id's hash mixed with the fingerprint's bits.
+
+    ``hash(str)`` is salted per process, which is fine: the index lives in one process.
+    """
+    try:
+        bits = int(fp, 16)
+    except ValueError:
+        bits = 0
+    return (hash(row_id) ^ bits) & _MASK64
+
+
+@dataclass(frozen=True, slots=True)
+class DamagedLine:
+    """A manifest line that is not a complete record; its item is made again."""
+
+    path: Path
+    line: int
+    reason: str
+
+
+@dataclass
+class ResumeIndex:
+    """What earlier runs recorded: each (id, fingerprint)'s latest status, today's billing."""
+
+    table: KeyTable = field(default_factory=lambda: KeyTable(value_size=1))
+    #: Full records of items paid for but not downloaded, by :func:`item_key`.
+    generated: dict[int, dict[str, Any]] = field(default_factory=dict)
+    billed_today: int = 0
+    records: int = 0
+    legacy_records: int = 0
+    damaged: list[DamagedLine] = field(default_factory=list)
+    # Legacy (line-id) records by content: digest prefix -> line numbers.
+    _legacy_content: dict[bytes, list[int]] = field(default_factory=dict)
+    _claimed: set[str] = field(default_factory=set)
+    _day_start: str = ""
+
+    def status(self, row_id: str, fp: str) -> str | None:
+        """The latest status recorded for this id and fingerprint, or None."""
+        value = self.table.get(item_key(row_id, fp))
+        return STATUSES[value[0] - 1] if value else None
+
+    def generated_record(self, row_id: str, fp: str) -> dict[str, Any] | None:
+        return self.generated.get(item_key(row_id, fp))
+
+    def set_status(self, row_id: str, fp: str, status: str) -> None:
+        key = item_key(row_id, fp)
+        self.table.put(key, bytes((_CODE[status],)))
+        if status == "generated":
+            return
+        self.generated.pop(key, None)
+
+    def counts(self) -> Counter[str]:
+        """How many (id, fingerprint) items are in each latest status."""
+        counts: Counter[str] = Counter()
+        for code, n in self.table.count_first_byte().items():
+            if n and 1 <= code <= len(STATUSES):
+                counts[STATUSES[code - 1]] = n
+        return counts
+
+    @property
+    def damaged_lines(self) -> list[int]:
+        return [d.line for d in self.damaged]
+
+    def adopt(
+        self, line: int, digest: bytes, fingerprint_of: Callable[[str], str], suffix: str
+    ) -> str | None:
+        """The legacy line id this content was made under (see :class:`~sfbatch.loader.LegacyIds`).
+
+        Tried: the row's own line (the file did not change), then every legacy record of
+        the same content not adopted yet (lines moved). A legacy id is adopted once.
+        """
+        if not self.legacy_records:
+            return None
+        candidates = [line, *self._legacy_content.get(digest[:8], ())]
+        for number in candidates:
+            legacy_id = f"{number:09d}"
+            if legacy_id in self._claimed:
+                continue
+            if self.table.get(item_key(legacy_id + suffix, fingerprint_of(legacy_id))):
+                self._claimed.add(legacy_id)
+                return legacy_id
+        return None
+
+    # -- reading -----------------------------------------------------------------
+
+    def _add(self, row_id: str, status: str, finished: str, billed: int, fp: str) -> None:
+        self.records += 1
+        if billed and finished >= self._day_start:
+            self.billed_today += billed
+        self.set_status(row_id, fp, status)
+
+    def _add_parsed(self, record: dict[str, Any]) -> bool:
+        """Add a fully parsed record; False if it is not one."""
+        row_id, status = record.get("id"), record.get("status")
+        if not isinstance(row_id, str) or status not in _CODE:
+            return False
+        finished = record.get("finished_at")
+        billed = record.get("billed_images")
+        fp = record.get("fingerprint")
+        if not isinstance(fp, str):
+            fp = self._legacy_fingerprint(row_id, record)
+        self._add(
+            row_id,
+            str(status),
+            finished if isinstance(finished, str) else "",
+            billed if isinstance(billed, int) else 0,
+            fp,
+        )
+        if status == "generated":
+            self.generated[item_key(row_id, fp)] = record
+        return True
+
+    def _legacy_fingerprint(self, row_id: str, record: dict[str, Any]) -> str:
+        self.legacy_records += 1
+        content = content_of_record(record)
+        if content is None:
+            return ""
+        digest = content_digest(content)
+        seed = record.get("requested_seed")
+        variation = record.get("variation")
+        k = variation if isinstance(variation, int) else 0
+        base = row_id.removesuffix(f"-v{k}") if k or row_id.endswith("-v0") else row_id
+        if k == 0 and len(base) == 9 and base.isdigit():
+            self._legacy_content.setdefault(digest[:8], []).append(int(base))
+        return fingerprint(digest, seed if isinstance(seed, int) else None, k)
+
+
+def read_index(paths: Iterable[Path], *, day_start: str) -> ResumeIndex:
+    """Read manifests back for resume (later lines win).
+
+    ``day_start`` (from :func:`~sfbatch.manifest.day_start_iso`) bounds "today" for the
+    daily quota: records finished since then add their ``billed_images`` to
+    ``billed_today`` (every line counts, not only the latest of an item).
+    """
+    index = ResumeIndex()
+    index._day_start = day_start
+    for path in paths:
+        _read_one(index, path)
+    return index
+
+
+def _read_one(index: ResumeIndex, path: Path) -> None:
+    match_front = FRONT_RE.match
+    add = index._add
+    number = 0
+    for number, raw in _lines(path):
+        m = match_front(raw)
+        if m is not None and raw.endswith(b"}\n") and raw.find(_RECORD_START, 1) < 0:
+            status = m.group(2).decode()
+            if status != "generated" and status in _CODE:
+                add(
+                    m.group(1).decode("utf-8", "surrogatepass"),
+                    status,
+                    m.group(3).decode(),
+                    int(m.group(4)),
+                    m.group(5).decode(),
+                )
+                continue
+        _slow_line(index, path, number, raw)
+
+
+def _slow_line(index: ResumeIndex, path: Path, number: int, raw: bytes) -> None:
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        record = None
+    if isinstance(record, dict):
+        if not index._add_parsed(record):
+            index.damaged.append(DamagedLine(path, number, "not a manifest record"))
+        return
+    index.damaged.append(DamagedLine(path, number, "not a complete JSON record"))
+    start = raw.rfind(_RECORD_START)
+    if start > 0:  # a torn record with a complete one glued behind it
+        try:
+            glued = orjson.loads(raw[start:])
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(glued, dict):
+            index._add_parsed(glued)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based number, line) of every newline-terminated line; a torn last line is not one."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115  (closed by the with below)
+    except FileNotFoundError:
+        return
+    with f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                return
+            yield number, raw
