@@ -229,3 +229,26 @@ async def test_an_edited_file_makes_exactly_the_new_and_changed_rows(tmp_path: P
     assert len(made) == 62  # the prompt changed away from stays as history
     paths = [i["path"] for r in latest.values() for i in r["images"]]
     assert len(paths) == len(set(paths)) == 62
+
+
+async def test_an_id_made_again_for_another_request_never_overwrites_its_files(
+    tmp_path: Path,
+) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "fox", "prompt": "a red fox"}\n')
+    out = tmp_path / "out"
+    async with Emulator() as emu:
+        await run_file(emu, prompts, out)
+        first = latest_records([out / "manifest.jsonl"])["fox"]
+        before = (out / first["images"][0]["path"]).read_bytes()
+        prompts.write_text('{"id": "fox", "prompt": "a blue fox"}\n')  # same id, new request
+        await run_file(emu, prompts, out)
+        await run_file(emu, prompts, out)
+        assert emu.stats()["generation_requests"] == 2
+    second = latest_records([out / "manifest.jsonl"])["fox"]
+    assert second["fingerprint"] != first["fingerprint"]
+    assert second["images"][0]["path"] == first["images"][0]["path"].replace(
+        "fox_0.", f"fox_0~{second['fingerprint'][:8]}."
+    )
+    assert (out / first["images"][0]["path"]).read_bytes() == before
+    assert (out / second["images"][0]["path"]).read_bytes() != before
