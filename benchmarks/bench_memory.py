@@ -157,7 +157,7 @@ def _child(kind: str, **params: Any) -> dict[str, Any]:
             "counts": dict(state.counts()),
             "generated": len(state.generated),
             "damaged": len(state.damaged),
-            "table_mb": state.table.nbytes() / 1e6,
+            "table_mb": (state.done.nbytes() + state.other.nbytes()) / 1e6,
         }
     if kind == "naive_resume":
         t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -156,99 +157,117 @@ def unused_stem(out_dir: str | os.PathLike[str], stem: str, fp: str) -> str:
 
 
 class KeyTable:
-    """Latest value per 64-bit key, in ``5 + value_size`` bytes per key.
+    """A set of 64-bit keys with a value each, in ``5 + value_size`` bytes per key.
 
-    Keys are spread over 65,536 append-only ``bytearray`` buckets by their low 16 bits;
-    an entry is the next 40 bits of the key and the value. A lookup is one ``rfind`` in
-    one bucket (C speed), so a key is effectively 56 bits: two keys collide with
-    probability about 2**-56 per pair. ``put`` overwrites a key's value in place, so the
-    table holds one entry per key.
+    Keys are spread over 16,384 ``bytearray`` buckets by their low 14 bits; an entry is
+    the next 40 bits of the key and the value. A lookup is one ``rfind`` in one bucket
+    (C speed), so a key is effectively 54 bits: two keys collide with probability about
+    2**-54 per pair. ``put`` overwrites a key's value in place: one entry per key.
+
+    Buckets are allocated with room for ``expected / 16384`` entries plus 5 %, and their
+    used length is kept apart, so a table sized right seldom reallocates: growing many
+    small buffers step by step leaves the heap fragmented (1.7x the entries' bytes).
     """
 
-    _BUCKET_BITS: Final = 16
+    _BITS: Final = 14
+    _BUCKETS: Final = 1 << _BITS
 
-    def __init__(self, value_size: int = 1) -> None:
+    def __init__(self, value_size: int = 0, *, expected: int = 0) -> None:
         self._value_size = value_size
         self._width = 5 + value_size
-        self._buckets: list[bytearray | None] = [None] * (1 << self._BUCKET_BITS)
+        self._buckets: list[bytearray | None] = [None] * self._BUCKETS
+        self._used = array("Q", bytes(8 * self._BUCKETS))
+        self._reserve = self._width * (8 + expected * 105 // 100 // self._BUCKETS)
         self.size = 0
 
-    def _locate(self, key: int) -> tuple[bytearray | None, int, bytes, int]:
+    def _split(self, key: int) -> tuple[int, bytes]:
         key &= _MASK64
-        index = key & 0xFFFF
-        tag = ((key >> 16) & 0xFF_FFFF_FFFF).to_bytes(5, "big")
-        bucket = self._buckets[index]
-        if bucket is None:
-            return None, index, tag, -1
+        return key & (self._BUCKETS - 1), ((key >> self._BITS) & 0xFF_FFFF_FFFF).to_bytes(5, "big")
+
+    def _find(self, bucket: bytearray, tag: bytes, end: int) -> int:
         width = self._width
-        end = len(bucket)
         while True:
             pos = bucket.rfind(tag, 0, end)
             if pos < 0 or pos % width == 0:
-                return bucket, index, tag, pos
+                return pos
             end = pos + 4  # look again for a match starting before pos
 
     def get(self, key: int) -> bytes | None:
-        bucket, _, _, pos = self._locate(key)
-        if bucket is None or pos < 0:
-            return None
-        return bytes(bucket[pos + 5 : pos + self._width])
-
-    def put(self, key: int, value: bytes) -> None:
-        bucket, index, tag, pos = self._locate(key)
+        """The key's value (``b""`` for a table without values), or None if absent."""
+        index, tag = self._split(key)
+        bucket = self._buckets[index]
         if bucket is None:
-            bucket = self._buckets[index] = bytearray()
-        if pos >= 0:
-            bucket[pos + 5 : pos + self._width] = value
+            return None
+        pos = self._find(bucket, tag, self._used[index])
+        return None if pos < 0 else bytes(bucket[pos + 5 : pos + self._width])
+
+    def __contains__(self, key: int) -> bool:
+        return self.get(key) is not None
+
+    def put(self, key: int, value: bytes = b"") -> None:
+        self.put_all(((key, value),))
+
+    def discard(self, key: int) -> None:
+        index, tag = self._split(key)
+        bucket = self._buckets[index]
+        if bucket is None:
             return
-        bucket += tag
-        bucket += value
-        self.size += 1
+        end = self._used[index]
+        pos = self._find(bucket, tag, end)
+        if pos >= 0:
+            width = self._width
+            bucket[pos : end - width] = bucket[pos + width : end]  # keep the bucket's length
+            self._used[index] = end - width
+            self.size -= 1
 
     def put_all(self, items: Iterable[tuple[int, bytes]]) -> None:
-        """``put`` each ``(key, value)`` in order (the same as the loop, at half the cost)."""
+        """``put`` each ``(key, value)`` in order."""
         buckets = self._buckets
+        used = self._used
         width = self._width
+        find = self._find
+        mask = self._BUCKETS - 1
+        bits = self._BITS
         size = self.size
         for key, value in items:
             key &= _MASK64
-            tag = ((key >> 16) & 0xFF_FFFF_FFFF).to_bytes(5, "big")
-            bucket = buckets[key & 0xFFFF]
+            index = key & mask
+            tag = ((key >> bits) & 0xFF_FFFF_FFFF).to_bytes(5, "big")
+            bucket = buckets[index]
+            end = used[index]
             if bucket is None:
-                buckets[key & 0xFFFF] = bytearray(tag + value)
-                size += 1
-                continue
-            end = len(bucket)
-            while True:
-                pos = bucket.rfind(tag, 0, end)
-                if pos < 0 or pos % width == 0:
-                    break
-                end = pos + 4
-            if pos >= 0:
-                bucket[pos + 5 : pos + width] = value
+                bucket = buckets[index] = bytearray(self._reserve)
             else:
-                bucket += tag + value
-                size += 1
+                pos = find(bucket, tag, end)
+                if pos >= 0:
+                    bucket[pos + 5 : pos + width] = value
+                    continue
+            if end + width > len(bucket):
+                bucket.extend(bytes(len(bucket) // 8 + 8 * width))
+            bucket[end : end + width] = tag + value
+            used[index] = end + width
+            size += 1
         self.size = size
 
-    def values(self) -> Iterator[bytes]:
-        """Every entry's value (in no particular order)."""
+    def iter_keys(self) -> Iterator[int]:
+        """Every key, as its 54 bits that the table keeps."""
         width = self._width
-        for bucket in self._buckets:
+        for index, (bucket, end) in enumerate(zip(self._buckets, self._used, strict=True)):
             if bucket:
-                for pos in range(5, len(bucket), width):
-                    yield bytes(bucket[pos : pos + self._value_size])
+                for pos in range(0, end, width):
+                    tag = int.from_bytes(bucket[pos : pos + 5], "big")
+                    yield tag << self._BITS | index
 
-    def count_first_byte(self) -> dict[int, int]:
-        """How many entries have each value of the first value byte (fast, for 1-byte values)."""
+    def first_value_bytes(self) -> dict[int, int]:
+        """How many entries have each value of the first value byte."""
         counts: dict[int, int] = {}
-        for bucket in self._buckets:
+        for bucket, end in zip(self._buckets, self._used, strict=True):
             if bucket:
-                column = bytes(bucket[5 :: self._width])
+                column = bytes(bucket[5 : end : self._width])
                 for byte in set(column):
                     counts[byte] = counts.get(byte, 0) + column.count(byte)
         return counts
 
     def nbytes(self) -> int:
-        """Bytes held by the entries (not counting allocator slack)."""
-        return sum(len(b) for b in self._buckets if b)
+        """Bytes held by the entries (not counting reserved room)."""
+        return sum(self._used)

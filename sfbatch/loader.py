@@ -14,8 +14,8 @@ read at all raises (:class:`~sfbatch.errors.InputFileError`)::
     >>> data = b'{"prompt": "a cat", "seed": 1}\\n\\n{"prompt": "a dog", "batch_size": 9}\\n'
     >>> for row in PromptSource("-", stdin=io.BytesIO(data)):    # or "prompts.csv.gz"
     ...     print(row.id, row.request if row.valid else row.error)
-    000000001 {'prompt': 'a cat', 'seed': 1, 'model': 'stabilityai/stable-diffusion-3-5-large'}
-    000000003 -:3: batch_size must be 1..4, got 9
+    3202f6a5aabe {'prompt': 'a cat', 'seed': 1, 'model': 'stabilityai/stable-diffusion-3-5-large'}
+    ec58be108a11 -:3: batch_size must be 1..4, got 9
 
 Memory does not grow with the file, with two documented exceptions: explicit row ids
 are remembered (to reject duplicates), and with ``dedupe`` one 16-byte fingerprint
@@ -484,7 +484,7 @@ class PromptSource:
         of the constructor. This is what :func:`sfbatch.generate` reads.
 
         >>> [r.id for r in PromptSource.from_records(["a cat", {"id": "dog", "prompt": "a dog"}])]
-        ['000000001', 'dog']
+        ['3202f6a5aabe', 'dog']
         """
         source = cls("-", stdin=io.BytesIO(b""), **options)
         source.file = "<records>"

@@ -71,7 +71,13 @@ class DamagedLine:
 class ResumeIndex:
     """What earlier runs recorded: each (id, fingerprint)'s latest status, today's billing."""
 
-    table: KeyTable = field(default_factory=lambda: KeyTable(value_size=1))
+    #: Items with an ``ok`` record (most of them: 5 bytes each) ...
+    done: KeyTable = field(default_factory=KeyTable)
+    #: ... and items whose latest record is another status, with its code (6 bytes each).
+    #: An item in both is in ``other``'s status (an ``ok`` record takes it out of ``other``).
+    other: KeyTable = field(default_factory=lambda: KeyTable(value_size=1))
+    # One bit per 2**-20 of the key space: set if a key there was ever put in ``other``.
+    _maybe_other: bytearray = field(default_factory=lambda: bytearray(1 << 17))
     #: Full records of items paid for but not downloaded, by :func:`item_key` (a later
     #: record of the item makes its entry stale: :meth:`generated_record` checks).
     generated: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -86,8 +92,11 @@ class ResumeIndex:
 
     def status(self, row_id: str, fp: str) -> str | None:
         """The latest status recorded for this id and fingerprint, or None."""
-        value = self.table.get(item_key(row_id, fp))
-        return STATUSES[value[0] - 1] if value else None
+        key = item_key(row_id, fp)
+        value = self.other.get(key)
+        if value is not None:
+            return STATUSES[value[0] - 1]
+        return "ok" if key in self.done else None
 
     def generated_record(self, row_id: str, fp: str) -> dict[str, Any] | None:
         """The record of an item paid for but not downloaded, if that is its latest status."""
@@ -96,12 +105,32 @@ class ResumeIndex:
         return self.generated.get(item_key(row_id, fp))
 
     def set_status(self, row_id: str, fp: str, status: str) -> None:
-        self.table.put(item_key(row_id, fp), bytes((_CODE[status],)))
+        self._set(item_key(row_id, fp), _CODE_BYTE[status])
+
+    def _set(self, key: int, code: bytes) -> None:
+        if code == _OK:
+            self._leave_other(key)
+            self.done.put(key)
+        else:
+            self._enter_other(key, code)
+
+    def _enter_other(self, key: int, code: bytes) -> None:
+        bit = (key >> 20) & 0xFFFFF
+        self._maybe_other[bit >> 3] |= 1 << (bit & 7)
+        self.other.put(key, code)
+
+    def _leave_other(self, key: int) -> None:
+        bit = (key >> 20) & 0xFFFFF
+        if self._maybe_other[bit >> 3] & (1 << (bit & 7)):
+            self.other.discard(key)
 
     def counts(self) -> Counter[str]:
         """How many (id, fingerprint) items are in each latest status."""
         counts: Counter[str] = Counter()
-        for code, n in self.table.count_first_byte().items():
+        ok = self.done.size - sum(1 for key in self.other.iter_keys() if key in self.done)
+        if ok:
+            counts["ok"] = ok
+        for code, n in self.other.first_value_bytes().items():
             if n and 1 <= code <= len(STATUSES):
                 counts[STATUSES[code - 1]] = n
         return counts
@@ -125,7 +154,7 @@ class ResumeIndex:
             legacy_id = f"{number:09d}"
             if legacy_id in self._claimed:
                 continue
-            if self.table.get(item_key(legacy_id + suffix, fingerprint_of(legacy_id))):
+            if self.status(legacy_id + suffix, fingerprint_of(legacy_id)) is not None:
                 self._claimed.add(legacy_id)
                 return legacy_id
         return None
@@ -184,7 +213,8 @@ def read_index(paths: Iterable[Path], *, day_start: str) -> ResumeIndex:
     daily quota: records finished since then add their ``billed_images`` to
     ``billed_today`` (every line counts, not only the latest of an item).
     """
-    index = ResumeIndex()
+    paths = list(paths)
+    index = ResumeIndex(done=KeyTable(expected=_estimate_records(paths)))
     index._day_start = day_start
     for path in paths:
         _read_one(index, path)
@@ -193,7 +223,24 @@ def read_index(paths: Iterable[Path], *, day_start: str) -> ResumeIndex:
 
 _CHUNK_BYTES: Final = 4 << 20
 _CODE_OF: Final = {name.encode(): bytes((code,)) for name, code in _CODE.items()}
+_CODE_BYTE: Final = {name: bytes((code,)) for name, code in _CODE.items()}
+_OK: Final = _CODE_BYTE["ok"]
 _GENERATED_FIELD: Final = b'","status":"generated","'
+
+
+def _estimate_records(paths: list[Path]) -> int:
+    """Lines in ``paths``, from their size and the mean length of the first 1 MB's lines."""
+    total = sample_lines = sample_bytes = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+            if not sample_lines:
+                with open(path, "rb") as f:
+                    sample = f.read(1 << 20)
+                sample_lines, sample_bytes = sample.count(b"\n"), len(sample)
+        except OSError:
+            continue
+    return total * sample_lines // sample_bytes if sample_lines else 0
 
 
 def _read_one(index: ResumeIndex, path: Path) -> None:
@@ -227,10 +274,18 @@ def _read_one(index: ResumeIndex, path: Path) -> None:
                     for _, _, finished, count, _ in matches
                     if count != b"0" and finished >= day_start
                 )
-                index.table.put_all(
-                    ((hash(row_id) ^ int(fp, 16)) & _MASK64, code_of[status])
-                    for row_id, status, _, _, fp in matches
-                )
+                done: list[tuple[int, bytes]] = []
+                maybe_other = index._maybe_other
+                for row_id, status, _, _, fp in matches:
+                    key = (hash(row_id) ^ int(fp, 16)) & _MASK64
+                    if status == b"ok":
+                        bit = (key >> 20) & 0xFFFFF
+                        if maybe_other[bit >> 3] & (1 << (bit & 7)):
+                            index.other.discard(key)
+                        done.append((key, b""))
+                    else:
+                        index._enter_other(key, code_of[status])
+                index.done.put_all(done)
                 if _GENERATED_FIELD in chunk:
                     _generated_in(index, chunk)
             else:

@@ -55,6 +55,10 @@ def test_latest_record_of_an_id_and_fingerprint_wins(tmp_path: Path) -> None:
     assert index.status("c", other) is None  # same id, other request: not done
     assert index.status("d", FP) is None
     assert index.counts() == {"ok": 2, "invalid": 1, "failed": 1}
+    index.set_status("b", FP, "failed")  # a later record moves an item between the tables
+    index.set_status("a", other, "ok")
+    assert (index.status("b", FP), index.status("a", other)) == ("failed", "ok")
+    assert index.counts() == {"ok": 2, "invalid": 1, "failed": 1}
     assert index.billed_today == 4
     assert index.records == 5 and index.damaged == []
 
@@ -125,8 +129,8 @@ def test_the_index_is_a_few_bytes_a_record(tmp_path: Path) -> None:
             w.append(rec(f"{i:012x}", "ok", fp=f"{i * 7919:016x}"))
     index = read_index([path], day_start="")
     assert index.counts() == {"ok": 50_000}
-    assert index.table.size == 50_000
-    assert index.table.nbytes() == 6 * 50_000  # 5 bytes of key, 1 of status
+    assert index.done.size == 50_000 and index.other.size == 0
+    assert index.done.nbytes() == 5 * 50_000  # 40 bits of key; "ok" is the table it is in
     assert all(index.status(f"{i:012x}", f"{i * 7919:016x}") == "ok" for i in range(0, 50_000, 7))
     assert index.status(f"{3:012x}", f"{4 * 7919:016x}") is None
 
