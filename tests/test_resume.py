@@ -109,6 +109,27 @@ def test_a_torn_line_in_the_middle_is_not_trusted_and_is_reported(tmp_path: Path
     assert all(d.path == path for d in index.damaged)
 
 
+def test_chunks_of_any_size_read_the_same(tmp_path: Path, monkeypatch: Any) -> None:
+    path = tmp_path / "manifest.jsonl"
+    with ManifestWriter(path) as w:
+        for i in range(300):
+            status = ("ok", "failed", "generated", "ok", "invalid")[i % 5]
+            w.append(rec(f"r{i % 120}", status, billed=1, urls=["u"], prompt="p" * (i % 50)))
+    with open(path, "ab") as f:
+        f.write(b"torn\n" + orjson.dumps(rec("late", "ok")) + b"\n")
+
+    def summary(index: ResumeIndex) -> Any:
+        statuses = [index.status(f"r{i}", FP) for i in range(120)]
+        kept = sorted(r["id"] for r in index.generated.values())
+        return statuses, kept, index.counts(), index.billed_today, index.damaged_lines
+
+    whole = read_index([path], day_start="")
+    assert whole.status("late", FP) == "ok" and whole.damaged_lines == [301]
+    for size in (64, 1000, 4096):
+        monkeypatch.setattr("sfbatch.resume._CHUNK_BYTES", size)
+        assert summary(read_index([path], day_start="")) == summary(whole)
+
+
 def test_generated_records_are_kept_until_superseded(tmp_path: Path) -> None:
     path = tmp_path / "manifest.jsonl"
     with ManifestWriter(path) as w:
