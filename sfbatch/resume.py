@@ -221,7 +221,7 @@ def read_index(paths: Iterable[Path], *, day_start: str) -> ResumeIndex:
     return index
 
 
-_CHUNK_BYTES: Final = 4 << 20
+_CHUNK_BYTES: Final = 1 << 20
 _CODE_OF: Final = {name.encode(): bytes((code,)) for name, code in _CODE.items()}
 _CODE_BYTE: Final = {name: bytes((code,)) for name, code in _CODE.items()}
 _OK: Final = _CODE_BYTE["ok"]
@@ -246,7 +246,7 @@ def _estimate_records(paths: list[Path]) -> int:
 def _read_one(index: ResumeIndex, path: Path) -> None:
     """Read one manifest in chunks of whole lines; a chunk of clean records is one regex pass.
 
-    One buffer is reused for every chunk: fresh 4 MB buffers between the table's small
+    One buffer is reused for every chunk: fresh 1 MB buffers between the table's small
     allocations would strand heap memory (RSS) for the whole run.
     """
     try:
