@@ -511,7 +511,7 @@ class Pipeline:
         generation = item.generation if item else None
         trace_id = generation.trace_id if generation else getattr(error, "trace_id", None)
         return {
-            # FRONT_FIELDS first, in order: read_state reads them without a full parse.
+            # FRONT_FIELDS first, in order: resume.read_index reads them without a full parse.
             "id": row.id,
             "status": status,
             "finished_at": now_iso(),
