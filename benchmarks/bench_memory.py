@@ -9,8 +9,9 @@
    ``N`` items.
 2. Resume: a synthetic ``manifest.jsonl`` of as many records as the huge file has lines,
    in the documented format (the template is a real record of run 1; 1 % ``failed``,
-   0.1 % ``invalid``, 100 ``generated``, the rest ``ok``), read back by
-   ``sfbatch.manifest.read_state`` in a child process: seconds and peak RSS. Baseline:
+   0.1 % ``invalid``, 100 ``generated``, the rest ``ok``; content-style ids and a
+   fingerprint of their own), read back by ``sfbatch.resume.read_index`` in a child
+   process: seconds and peak RSS. Baseline:
    what a hand-written resume does, ``{rec["id"]: rec["status"]}`` with ``orjson.loads``
    of every line.
 
@@ -144,16 +145,19 @@ def _child(kind: str, **params: Any) -> dict[str, Any]:
             prompts = [line.strip() for line in f]
         result = threads.run(params["base_url"], prompts[: params["limit"]], Path(params["out"]))
         return {"ok": result["ok"], "lines": len(prompts)}
-    if kind == "read_state":
-        from sfbatch.manifest import day_start_iso, read_state
+    if kind == "read_index":
+        from sfbatch.manifest import day_start_iso
+        from sfbatch.resume import read_index
 
         t0 = time.perf_counter()
-        state = read_state([Path(params["path"])], day_start=day_start_iso(8.0))
+        state = read_index([Path(params["path"])], day_start=day_start_iso(8.0))
         return {
             "seconds": time.perf_counter() - t0,
             "records": state.records,
             "counts": dict(state.counts()),
             "generated": len(state.generated),
+            "damaged": len(state.damaged),
+            "table_mb": (state.done.nbytes() + state.other.nbytes()) / 1e6,
         }
     if kind == "naive_resume":
         t0 = time.perf_counter()
@@ -184,6 +188,7 @@ def _templates(real: dict[str, Any]) -> dict[str, bytes]:
         text = orjson.dumps(record).replace(b"%", b"%%")
         for sentinel, fmt_ in (
             (b'"@ID@"', b'"%(id)s"'),
+            (b'"@FP@"', b'"%(fp)s"'),
             (b'"@LINE@"', b"%(line)d"),
             (b"@PROMPT@", b"%(prompt)s"),
             (b"@PATH@", b"%(path)s"),
@@ -196,6 +201,7 @@ def _templates(real: dict[str, Any]) -> dict[str, bytes]:
     ok = dict(real)
     ok.update(
         id="@ID@",
+        fingerprint="@FP@",
         line="@LINE@",
         prompt="@PROMPT@",
         requested_seed="@SEED@",
@@ -262,15 +268,17 @@ def write_manifest(path: Path, n: int, real: dict[str, Any], *, chunk: int = 100
                     tpl = t["failed"]
                 else:
                     tpl = t["ok"]
-                rid = b"%09d" % i
+                mixed = i * 0x9E3779B97F4A7C15 & 0xFFFF_FFFF_FFFF_FFFF
+                rid = b"%012x" % (mixed >> 16)
                 lines.append(
                     tpl
                     % {
                         b"id": rid,
+                        b"fp": b"%016x" % (mixed ^ 0x5BD1E995),
                         b"line": i,
                         b"seed": i * 7919 % 9999999999,
                         b"prompt": b"prompt number %d, a lighthouse at dusk, oil painting" % i,
-                        b"path": b"images/%03d/%s_0.png" % ((i // 1000) % 1000, rid),
+                        b"path": b"images/%03d/%s_0.png" % (i % 1000, rid),
                         b"sha": sha,
                     }
                 )
@@ -314,7 +322,7 @@ def measure(mode: str = "full", log: Any = print) -> dict[str, Any]:
         t0 = time.perf_counter()
         res["manifest_mb"] = write_manifest(manifest, size["big"], real) / 1e6
         res["manifest_gen_s"] = time.perf_counter() - t0
-        res["resume"] = _json_child("read_state", manifest)
+        res["resume"] = _json_child("read_index", manifest)
         log(
             f"  fig4 resume over {size['big']:,} records ({res['manifest_mb']:,.0f} MB): "
             f"{res['resume']['seconds']:.1f} s, peak {res['resume']['rss_mb']:.0f} MB"
@@ -361,7 +369,8 @@ def report(r: dict[str, Any]) -> str:
     return table(rows, ["figure 4", "sfbatch", "baseline"]) + (
         f"\nbaselines: threads docs loop reading the prompt list into memory; resume by "
         f"orjson.loads of every line into {{id: status}}. manifest written in "
-        f"{r['manifest_gen_s']:.0f} s; read_state counts: {r['resume']['counts']}"
+        f"{r['manifest_gen_s']:.0f} s; read_index counts: {r['resume']['counts']}, "
+        f"damaged lines {r['resume']['damaged']}, key table {r['resume']['table_mb']:.0f} MB"
     )
 
 

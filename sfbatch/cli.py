@@ -252,8 +252,9 @@ def _on_signal(pipeline: Any, sig: signal.Signals) -> None:
 
 
 def _chain(sources: Sequence[Any]) -> Any:
-    for source in sources:
-        yield from source
+    from sfbatch.loader import JobRows
+
+    return JobRows(sources)  # one id space for all the files of a job
 
 
 @contextlib.asynccontextmanager

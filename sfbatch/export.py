@@ -162,7 +162,9 @@ def latest_index(
         run.unlink(missing_ok=True)
 
 
-_STATUSES: dict[str, str] = {s: s for s in STATUSES}  # one string object per status, not one per line
+_STATUSES: dict[str, str] = {
+    s: s for s in STATUSES
+}  # one string object per status, not one per line
 
 
 def _scan(path: Path) -> Iterator[tuple[int, str, str]]:

@@ -18,8 +18,8 @@ Only a file that cannot be opened or read at all raises
     >>> data = b'{"prompt": "a cat", "seed": 1}\\n\\n{"prompt": "a dog", "batch_size": 9}\\n'
     >>> for row in PromptSource("-", stdin=io.BytesIO(data)):    # or "prompts.csv.gz"
     ...     print(row.id, row.request if row.valid else row.error)
-    000000001 {'prompt': 'a cat', 'seed': 1, 'model': 'stabilityai/stable-diffusion-3-5-large'}
-    000000003 -:3: batch_size must be 1..4, got 9
+    3202f6a5aabe {'prompt': 'a cat', 'seed': 1, 'model': 'Kwai-Kolors/Kolors'}
+    ec58be108a11 -:3: batch_size must be 1..4, got 9
 
 Memory does not grow with the file, with two documented exceptions: explicit row ids
 are remembered (to reject duplicates), and with ``dedupe`` one 16-byte fingerprint
@@ -42,18 +42,30 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Final
+from typing import IO, Any, BinaryIO, Final, Protocol
 
 import orjson
 
 from sfbatch.config import RequestDefaults
 from sfbatch.errors import ConfigError, InputFileError
+from sfbatch.identity import (
+    CONTENT_ID_HEX,
+    KeyTable,
+    content_digest,
+    content_id,
+    content_of_request,
+    content_prefix,
+    fingerprint,
+)
 from sfbatch.inputs import IMAGE_FIELDS, ImageInput, InputChecker, InputImageError
 from sfbatch.models import SEED_MAX, ModelRegistry, validate_request
 
 __all__ = [
     "FORMATS",
     "ROW_FIELDS",
+    "IdSpace",
+    "JobRows",
+    "LegacyIds",
     "PromptSource",
     "Row",
     "derive_seed",
@@ -102,7 +114,8 @@ class Row:
 
     ``request`` is the validated body to send (with ``model``, ``prompt`` and
     ``seed`` always set) and ``error`` is ``None``; or ``request`` is ``None`` and
-    ``error`` says why, as ``"FILE:LINE: reason; reason"``.
+    ``error`` says why, as ``"FILE:LINE: reason; reason"``. ``fingerprint`` is
+    :func:`sfbatch.identity.fingerprint` of what the row asks for (see there).
 
     ``inputs`` are the checked input images of a valid row, in the order ``image``,
     ``image2``, ``image3``; ``request`` holds their sources as written (a local file
@@ -117,6 +130,7 @@ class Row:
     error: str | None
     prompt: str | None
     duplicate_of: str | None = None
+    fingerprint: str = ""
     inputs: tuple[ImageInput, ...] = ()
 
     @property
@@ -132,7 +146,7 @@ class Row:
 # A frozen dataclass's __init__ sets each field through object.__setattr__, which
 # makes it the costliest step per row; setting the slots directly halves that.
 _new_object = object.__new__
-_S_ID, _S_LINE, _S_FILE, _S_VAR, _S_REQ, _S_ERR, _S_PROMPT, _S_DUP, _S_INPUTS = (
+_S_ID, _S_LINE, _S_FILE, _S_VAR, _S_REQ, _S_ERR, _S_PROMPT, _S_DUP, _S_FP, _S_INPUTS = (
     getattr(Row, name).__set__ for name in Row.__slots__
 )
 
@@ -146,6 +160,7 @@ def _row(
     error: str | None,
     prompt: str | None,
     duplicate_of: str | None = None,
+    fingerprint: str = "",
     inputs: tuple[ImageInput, ...] = (),
 ) -> Row:
     row: Row = _new_object(Row)
@@ -157,8 +172,105 @@ def _row(
     _S_ERR(row, error)
     _S_PROMPT(row, prompt)
     _S_DUP(row, duplicate_of)
+    _S_FP(row, fingerprint)
     _S_INPUTS(row, inputs)
     return row
+
+
+class LegacyIds(Protocol):
+    """What the resume index knows of records written before ids came from content."""
+
+    def adopt(
+        self, line: int, digest: bytes, fingerprint_of: Callable[[str], str], suffix: str
+    ) -> str | None:
+        """The line id (``000000042``) under which this content was made, if one was.
+
+        ``fingerprint_of(candidate)`` is the row's variation-0 fingerprint had it that id
+        (its derived seed depends on the id); ``suffix`` is ``"-v0"`` with variations.
+        """
+        ...
+
+
+class IdSpace:
+    """The ids handed out in one pass over a job's inputs, so that they never collide.
+
+    Explicit ids are remembered with their ``file:line`` (a repeat anywhere in the job
+    is invalid, naming both places); content ids count repeats of the same content
+    (5-6 bytes per distinct content, in a :class:`~sfbatch.identity.KeyTable`).
+    """
+
+    def __init__(self, legacy: LegacyIds | None = None) -> None:
+        self.legacy = legacy
+        self._explicit: dict[str, str] = {}
+        self._repeats = KeyTable(value_size=1)
+        self._many: dict[int, int] = {}  # repeats beyond 254
+        self._first: dict[bytes, str] = {}  # with dedupe: content -> first id
+
+    def claim(self, row_id: str, place: str) -> str | None:
+        """Take an explicit id for the row at ``place``; the earlier place if it was taken."""
+        first = self._explicit.get(row_id)
+        if first is not None:
+            return first
+        if self._is_issued_content_id(row_id):
+            return "an earlier row with the content this id names"
+        self._explicit[row_id] = place
+        return None
+
+    def content_id(self, digest: bytes) -> str:
+        """The id of the next row with this content digest (``abcdef012345``, then ``-2``...)."""
+        key = int.from_bytes(digest[: CONTENT_ID_HEX // 2], "big")
+        while True:
+            seen = self._bump(key)
+            row_id = content_id(digest, seen)
+            if row_id not in self._explicit:
+                return row_id
+
+    def first_with(self, digest: bytes, row_id: str) -> str | None:
+        """With dedupe: the first id given this content, or None if ``row_id`` is the first."""
+        first = self._first.setdefault(digest, row_id)
+        return None if first == row_id else first
+
+    def _bump(self, key: int) -> int:
+        found = self._repeats.get(key)
+        count = 1 if found is None else found[0] + 1
+        if count >= 255:
+            count = self._many.get(key, 254) + 1
+            self._many[key] = count
+            self._repeats.put(key, b"\xff")
+        else:
+            self._repeats.put(key, bytes((count,)))
+        return count
+
+    def _is_issued_content_id(self, row_id: str) -> bool:
+        base, _, nth = row_id.partition("-")
+        if len(base) != CONTENT_ID_HEX or (nth and not nth.isdigit()):
+            return False
+        try:
+            key = int(base, 16)
+        except ValueError:
+            return False
+        found = self._repeats.get(key)
+        if found is None:
+            return False
+        count = self._many.get(key, 254) if found[0] == 255 else found[0]
+        return (int(nth) if nth else 1) <= count
+
+
+class JobRows:
+    """The rows of several prompt files as one job: ids are unique across the files.
+
+    Iterating starts afresh each time (like :class:`PromptSource`). ``legacy`` is set by
+    the pipeline once it has read the manifest.
+    """
+
+    def __init__(self, sources: Iterable[PromptSource]) -> None:
+        self.sources = list(sources)
+        self.legacy: LegacyIds | None = None
+
+    def __iter__(self) -> Iterator[Row]:
+        space = IdSpace(self.legacy)
+        for source in self.sources:
+            yield from source.rows(space)
 
 
 def derive_seed(base_seed: int, row_id: str, variation: int) -> int:
@@ -309,10 +421,6 @@ class PromptSource:
     yielded invalid under the line-derived id ``f"{line:09d}"``, so its record never
     supersedes the record of the row that owns the id. A JSON ``null`` or an empty
     CSV cell means "not given": the default applies.
-
-    Input image paths of rows are relative to the prompt file's folder (stdin and
-    records: the working directory); the default ``image`` of ``defaults`` is relative
-    to the working directory and is checked here (:class:`ConfigError` if it is bad).
     """
 
     def __init__(
@@ -378,13 +486,19 @@ class PromptSource:
         self._template: dict[str, Any] | None = None
         self._template_warnings = probe.warnings
         self._fixed_seed: int | None = None
+        # The content digest of a template row, hashed up to its prompt (see identity.py).
+        self._primed = hashlib.blake2b(digest_size=16)
         if probe.request is not None:
             template = dict(probe.request)
+            digests = tuple(item.identity for item in self._default_inputs)
+            prefix = content_prefix(content_of_request(template, self._registry, digests))
+            self._primed = hashlib.blake2b(prefix, digest_size=16)
             del template["prompt"]
             seed = template.pop("seed")
             if "seed" in self._base:
                 self._fixed_seed = seed
             self._template = template
+        self.legacy: LegacyIds | None = None
 
     @classmethod
     def from_records(
@@ -396,9 +510,9 @@ class PromptSource:
         of the constructor. This is what :func:`sfbatch.generate` reads.
 
         >>> [r.id for r in PromptSource.from_records(["a cat", {"id": "dog", "prompt": "a dog"}])]
-        ['000000001', 'dog']
+        ['3202f6a5aabe', 'dog']
         """
-        source = cls("-", stdin=io.BytesIO(b""), **options)  # image paths: from the cwd
+        source = cls("-", stdin=io.BytesIO(b""), **options)
         source.file = "<records>"
         source._records = records
         return source
@@ -441,6 +555,10 @@ class PromptSource:
         return count * self._variations
 
     def __iter__(self) -> Iterator[Row]:
+        return self.rows(IdSpace(self.legacy))
+
+    def rows(self, space: IdSpace) -> Iterator[Row]:
+        """The rows, with ids taken from ``space`` (shared by the files of one job)."""
         if self._limit == 0:
             return
         with contextlib.ExitStack() as stack:
@@ -451,7 +569,7 @@ class PromptSource:
             if self._limit is not None:
                 # islice stops without reading past the limit (matters for stdin).
                 parsed = itertools.islice(parsed, self._limit)
-            yield from self._build(parsed)
+            yield from self._build(parsed, space)
 
     # -- opening ---------------------------------------------------------------
 
@@ -637,9 +755,9 @@ class PromptSource:
                 self._warn(f"{self.file}: unknown field {name!r} ignored")
         return columns, len(cells)
 
-    # -- building: ids, shard, seeds, validation, variations, dedupe -----------------
+    # -- building: ids, shard, seeds, validation, fingerprints, variations, dedupe -----
 
-    def _build(self, parsed: Iterator[_Parsed]) -> Iterator[Row]:
+    def _build(self, parsed: Iterator[_Parsed], space: IdSpace) -> Iterator[Row]:
         file = self.file
         shard = self._shard
         template = self._template
@@ -647,84 +765,95 @@ class PromptSource:
         base_seed = self._base_seed
         seed0 = _seed_prefix(base_seed, 0)
         simple = self._variations == 1 and not self._dedupe
+        primed = self._primed
         default_inputs = self._default_inputs
-        seen_ids: dict[str, int] = {}
-        fingerprints: dict[bytes, str] = {}
+        legacy = space.legacy
+        dumps = orjson.dumps
         template_warned = False
 
         for line, text, fields, problems in parsed:
             if fields is None:
-                base_id = f"{line:09d}"
-                if shard is not None and shard_of(base_id, shard[1]) != shard[0]:
-                    continue
                 if problems is not None:
-                    error = f"{file}:{line}: {'; '.join(problems)}"
-                    yield from self._expand(base_id, line, None, None, 0, error, None)
+                    yield from self._invalid("", line, None, {}, "; ".join(problems), space)
                     continue
                 if template is None:
-                    yield from self._slow(base_id, line, {"prompt": text}, [], fingerprints)
-                    continue
-                prompt: str = text  # type: ignore[assignment]  # set whenever fields is None
-            else:
-                reasons = problems if problems is not None else []
-                raw_id = fields.get("id")
-                explicit = False
-                if raw_id is None:
-                    base_id = f"{line:09d}"
+                    fields = {"prompt": text}  # the defaults are invalid: check the row fully
                 else:
-                    row_id, why = _coerce_id(raw_id)
-                    if row_id is None:
-                        reasons.append(why)  # type: ignore[arg-type]  # set when id is None
-                        base_id = f"{line:09d}"
+                    prompt: str = text  # type: ignore[assignment]  # set whenever fields is None
+                    h = primed.copy()
+                    h.update(dumps(prompt) + b"]")
+                    digest = h.digest()
+                    base_id = space.content_id(digest)
+                    if legacy is not None:
+                        base_id = self._adopt(legacy, line, digest, base_id, fixed_seed)
+                    if shard is not None and shard_of(base_id, shard[1]) != shard[0]:
+                        continue
+                    if not template_warned:
+                        template_warned = True
+                        for warning in self._template_warnings:
+                            self._warn(f"{file}: {warning}")
+                    seed = _seed_from(seed0, base_id) if fixed_seed is None else fixed_seed
+                    request = {**template, "prompt": prompt, "seed": seed}
+                    source = base_seed if fixed_seed is None else fixed_seed
+                    if simple:
+                        fp = fingerprint(digest, seed, 0)
+                        yield _row(
+                            base_id, line, file, 0, request, None, prompt, None, fp, default_inputs
+                        )
                     else:
-                        base_id, explicit = row_id, True
-                if shard is not None and shard_of(base_id, shard[1]) != shard[0]:
+                        duplicate = self._duplicate(base_id, digest, space)
+                        yield from self._expand(
+                            base_id,
+                            line,
+                            prompt,
+                            request,
+                            source,
+                            None,
+                            duplicate,
+                            digest,
+                            default_inputs,
+                        )
                     continue
-                if explicit:
-                    first = seen_ids.get(base_id)
+            reasons = list(problems) if problems is not None else []
+            base_id = ""
+            raw_id = fields.get("id")
+            if raw_id is not None:
+                row_id, why = _coerce_id(raw_id)
+                if row_id is None:
+                    reasons.append(why)  # type: ignore[arg-type]  # set when id is None
+                else:
+                    if shard is not None and shard_of(row_id, shard[1]) != shard[0]:
+                        space.claim(row_id, f"{file}:{line}")
+                        continue
+                    first = space.claim(row_id, f"{file}:{line}")
                     if first is not None:
-                        reasons.append(f"duplicate id {base_id} (first at line {first})")
-                        base_id = f"{line:09d}"
+                        reasons.append(f"duplicate id {row_id} (first at {first})")
                     else:
-                        seen_ids[base_id] = line
-                candidate = fields.get("prompt")
-                if (
-                    reasons
-                    or template is None
-                    or not fields.keys() <= _FAST_KEYS
-                    or type(candidate) is not str
-                    or not candidate.strip()
-                ):
-                    yield from self._slow(base_id, line, fields, reasons, fingerprints)
-                    continue
-                prompt = candidate
+                        base_id = row_id
+            yield from self._slow(base_id, line, text, fields, reasons, space)
 
-            # Fast path: the defaults were validated once, the row adds only a prompt.
-            if not template_warned:
-                template_warned = True
-                for warning in self._template_warnings:
-                    self._warn(f"{file}: {warning}")
-            if fixed_seed is None:
-                request = {**template, "prompt": prompt, "seed": _seed_from(seed0, base_id)}
-                source = base_seed
-            else:
-                request = {**template, "prompt": prompt, "seed": fixed_seed}
-                source = fixed_seed
-            if simple:
-                yield _row(base_id, line, file, 0, request, None, prompt, None, default_inputs)
-            else:
-                duplicate = self._duplicate(base_id, request, fingerprints)
-                yield from self._expand(
-                    base_id, line, prompt, request, source, None, duplicate, default_inputs
-                )
+    def _adopt(
+        self, legacy: LegacyIds, line: int, digest: bytes, base_id: str, seed: int | None
+    ) -> str:
+        """``base_id``, or the line id an older sfbatch made this content under."""
+        base_seed = self._base_seed
+
+        def fingerprint_of(candidate: str) -> str:
+            chosen = derive_seed(base_seed, candidate, 0) if seed is None else seed
+            return fingerprint(digest, chosen, 0)
+
+        suffix = "-v0" if self._variations > 1 else ""
+        adopted = legacy.adopt(line, digest, fingerprint_of, suffix)
+        return base_id if adopted is None else adopted
 
     def _slow(
         self,
         base_id: str,
         line: int,
+        text: str | None,
         fields: dict[str, Any],
         reasons: list[str],
-        fingerprints: dict[bytes, str],
+        space: IdSpace,
     ) -> Iterator[Row]:
         body = dict(self._base)
         for key, value in fields.items():
@@ -737,18 +866,33 @@ class PromptSource:
         inputs = self._check_inputs(fields, body, reasons)
         explicit_seed = "seed" in body
         if not explicit_seed:
-            body["seed"] = derive_seed(self._base_seed, base_id, 0)
+            body["seed"] = 0  # the seed is derived from the id, which needs the content
         checked = validate_request(body, self._registry, unknown_model="warn")
         for warning in checked.warnings:
             self._warn(f"{self.file}: {warning}")
-        text = prompt if isinstance(prompt, str) else None
+        text = prompt if isinstance(prompt, str) else text
         request = checked.request
         if reasons or request is None:
-            error = f"{self.file}:{line}: {'; '.join([*reasons, *checked.errors])}"
-            return self._expand(base_id, line, text, None, 0, error, None)
+            why = "; ".join([*reasons, *checked.errors])
+            yield from self._invalid(base_id, line, text, fields, why, space)
+            return
+        digests = tuple(item.identity for item in inputs)
+        digest = content_digest(content_of_request(request, self._registry, digests))
+        row_id = base_id
+        if not row_id:
+            row_id = space.content_id(digest)
+            if space.legacy is not None:
+                fixed = request["seed"] if explicit_seed else None
+                row_id = self._adopt(space.legacy, line, digest, row_id, fixed)
+            if self._shard is not None and shard_of(row_id, self._shard[1]) != self._shard[0]:
+                return
+        if not explicit_seed:
+            request["seed"] = derive_seed(self._base_seed, row_id, 0)
         source = request["seed"] if explicit_seed else self._base_seed
-        duplicate = self._duplicate(base_id, request, fingerprints)
-        return self._expand(base_id, line, text, request, source, None, duplicate, inputs)
+        duplicate = self._duplicate(row_id, digest, space)
+        yield from self._expand(
+            row_id, line, text, request, source, None, duplicate, digest, inputs
+        )
 
     def _check_inputs(
         self, fields: dict[str, Any], body: dict[str, Any], reasons: list[str]
@@ -768,18 +912,27 @@ class PromptSource:
                 body[name] = "-"  # so the model's rules do not report the field again
         return tuple(inputs)
 
-    def _duplicate(
-        self, base_id: str, request: dict[str, Any], fingerprints: dict[bytes, str]
-    ) -> str | None:
+    def _invalid(
+        self,
+        base_id: str,
+        line: int,
+        text: str | None,
+        fields: Mapping[str, Any],
+        why: str,
+        space: IdSpace,
+    ) -> Iterator[Row]:
+        """An invalid row: under its own id if it has a usable one, else a content id."""
+        digest = _invalid_digest(fields, why)
+        row_id = base_id or space.content_id(digest)
+        if self._shard is not None and shard_of(row_id, self._shard[1]) != self._shard[0]:
+            return
+        error = f"{self.file}:{line}: {why}"
+        yield from self._expand(row_id, line, text, None, 0, error, None, digest)
+
+    def _duplicate(self, base_id: str, digest: bytes, space: IdSpace) -> str | None:
         if not self._dedupe:
             return None
-        unseeded = {k: v for k, v in request.items() if k != "seed"}
-        blob = orjson.dumps(unseeded, option=orjson.OPT_SORT_KEYS)
-        key = hashlib.blake2b(blob, digest_size=16).digest()
-        first = fingerprints.get(key)
-        if first is None:
-            fingerprints[key] = base_id
-        return first
+        return space.first_with(digest, base_id)
 
     def _expand(
         self,
@@ -790,19 +943,23 @@ class PromptSource:
         seed_source: int,
         error: str | None,
         duplicate: str | None,
+        digest: bytes,
         inputs: tuple[ImageInput, ...] = (),
     ) -> Iterator[Row]:
         file = self.file
         count = self._variations
         if count == 1:
-            yield _row(base_id, line, file, 0, request, error, prompt, duplicate, inputs)
+            seed = request["seed"] if request is not None else None
+            fp = fingerprint(digest, seed, 0)
+            yield _row(base_id, line, file, 0, request, error, prompt, duplicate, fp, inputs)
             return
         for k in range(count):
             varied = request
             if request is not None and k:
                 varied = {**request, "seed": derive_seed(seed_source, base_id, k)}
             dup = f"{duplicate}-v{k}" if duplicate is not None else None
-            yield _row(f"{base_id}-v{k}", line, file, k, varied, error, prompt, dup, inputs)
+            fp = fingerprint(digest, varied["seed"] if varied is not None else None, k)
+            yield _row(f"{base_id}-v{k}", line, file, k, varied, error, prompt, dup, fp, inputs)
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:
@@ -829,3 +986,14 @@ def _json_kind(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
     return "a number"
+
+
+def _invalid_digest(fields: Mapping[str, Any], why: str) -> bytes:
+    """The content digest of an invalid row: its fields and what is wrong with them."""
+    try:
+        blob = orjson.dumps(
+            [dict(fields), why], option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+        )
+    except TypeError:
+        blob = repr((sorted(map(repr, fields.items())), why)).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(b"invalid\n" + blob, digest_size=16).digest()

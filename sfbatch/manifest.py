@@ -2,13 +2,12 @@
 
 One record per finished item, written only after the item's files are in place; later
 lines for the same ``id`` supersede earlier ones. On start the engine reads it back
-(:func:`read_state`) to skip what is done; a torn last line from a crash is ignored and
-cut off before appending (:class:`ManifestWriter`).
+(:func:`sfbatch.resume.read_index`) to skip what is done; a torn last line from a crash
+is ignored and cut off before appending (:class:`ManifestWriter`).
 
-Reading back must stay fast and flat on manifests of millions of lines, so
-:func:`read_state` keeps one byte per line-derived id (``000000042``) in a bytearray and
-only other ids in a dict, and it reads the four fields it needs from the front of each
-line without parsing the whole record (the writer puts them first)::
+Reading back for resume is :mod:`sfbatch.resume`: it takes the :data:`FRONT_FIELDS` from
+the front of each line with :data:`FRONT_RE` instead of parsing the whole record (the writer
+puts them first)::
 
     >>> writer = ManifestWriter(Path("out/manifest.jsonl"))   # doctest: +SKIP
     >>> record = build_record(row, "ok", registry=registry, item=item)  # doctest: +SKIP
@@ -28,7 +27,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
@@ -47,10 +45,10 @@ if TYPE_CHECKING:
 __all__ = [
     "FIELD_ORDER",
     "FRONT_FIELDS",
+    "FRONT_RE",
     "STATUSES",
     "ImageEntry",
     "ManifestRecord",
-    "ManifestState",
     "ManifestWriter",
     "RecordError",
     "Status",
@@ -63,13 +61,11 @@ __all__ = [
     "latest_records",
     "manifest_paths",
     "now_iso",
-    "read_state",
     "safe_relpath",
 ]
 
 Status = Literal["ok", "failed", "invalid", "generated", "duplicate"]
 STATUSES: tuple[Status, ...] = get_args(Status)
-_CODE: dict[str, int] = {name: code for code, name in enumerate(STATUSES, start=1)}
 
 
 class ImageEntry(TypedDict):
@@ -95,13 +91,14 @@ class Timings(TypedDict):
 class ManifestRecord(TypedDict):
     """One line of ``manifest.jsonl``; ARCHITECTURE.md describes every field.
 
-    Keys are written in this order. The first four are :data:`FRONT_FIELDS`.
+    Keys are written in this order. The first five are :data:`FRONT_FIELDS`.
     """
 
     id: str
     status: Status
     finished_at: str
     billed_images: int
+    fingerprint: str
     line: int
     file: str
     variation: int
@@ -127,11 +124,12 @@ class ManifestRecord(TypedDict):
 
 
 FIELD_ORDER: tuple[str, ...] = tuple(ManifestRecord.__annotations__)
-# Written first in every record so read_state can take them without a full parse.
-FRONT_FIELDS = FIELD_ORDER[:4]
-assert FRONT_FIELDS == ("id", "status", "finished_at", "billed_images")
-_FRONT = re.compile(
-    rb'\{"id":"([^"\\]*)","status":"([a-z]+)","finished_at":"([^"]*)","billed_images":(\d+)[,}]'
+# Written first in every record so resume.read_index can take them without a full parse.
+FRONT_FIELDS = FIELD_ORDER[:5]
+assert FRONT_FIELDS == ("id", "status", "finished_at", "billed_images", "fingerprint")
+FRONT_RE = re.compile(
+    rb'\{"id":"([^"\\]*)","status":"([a-z]+)","finished_at":"([^"]*)","billed_images":(\d+),'
+    rb'"fingerprint":"([0-9a-f]{16})"[,}]'
 )
 _FSYNC_EVERY_S = 1.0
 
@@ -174,6 +172,7 @@ def build_record(
         "status": status,
         "finished_at": now_iso(),
         "billed_images": item.billed_images if item else 0,
+        "fingerprint": row.fingerprint,
         "line": row.line,
         "file": row.file,
         "variation": row.variation,
@@ -334,95 +333,10 @@ def latest_records(paths: Iterable[Path]) -> dict[str, ManifestRecord]:
     """The final record of every id across ``paths`` (later lines win).
 
     Holds every record in memory: meant for reports on manifests of up to a few
-    million lines, not for the engine's resume (that is :func:`read_state`).
+    million lines, not for the engine's resume (that is :func:`sfbatch.resume.read_index`).
     """
     latest: dict[str, ManifestRecord] = {}
     for path in paths:
         for record in iter_records(path):
             latest[record["id"]] = record
     return latest
-
-
-def _is_line_id(row_id: str) -> bool:
-    return row_id.isdigit() and len(row_id) >= 9 and (len(row_id) == 9 or row_id[0] != "0")
-
-
-class ManifestState:
-    """What earlier runs recorded: each id's latest status, and today's billed images."""
-
-    def __init__(self) -> None:
-        self._by_line = bytearray()
-        self._by_name: dict[str, int] = {}
-        self.generated: dict[str, dict[str, Any]] = {}
-        self.billed_today = 0
-        self.records = 0
-        self.corrupt_lines = 0
-
-    def status(self, row_id: str) -> str | None:
-        """The latest status recorded for ``row_id``, or None if it was never recorded."""
-        if _is_line_id(row_id):
-            index = int(row_id)
-            code = self._by_line[index] if index < len(self._by_line) else 0
-        else:
-            code = self._by_name.get(row_id, 0)
-        return STATUSES[code - 1] if code else None
-
-    def set_status(self, row_id: str, status: str) -> None:
-        code = _CODE[status]
-        if _is_line_id(row_id):
-            index = int(row_id)
-            if index >= len(self._by_line):
-                self._by_line.extend(bytes(max(index + 1 - len(self._by_line), 4096)))
-            self._by_line[index] = code
-        else:
-            self._by_name[row_id] = code
-
-    def counts(self) -> Counter[str]:
-        """How many ids are in each latest status."""
-        counts: Counter[str] = Counter()
-        for name, code in _CODE.items():
-            n = self._by_line.count(code) + sum(1 for c in self._by_name.values() if c == code)
-            if n:
-                counts[name] = n
-        return counts
-
-    def _add(self, row_id: str, status: str, finished_at: str, billed: int, day_start: str) -> None:
-        self.records += 1
-        if status not in _CODE:
-            self.corrupt_lines += 1
-            return
-        self.set_status(row_id, status)
-        self.billed_today += billed_on_day(billed, finished_at, day_start)
-
-
-def read_state(paths: Iterable[Path], *, day_start: str) -> ManifestState:
-    """Read manifests back for resume.
-
-    ``day_start`` (from :func:`day_start_iso`) bounds "today" for the daily quota:
-    records finished since then add their ``billed_images`` to ``billed_today``.
-    """
-    state = ManifestState()
-    for path in paths:
-        for raw in _complete_lines(path):
-            match = _FRONT.match(raw)
-            if match is not None:
-                row_id = match.group(1).decode("utf-8", "replace")
-                status = match.group(2).decode()
-                finished = match.group(3).decode()
-                billed = int(match.group(4))
-            else:
-                try:
-                    record = orjson.loads(raw)
-                    row_id = str(record["id"])
-                    status = str(record["status"])
-                    finished = str(record.get("finished_at") or "")
-                    billed = int(record.get("billed_images") or 0)
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                    state.corrupt_lines += 1
-                    continue
-            state._add(row_id, status, finished, billed, day_start)
-            if status == "generated":
-                state.generated[row_id] = orjson.loads(raw)
-            else:
-                state.generated.pop(row_id, None)
-    return state

@@ -54,8 +54,9 @@ from sfbatch.errors import (
 )
 from sfbatch.figures import Reservoir
 from sfbatch.generator import DailyQuota, Generator, Stopped, WorkItem
+from sfbatch.identity import unused_stem
 from sfbatch.limiter import RateLimiter, batch_fit_problem
-from sfbatch.loader import PromptSource, Row, image_shard_dir
+from sfbatch.loader import JobRows, PromptSource, Row, image_shard_dir
 from sfbatch.manifest import (
     ManifestRecord,
     ManifestWriter,
@@ -65,10 +66,10 @@ from sfbatch.manifest import (
     day_start_iso,
     invalid_error,
     now_iso,
-    read_state,
 )
 from sfbatch.models import ModelRegistry
 from sfbatch.reasons import Reason, ReasonTally
+from sfbatch.resume import read_index
 
 __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
 
@@ -172,7 +173,9 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
         clean_tmp(out)
         manifest_path = out / config.manifest_name
-        self._state = read_state([manifest_path], day_start=day_start_iso(limits.day_utc_offset_h))
+        self._state = read_index([manifest_path], day_start=day_start_iso(limits.day_utc_offset_h))
+        if isinstance(rows, JobRows | PromptSource):
+            rows.legacy = self._state  # rows made by an older sfbatch keep their ids
         self._quota = (
             None
             if limits.ipd is None
@@ -329,7 +332,7 @@ class Pipeline:
             stats.rows_read = n
             if self.stopping:
                 break
-            status = state.status(row.id)
+            status = state.status(row.id, row.fingerprint)
             if status == "ok" or (status == "failed" and not self.config.build.retry_failed):
                 stats.skipped += 1
                 continue
@@ -353,7 +356,7 @@ class Pipeline:
                 continue
             item = WorkItem(row=row)
             if status == "generated":
-                self._attach_pending(item, state.generated.get(row.id))
+                self._attach_pending(item, state.generated_record(row.id, row.fingerprint))
             await self._room.acquire()
             self._gen_queue.put_nowait((_NEW_ROW, next(self._order), item))
         # Only on the way out through the end of input or a stop (after an error the
@@ -465,7 +468,9 @@ class Pipeline:
             if self.config.build.variations > 1
             else row.id
         )
-        return f"images/{image_shard_dir(base_id)}/{name}"
+        return unused_stem(
+            self.config.out_dir, f"images/{image_shard_dir(base_id)}/{name}", row.fingerprint
+        )
 
     # -- records -------------------------------------------------------------------
 
@@ -494,7 +499,7 @@ class Pipeline:
     def _write(self, record: ManifestRecord) -> None:
         assert self._writer is not None
         self._writer.append(record)
-        self._state.set_status(record["id"], record["status"])
+        self._state.set_status(record["id"], record["fingerprint"], record["status"])
         stats = self.stats
         status = record["status"]
         stats.billed_images += record["billed_images"]

@@ -13,7 +13,7 @@ import pytest
 from sfbatch.config import RequestDefaults, RunConfig
 from sfbatch.emulator import Emulator, FaultConfig
 from sfbatch.errors import ConfigError
-from sfbatch.loader import PromptSource
+from sfbatch.loader import PromptSource, image_shard_dir
 from sfbatch.manifest import latest_records
 from sfbatch.models import ModelRegistry
 from sfbatch.pipeline import Pipeline, RunResult
@@ -58,6 +58,12 @@ def final(out: Path) -> dict[str, dict[str, Any]]:
     return latest_records([out / "manifest.jsonl"])
 
 
+def at_line(records: dict[str, dict[str, Any]], line: int) -> dict[str, Any]:
+    """The record of the row on ``line`` (ids come from content, not line numbers)."""
+    (record,) = (r for r in records.values() if r["line"] == line)
+    return record
+
+
 def assert_images_match_server(emulator: Emulator, out: Path, record: dict[str, Any]) -> None:
     for index, image in enumerate(record["images"]):
         data = (out / image["path"]).read_bytes()
@@ -94,7 +100,9 @@ async def test_a_few_hundred_prompts_all_ok_with_matching_bytes(tmp_path: Path) 
             assert record["seed"] == record["requested_seed"]
             assert record["timings"]["inference"] > 0
             assert len(record["images"]) == 2
-            assert record["images"][0]["path"].startswith("images/000/")
+            assert record["images"][0]["path"].startswith(
+                f"images/{image_shard_dir(record['id'])}/"
+            )
             assert_images_match_server(emu, tmp_path / "out", record)
         assert emu.stats()["generation_requests"] == 300
     summary = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())
@@ -152,10 +160,10 @@ async def test_server_400_fails_the_item_without_retry_and_the_run_goes_on(tmp_p
         assert emu.stats()["generation_requests"] == 2
     records = final(tmp_path / "out")
     assert result.exit_code == 1
-    bad = records["000000002"]
+    bad = at_line(records, 2)
     assert bad["status"] == "failed" and bad["attempts"] == 1
     assert bad["error"]["status"] == 400 and bad["error"]["code"] == 20012
-    assert records["000000001"]["status"] == "ok"
+    assert at_line(records, 1)["status"] == "ok"
 
 
 async def test_bad_rows_are_reported_with_file_and_line(tmp_path: Path) -> None:
@@ -169,11 +177,11 @@ async def test_bad_rows_are_reported_with_file_and_line(tmp_path: Path) -> None:
         assert emu.stats()["generation_requests"] == 2
     records = final(tmp_path / "out")
     assert result.exit_code == 1
-    assert records["000000002"]["status"] == "invalid"
-    assert records["000000002"]["error"]["message"].startswith(f"{prompts}:2:")
-    assert "batch_size must be 1..4, got 9" in records["000000003"]["error"]["message"]
-    assert records["000000004"]["status"] == "invalid"
-    assert records["000000005"]["status"] == "ok"
+    assert at_line(records, 2)["status"] == "invalid"
+    assert at_line(records, 2)["error"]["message"].startswith(f"{prompts}:2:")
+    assert "batch_size must be 1..4, got 9" in at_line(records, 3)["error"]["message"]
+    assert at_line(records, 4)["status"] == "invalid"
+    assert at_line(records, 5)["status"] == "ok"
 
 
 async def test_stated_limit_is_used_without_429s(tmp_path: Path) -> None:
@@ -290,8 +298,8 @@ async def test_a_row_batch_that_can_never_fit_the_ipm_limit_is_invalid(tmp_path:
         result = await run(config_for(emu, tmp_path / "out", ipm=3), prompts)
     records = final(tmp_path / "out")
     assert result.exit_code == 1
-    assert records["000000001"]["status"] == "ok"
-    big = records["000000002"]
+    assert at_line(records, 1)["status"] == "ok"
+    big = at_line(records, 2)
     assert big["status"] == "invalid" and big["error"]["message"].startswith(f"{prompts}:2:")
 
 
@@ -355,9 +363,9 @@ async def test_dedupe_makes_identical_requests_once(tmp_path: Path) -> None:
         assert emu.stats()["generation_requests"] == 3
     records = final(tmp_path / "out")
     assert result.exit_code == 0
-    assert records["000000003"]["status"] == "duplicate"
-    assert records["000000003"]["duplicate_of"] == "000000001"
-    assert records["000000004"]["status"] == "ok"  # other parameters: not a duplicate
+    assert at_line(records, 3)["status"] == "duplicate"
+    assert at_line(records, 3)["duplicate_of"] == at_line(records, 1)["id"]
+    assert at_line(records, 4)["status"] == "ok"  # other parameters: not a duplicate
 
 
 async def test_file_naming_template_names_the_images(tmp_path: Path) -> None:
@@ -370,8 +378,12 @@ async def test_file_naming_template_names_the_images(tmp_path: Path) -> None:
             defaults=RequestDefaults(batch_size=2),
         )
         assert (await run(cfg, prompts)).exit_code == 0
-    paths = sorted(i["path"] for r in final(tmp_path / "out").values() for i in r["images"])
-    assert paths[:2] == ["images/000/img-000000001-0.png", "images/000/img-000000001-1.png"]
+    first = at_line(final(tmp_path / "out"), 1)
+    shard = image_shard_dir(first["id"])
+    assert [i["path"] for i in first["images"]] == [
+        f"images/{shard}/img-{first['id']}-0.png",
+        f"images/{shard}/img-{first['id']}-1.png",
+    ]
     for bad in ("{id}_{index}_{seed}", "{id}/{index}", "{id}_{index}_{"):
         with pytest.raises(ConfigError):
             RunConfig(out_dir=tmp_path, api_key="k", name_template=bad)

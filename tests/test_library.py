@@ -21,11 +21,11 @@ async def test_generate_yields_every_record_and_resumes(tmp_path: Path) -> None:
         config = sfbatch.RunConfig(out_dir=tmp_path, api_key=emu.api_key, base_url=emu.base_url)
         rows = ["a cat", {"prompt": "a dog", "seed": 7, "batch_size": 2}, {"prompt": ""}]
         records = [r async for r in sfbatch.generate(rows, config)]
-        by_id = {r["id"]: r for r in records}
-        assert by_id["000000001"]["status"] == "ok"
-        assert by_id["000000002"]["seed"] == 7 and len(by_id["000000002"]["images"]) == 2
-        assert by_id["000000003"]["status"] == "invalid"
-        assert (tmp_path / by_id["000000002"]["images"][1]["path"]).is_file()
+        by_line = {r["line"]: r for r in records}  # the item's position stands in for its line
+        assert by_line[1]["status"] == "ok"
+        assert by_line[2]["seed"] == 7 and len(by_line[2]["images"]) == 2
+        assert by_line[3]["status"] == "invalid"
+        assert (tmp_path / by_line[2]["images"][1]["path"]).is_file()
         again = [r async for r in sfbatch.generate(rows, config)]
         assert again == []  # all done or recorded invalid already
         assert emu.stats()["generation_requests"] == 2

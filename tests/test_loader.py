@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 
 from sfbatch.config import RequestDefaults
 from sfbatch.errors import ConfigError, InputFileError
+from sfbatch.identity import content_digest, content_id, content_of_request
 from sfbatch.loader import (
     ROW_FIELDS,
+    JobRows,
     PromptSource,
     Row,
     _row,
@@ -49,6 +51,16 @@ def rows(path: Path | str, **kwargs: Any) -> list[Row]:
     return list(PromptSource(path, **kwargs))
 
 
+def cid(prompt: str, nth: int = 1, **fields: Any) -> str:
+    """The content id of the ``nth`` row asking for ``prompt`` (and ``fields``), by definition."""
+    request = {"model": DEFAULT_MODEL, "prompt": prompt, **fields}
+    return content_id(content_digest(content_of_request(request, REG)), nth)
+
+
+def is_content_id(row_id: str) -> bool:
+    return len(row_id) == 12 and all(c in "0123456789abcdef" for c in row_id)
+
+
 # -- .txt --------------------------------------------------------------------------
 
 
@@ -56,13 +68,13 @@ def test_txt_skips_blank_lines_but_counts_them(tmp_path: Path) -> None:
     p = write(tmp_path / "p.txt", "\ufeffa cat\n\n   \n  a  dog  \r\n\t\nlast without newline")
     got = rows(p)
     assert [(r.line, r.id, r.prompt) for r in got] == [
-        (1, "000000001", "a cat"),
-        (4, "000000004", "a  dog"),
-        (6, "000000006", "last without newline"),
+        (1, cid("a cat"), "a cat"),
+        (4, cid("a  dog"), "a  dog"),
+        (6, cid("last without newline"), "last without newline"),
     ]
     r = got[1]
     assert r.valid and r.error is None and r.file == str(p) and r.variation == 0
-    seed = derive_seed(0, "000000004", 0)
+    seed = derive_seed(0, cid("a  dog"), 0)
     assert r.request == {"model": DEFAULT_MODEL, "prompt": "a  dog", "seed": seed}
 
 
@@ -71,7 +83,7 @@ def test_bad_utf8_line_is_one_invalid_row(tmp_path: Path) -> None:
     got = rows(p)
     assert [r.valid for r in got] == [True, False, True]
     assert got[1].error == f"{p}:2: not valid UTF-8"
-    assert got[1].id == "000000002" and got[1].request is None and got[1].prompt is None
+    assert is_content_id(got[1].id) and got[1].request is None and got[1].prompt is None
 
 
 @settings(max_examples=50, deadline=None)
@@ -106,14 +118,16 @@ def test_jsonl_fields_ids_and_errors(tmp_path: Path) -> None:
         + jsonl({"prompt": "c", "id": None}),
     )
     got = rows(p)
-    assert [(r.line, r.id, r.valid) for r in got] == [
-        (1, "first", True),
-        (3, "42", True),
-        (4, "000000004", False),
-        (5, "000000005", False),
-        (6, "x", False),
-        (7, "000000007", True),
+    assert [(r.line, r.valid) for r in got] == [
+        (1, True),
+        (3, True),
+        (4, False),
+        (5, False),
+        (6, False),
+        (7, True),
     ]
+    assert [r.id for r in got[:2]] == ["first", "42"] and got[4].id == "x"
+    assert is_content_id(got[2].id) and is_content_id(got[3].id) and got[5].id == cid("c")
     assert got[0].request == {
         "model": DEFAULT_MODEL,
         "prompt": "a",
@@ -283,7 +297,7 @@ def test_unsafe_ids_are_invalid(tmp_path: Path, row_id: Any, reason: str) -> Non
     p = write(tmp_path / "p.jsonl", jsonl({"prompt": "a", "id": row_id}))
     (bad,) = rows(p)
     assert bad.error == f"{p}:1: {reason}"
-    assert bad.id == "000000001"  # never the unsafe id
+    assert is_content_id(bad.id)  # never the unsafe id
     assert bad.prompt == "a"
 
 
@@ -304,8 +318,8 @@ def test_duplicate_id_later_row_is_invalid(tmp_path: Path) -> None:
     )
     first, other, dup = rows(p)
     assert first.valid and first.id == "k" and other.valid
-    assert dup.error == f"{p}:3: duplicate id k (first at line 1)"
-    assert dup.id == "000000003"  # its record must not supersede the first row's
+    assert dup.error == f"{p}:3: duplicate id k (first at {p}:1)"
+    assert is_content_id(dup.id)  # its record must not supersede the first row's
 
 
 # -- .csv / .tsv -------------------------------------------------------------------
@@ -323,7 +337,7 @@ def test_csv_multiline_cells_and_conversions(tmp_path: Path) -> None:
     got = rows(p)
     assert [(r.line, r.id, r.prompt) for r in got] == [
         (2, "c1", "a cat,\r\non two lines"),
-        (5, "000000005", "a dog"),
+        (5, cid("a dog"), "a dog"),  # an explicit default (No) is no change
         (6, "c3", 'quoted "word"'),
     ]
     assert got[0].request == {
@@ -481,7 +495,7 @@ def test_stdin_txt_and_jsonl() -> None:
 
     data = b"\n" + jsonl({"prompt": "x", "id": "i1"}, {"prompt": "y"}).encode()
     got = rows("-", stdin=io.BytesIO(data))
-    assert [(r.id, r.line, r.prompt) for r in got] == [("i1", 2, "x"), ("000000003", 3, "y")]
+    assert [(r.id, r.line, r.prompt) for r in got] == [("i1", 2, "x"), (cid("y"), 3, "y")]
 
     assert rows("-", stdin=io.BytesIO(b"")) == []
     assert rows("-", stdin=io.BytesIO(b"\n\n")) == []
@@ -574,23 +588,26 @@ def test_variations(tmp_path: Path) -> None:
         ),
     )
     got = rows(p, variations=3, base_seed=5)
+    a, c = cid("a"), got[6].id.removesuffix("-v0")
+    assert is_content_id(c)
     assert [r.id for r in got] == [
-        "000000001-v0",
-        "000000001-v1",
-        "000000001-v2",
+        f"{a}-v0",
+        f"{a}-v1",
+        f"{a}-v2",
         "s-v0",
         "s-v1",
         "s-v2",
-        "000000003-v0",
-        "000000003-v1",
-        "000000003-v2",
+        f"{c}-v0",
+        f"{c}-v1",
+        f"{c}-v2",
     ]
+    assert len({r.fingerprint for r in got}) == 9
     assert [r.variation for r in got] == [0, 1, 2] * 3
     seeds = [r.request["seed"] for r in got[:6] if r.request is not None]
     assert seeds == [
-        derive_seed(5, "000000001", 0),
-        derive_seed(5, "000000001", 1),
-        derive_seed(5, "000000001", 2),
+        derive_seed(5, a, 0),
+        derive_seed(5, a, 1),
+        derive_seed(5, a, 2),
         11,
         derive_seed(11, "s", 1),
         derive_seed(11, "s", 2),
@@ -632,7 +649,7 @@ def test_defaults_and_per_row_overrides(tmp_path: Path) -> None:
     )
     assert c.request["image_size"] == "768x512"  # null means "not given"
     v = rows(p, defaults=defaults, variations=2)
-    assert [r.request["seed"] for r in v[:2]] == [99, derive_seed(99, "000000001", 1)]  # type: ignore[index]
+    assert [r.request["seed"] for r in v[:2]] == [99, derive_seed(99, a.id, 1)]  # type: ignore[index]
 
 
 def test_invalid_defaults_make_rows_invalid_unless_overridden(tmp_path: Path) -> None:
@@ -652,7 +669,7 @@ def test_shard_partition(tmp_path: Path) -> None:
     objs = [
         {"prompt": f"p{i}", "id": f"id{i}"} if i % 3 else {"prompt": f"p{i}"} for i in range(300)
     ]
-    objs[7] = {"prompt": "unsafe", "id": "../x"}  # invalid: sharded by its line id
+    objs[7] = {"prompt": "unsafe", "id": "../x"}  # invalid: sharded by its content id
     p = write(tmp_path / "p.jsonl", jsonl(*objs))
     everything = rows(p)
     parts = [rows(p, shard=(i, 4)) for i in range(4)]
@@ -662,7 +679,8 @@ def test_shard_partition(tmp_path: Path) -> None:
     assert all(len(part) > 40 for part in parts)
     for i, part in enumerate(parts):
         assert all(shard_of(r.id, 4) == i for r in part)
-    assert "000000008" in {r.id for r in parts[shard_of("000000008", 4)]}
+    unsafe = everything[7].id
+    assert is_content_id(unsafe) and unsafe in {r.id for r in parts[shard_of(unsafe, 4)]}
 
 
 def test_shard_of_and_image_shard_dir() -> None:
@@ -684,11 +702,12 @@ def test_limit_counts_input_rows_not_blank_lines(tmp_path: Path) -> None:
         "\n" + jsonl({"prompt": "a"}) + "bad\n\n" + jsonl({"prompt": "c"}, {"prompt": "d"}),
     )
     assert [r.line for r in rows(p, limit=3)] == [2, 3, 5]
+    a, bad = (r.id for r in rows(p, limit=2))
     assert [r.id for r in rows(p, limit=2, variations=2)] == [
-        "000000002-v0",
-        "000000002-v1",
-        "000000003-v0",
-        "000000003-v1",
+        f"{a}-v0",
+        f"{a}-v1",
+        f"{bad}-v0",
+        f"{bad}-v1",
     ]
     assert rows(p, limit=0) == []
 
@@ -774,3 +793,96 @@ def test_row_is_frozen_and_fast_constructor_matches() -> None:
     assert fast.valid and not Row("a", 1, "f", 0, None, "f:1: bad", None).valid
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.id = "b"  # type: ignore[misc]
+
+
+# -- identity: ids that survive edits, fingerprints, one id space per job ----------
+
+
+def test_ids_survive_inserted_deleted_moved_and_repeated_lines(tmp_path: Path) -> None:
+    lines = [f"prompt {i}" for i in range(20)]
+    before = {r.prompt: r for r in rows(write(tmp_path / "a.txt", "\n".join(lines)))}
+    edited = ["a new first line", *lines[:5], *lines[6:12], lines[15], *lines[12:15], *lines[16:]]
+    after = {r.prompt: r for r in rows(write(tmp_path / "b.txt", "\n\n".join(edited)))}
+    for prompt, row in after.items():
+        if prompt in before:  # moved or not, the same id, seed and fingerprint
+            old = before[prompt]
+            assert (row.id, row.fingerprint, row.request) == (old.id, old.fingerprint, old.request)
+    assert after["a new first line"].id not in {r.id for r in before.values()}
+
+    repeated = rows(write(tmp_path / "c.txt", "same\nother\nsame\nsame\n"))
+    assert [r.id for r in repeated] == [cid("same"), cid("other"), cid("same", 2), cid("same", 3)]
+    assert len({r.request["seed"] for r in repeated}) == 4  # type: ignore[index]
+    deleted = rows(write(tmp_path / "d.txt", "other\nsame\nsame\n"))
+    assert [r.id for r in deleted] == [cid("other"), cid("same"), cid("same", 2)]
+
+
+def test_content_ids_do_not_collide_with_explicit_ids(tmp_path: Path) -> None:
+    taken = cid("a")
+    p = write(tmp_path / "p.jsonl", jsonl({"prompt": "z", "id": taken}, {"prompt": "a"}))
+    explicit, content = rows(p)
+    assert explicit.id == taken and content.id == cid("a", 2)
+    q = write(tmp_path / "q.jsonl", jsonl({"prompt": "a"}, {"prompt": "z", "id": taken}))
+    first, clash = rows(q)
+    assert first.id == taken and clash.error is not None and "duplicate id" in clash.error
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("prompt", "b"),
+        ("model", "black-forest-labs/FLUX.1-schnell"),
+        ("negative_prompt", "blurry"),
+        ("image_size", "768x1024"),
+        ("num_inference_steps", 21),
+        ("guidance_scale", 7.0),
+        ("batch_size", 2),
+        ("seed", 1234),
+        ("prompt_enhancement", True),
+    ],
+)
+def test_the_fingerprint_changes_with_each_field(tmp_path: Path, field: str, value: Any) -> None:
+    base = {"prompt": "a", "id": "k"}
+    p = write(tmp_path / "p.jsonl", jsonl(base, {**base, field: value, "id": "k2"}))
+    a, b = rows(p)
+    assert a.valid and b.valid, b.error
+    assert a.fingerprint != b.fingerprint
+
+
+def test_the_fingerprint_ignores_explicit_defaults_and_sees_variations_and_inputs(
+    tmp_path: Path,
+) -> None:
+    explicit = {
+        "model": DEFAULT_MODEL,
+        "image_size": "1024x1024",
+        "num_inference_steps": 20,
+        "guidance_scale": 7.5,
+        "batch_size": 1,
+        "prompt_enhancement": False,
+        "negative_prompt": "",
+    }
+    p = write(tmp_path / "p.jsonl", jsonl({"prompt": "a", "id": "k"}, {"prompt": "a", **explicit}))
+    plain, spelled_out = rows(p)
+    assert spelled_out.id == cid("a")  # the same content as a bare "a"
+    same_seed = rows(write(tmp_path / "q.jsonl", jsonl({"prompt": "a", "id": cid("a")})))[0]
+    assert spelled_out.fingerprint == same_seed.fingerprint
+    assert plain.fingerprint != spelled_out.fingerprint  # another id: another derived seed
+    v = rows(p, variations=2)
+    assert len({r.fingerprint for r in v}) == 4
+    fixed = rows(p, defaults=RequestDefaults(seed=5))
+    assert fixed[0].request["seed"] == fixed[1].request["seed"] == 5  # type: ignore[index]
+    assert fixed[0].fingerprint == fixed[1].fingerprint  # same request, same images
+    content = content_of_request({"prompt": "a", "model": DEFAULT_MODEL}, REG)
+    with_input = content_of_request({"prompt": "a", "model": DEFAULT_MODEL}, REG, ("ab" * 32,))
+    assert content_digest(content) != content_digest(with_input)
+
+
+def test_ids_never_collide_across_the_files_of_a_job(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.jsonl", jsonl({"prompt": "cat"}, {"prompt": "x", "id": "k"}))
+    b = write(tmp_path / "b.jsonl", jsonl({"prompt": "dog", "id": "k"}, {"prompt": "cat"}))
+    job = JobRows([PromptSource(a, registry=REG), PromptSource(b, registry=REG)])
+    got = list(job)
+    assert [r.id for r in got] == [cid("cat"), "k", got[2].id, cid("cat", 2)]
+    assert is_content_id(got[2].id)
+    assert got[2].error == f"{b}:1: duplicate id k (first at {a}:2)"
+    assert list(job) == got  # each pass starts afresh
+    assert [r.id for r in rows(b)] == ["k", cid("cat")]  # alone, b's rows are the first

@@ -126,7 +126,9 @@ async def test_every_readme_command_runs(tmp_path: Path) -> None:
         (box / "example.py").write_text(script)
         code, output = await shell(f"{sys.executable} example.py", cwd=box, env=env)
         assert code == 0, output
-        assert "000000002 ok" in output
+        made = [line.split(" ", 2) for line in output.splitlines()]
+        assert [status for _, status, _ in made] == ["ok", "ok"]  # ids come from the prompts
+        assert made[1][2].count(".png") == 2
     assert ran >= 10
     assert (box / "demo-out" / "manifest.jsonl").is_file()
     assert (box / "data" / "gallery" / "index.html").is_file()

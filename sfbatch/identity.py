@@ -1,0 +1,273 @@
+"""What an item is: its content digest, its fingerprint, its content id; and a compact key table.
+
+An item's images are determined by its *content* (model, prompt, negative prompt, size,
+steps, guidance/cfg, batch size, prompt enhancement, the image inputs' sha256 digests:
+the effective values, so an explicit default changes nothing), its seed and its
+variation. Three derived values, one home each:
+
+- :func:`content_digest` -- 16 bytes of blake2b over the canonical content (prompt last, so
+  the loader can prime a hash with the defaults once and add only each row's prompt);
+- :func:`fingerprint` -- 16 hex digits over that digest, the seed and the variation; every
+  manifest record carries it, and resume skips a row only when a record with its id *and*
+  fingerprint is done;
+- :func:`content_id` -- the id of a row without an explicit ``id``: the digest's first 12 hex
+  digits, plus ``-N`` for the N-th repeat of the same content in a job (N >= 2), so ids do not
+  move when other lines are inserted, deleted or moved.
+
+:class:`KeyTable` holds millions of 64-bit keys in a few bytes each (the resume index and
+the loader's repeat counter), instead of a dict of strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from array import array
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from sfbatch.models import DEFAULT_MODEL, ModelRegistry, effective_params
+
+__all__ = [
+    "CONTENT_ID_HEX",
+    "Content",
+    "KeyTable",
+    "content_digest",
+    "content_id",
+    "content_of_record",
+    "content_of_request",
+    "content_prefix",
+    "fingerprint",
+    "unused_stem",
+]
+
+#: Hex digits of a content id (48 bits).
+CONTENT_ID_HEX: Final = 12
+_MASK64: Final = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """The effective parameters that, with a seed and a variation, determine an item's images."""
+
+    model: str
+    prompt: str
+    negative_prompt: str | None
+    image_size: str
+    batch_size: int
+    num_inference_steps: int | None
+    guidance: float | None
+    prompt_enhancement: bool
+    input_digests: tuple[str, ...] = ()
+
+
+def content_of_request(
+    request: Mapping[str, Any], registry: ModelRegistry, input_digests: tuple[str, ...] = ()
+) -> Content:
+    """The :class:`Content` of a validated request (the server's defaults filled in)."""
+    params = effective_params(request, registry)
+    return _content(params, request["prompt"], request.get("negative_prompt"), input_digests)
+
+
+def content_of_record(record: Mapping[str, Any]) -> Content | None:
+    """The :class:`Content` a manifest record says it made, or None if it does not say."""
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or record.get("model") is None:
+        return None
+    digests = tuple(str(i.get("sha256")) for i in record.get("inputs") or () if i.get("sha256"))
+    try:
+        return _content(record, prompt, record.get("negative_prompt"), digests)
+    except (TypeError, ValueError):
+        return None
+
+
+def _content(
+    params: Mapping[str, Any],
+    prompt: str,
+    negative: str | None,
+    input_digests: tuple[str, ...],
+) -> Content:
+    guidance = params.get("guidance_scale")
+    steps = params.get("num_inference_steps")
+    return Content(
+        model=str(params.get("model") or DEFAULT_MODEL),
+        prompt=prompt,
+        negative_prompt=negative or None,
+        image_size=str(params["image_size"]),
+        batch_size=int(params.get("batch_size") or 1),
+        num_inference_steps=None if steps is None else int(steps),
+        guidance=None if guidance is None else float(guidance),
+        prompt_enhancement=bool(params.get("prompt_enhancement")),
+        input_digests=tuple(input_digests),
+    )
+
+
+def content_prefix(content: Content) -> bytes:
+    """The canonical bytes of ``content`` up to (not including) its prompt."""
+    head = [
+        content.model,
+        content.negative_prompt,
+        content.image_size,
+        content.batch_size,
+        content.num_inference_steps,
+        content.guidance,
+        content.prompt_enhancement,
+        list(content.input_digests),
+    ]
+    return orjson.dumps(head)[:-1] + b","
+
+
+def content_digest(content: Content) -> bytes:
+    """16 bytes of blake2b over ``content_prefix(content) + json(prompt) + "]"``."""
+    h = hashlib.blake2b(content_prefix(content), digest_size=16)
+    h.update(orjson.dumps(content.prompt) + b"]")
+    return h.digest()
+
+
+def fingerprint(digest: bytes, seed: int | None, variation: int) -> str:
+    """16 hex digits over a content digest, the requested seed and the variation."""
+    tail = b"-" if seed is None else seed.to_bytes(8, "big")
+    return hashlib.blake2b(digest + tail + variation.to_bytes(4, "big"), digest_size=8).hexdigest()
+
+
+def content_id(digest: bytes, occurrence: int) -> str:
+    """The id of the ``occurrence``-th (1-based) row of a job with this content digest."""
+    base = digest.hex()[:CONTENT_ID_HEX]
+    return base if occurrence == 1 else f"{base}-{occurrence}"
+
+
+#: Every extension the downloader can give an image.
+_IMAGE_EXTENSIONS: Final = ("png", "jpg", "webp", "gif")
+
+
+def unused_stem(out_dir: str | os.PathLike[str], stem: str, fp: str) -> str:
+    """``stem``, or ``stem~FP8`` when a file of ``stem`` is already on disk.
+
+    An id whose fingerprint changed (an explicit id with an edited prompt, another base
+    seed) is made again under the same id: its new images get a name of their own, so a
+    file that an earlier done record references is never overwritten.
+    """
+    for ext in _IMAGE_EXTENSIONS:
+        if os.path.lexists(os.path.join(out_dir, f"{stem}.{ext}")):
+            return f"{stem}~{fp[:8]}"
+    return stem
+
+
+class KeyTable:
+    """A set of 64-bit keys with a value each, in ``5 + value_size`` bytes per key.
+
+    Keys are spread over 16,384 ``bytearray`` buckets by their low 14 bits; an entry is
+    the next 40 bits of the key and the value. A lookup is one ``rfind`` in one bucket
+    (C speed), so a key is effectively 54 bits: two keys collide with probability about
+    2**-54 per pair. ``put`` overwrites a key's value in place: one entry per key.
+
+    Buckets are allocated with room for ``expected / 16384`` entries plus 5 %, and their
+    used length is kept apart, so a table sized right seldom reallocates: growing many
+    small buffers step by step leaves the heap fragmented (1.7x the entries' bytes).
+    """
+
+    _BITS: Final = 14
+    _BUCKETS: Final = 1 << _BITS
+
+    def __init__(self, value_size: int = 0, *, expected: int = 0) -> None:
+        self._value_size = value_size
+        self._width = 5 + value_size
+        self._buckets: list[bytearray | None] = [None] * self._BUCKETS
+        self._used = array("Q", bytes(8 * self._BUCKETS))
+        self._reserve = self._width * (8 + expected * 105 // 100 // self._BUCKETS)
+        self.size = 0
+
+    def _split(self, key: int) -> tuple[int, bytes]:
+        key &= _MASK64
+        return key & (self._BUCKETS - 1), ((key >> self._BITS) & 0xFF_FFFF_FFFF).to_bytes(5, "big")
+
+    def _find(self, bucket: bytearray, tag: bytes, end: int) -> int:
+        width = self._width
+        while True:
+            pos = bucket.rfind(tag, 0, end)
+            if pos < 0 or pos % width == 0:
+                return pos
+            end = pos + 4  # look again for a match starting before pos
+
+    def get(self, key: int) -> bytes | None:
+        """The key's value (``b""`` for a table without values), or None if absent."""
+        index, tag = self._split(key)
+        bucket = self._buckets[index]
+        if bucket is None:
+            return None
+        pos = self._find(bucket, tag, self._used[index])
+        return None if pos < 0 else bytes(bucket[pos + 5 : pos + self._width])
+
+    def __contains__(self, key: int) -> bool:
+        return self.get(key) is not None
+
+    def put(self, key: int, value: bytes = b"") -> None:
+        self.put_all(((key, value),))
+
+    def discard(self, key: int) -> None:
+        index, tag = self._split(key)
+        bucket = self._buckets[index]
+        if bucket is None:
+            return
+        end = self._used[index]
+        pos = self._find(bucket, tag, end)
+        if pos >= 0:
+            width = self._width
+            bucket[pos : end - width] = bucket[pos + width : end]  # keep the bucket's length
+            self._used[index] = end - width
+            self.size -= 1
+
+    def put_all(self, items: Iterable[tuple[int, bytes]]) -> None:
+        """``put`` each ``(key, value)`` in order."""
+        buckets = self._buckets
+        used = self._used
+        width = self._width
+        find = self._find
+        mask = self._BUCKETS - 1
+        bits = self._BITS
+        size = self.size
+        for key, value in items:
+            key &= _MASK64
+            index = key & mask
+            tag = ((key >> bits) & 0xFF_FFFF_FFFF).to_bytes(5, "big")
+            bucket = buckets[index]
+            end = used[index]
+            if bucket is None:
+                bucket = buckets[index] = bytearray(self._reserve)
+            else:
+                pos = find(bucket, tag, end)
+                if pos >= 0:
+                    bucket[pos + 5 : pos + width] = value
+                    continue
+            if end + width > len(bucket):
+                bucket.extend(bytes(len(bucket) // 8 + 8 * width))
+            bucket[end : end + width] = tag + value
+            used[index] = end + width
+            size += 1
+        self.size = size
+
+    def iter_keys(self) -> Iterator[int]:
+        """Every key, as its 54 bits that the table keeps."""
+        width = self._width
+        for index, (bucket, end) in enumerate(zip(self._buckets, self._used, strict=True)):
+            if bucket:
+                for pos in range(0, end, width):
+                    tag = int.from_bytes(bucket[pos : pos + 5], "big")
+                    yield tag << self._BITS | index
+
+    def first_value_bytes(self) -> dict[int, int]:
+        """How many entries have each value of the first value byte."""
+        counts: dict[int, int] = {}
+        for bucket, end in zip(self._buckets, self._used, strict=True):
+            if bucket:
+                column = bytes(bucket[5 : end : self._width])
+                for byte in set(column):
+                    counts[byte] = counts.get(byte, 0) + column.count(byte)
+        return counts
+
+    def nbytes(self) -> int:
+        """Bytes held by the entries (not counting reserved room)."""
+        return sum(self._used)

@@ -1,0 +1,352 @@
+"""The resume index: what earlier runs recorded, keyed by item id *and* fingerprint.
+
+A row is skipped only when a record with its id and its fingerprint is done, so an edited
+row, another ``--model`` or another base seed is made again while a row that merely moved
+is not. :func:`read_index` reads manifests of millions of lines flat and fast:
+
+- each record is one entry of a :class:`~sfbatch.identity.KeyTable`: the key mixes the
+  id's hash with the 64-bit fingerprint, the value is the latest status; about 6.5 bytes a
+  record (10M records: ~65 MB), never a dict of strings;
+- a record is taken from the front of its line with one regex (``id``, ``status``,
+  ``finished_at``, ``billed_images``, ``fingerprint``: the writer puts them first), and
+  trusted only if the line is complete: it ends with ``}`` and holds no second record
+  start (a ``{"id":"`` outside a string can only begin a record). Any other line is
+  parsed in full; one that does not parse is *damaged*: listed in
+  :attr:`ResumeIndex.damaged` with its line number, and its item is made again. A
+  complete record glued behind a torn one (a crash mid-line, then appends) is recovered.
+- records written before fingerprints existed (line ids ``000000042``) get the
+  fingerprint of the fields they stored; a row whose content matches one adopts its
+  line id and seed (:meth:`ResumeIndex.adopt`), so upgrading pays nothing again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from sfbatch.identity import KeyTable, content_digest, content_of_record, fingerprint
+from sfbatch.manifest import FRONT_RE, STATUSES, billed_on_day
+
+__all__ = ["DamagedLine", "ResumeIndex", "item_key", "read_index"]
+
+_CODE: Final[dict[str, int]] = {name: code for code, name in enumerate(STATUSES, start=1)}
+_RECORD_START: Final = b'{"id":"'
+# A whole clean line: the front fields, then anything up to the closing brace.
+_WHOLE_LINE_RE: Final = re.compile(rb"^" + FRONT_RE.pattern + rb"[^\n]*\}\n", re.MULTILINE)
+_MASK64: Final = (1 << 64) - 1
+
+
+def item_key(row_id: str, fp: str) -> int:
+    """The index key of (id, fingerprint): the id's hash mixed with the fingerprint's bits.
+
+    ``hash(bytes)`` is salted per process, which is fine: the index lives in one process.
+    """
+    return _key(row_id.encode("utf-8", "surrogatepass"), fp)
+
+
+def _key(row_id: bytes, fp: str | bytes) -> int:
+    try:
+        bits = int(fp, 16)
+    except ValueError:
+        bits = 0
+    return (hash(row_id) ^ bits) & _MASK64
+
+
+@dataclass(frozen=True, slots=True)
+class DamagedLine:
+    """A manifest line that is not a complete record; its item is made again."""
+
+    path: Path
+    line: int
+    reason: str
+
+
+@dataclass
+class ResumeIndex:
+    """What earlier runs recorded: each (id, fingerprint)'s latest status, today's billing."""
+
+    #: Items with an ``ok`` record (most of them: 5 bytes each) ...
+    done: KeyTable = field(default_factory=KeyTable)
+    #: ... and items whose latest record is another status, with its code (6 bytes each).
+    #: An item in both is in ``other``'s status (an ``ok`` record takes it out of ``other``).
+    other: KeyTable = field(default_factory=lambda: KeyTable(value_size=1))
+    # One bit per 2**-20 of the key space: set if a key there was ever put in ``other``.
+    _maybe_other: bytearray = field(default_factory=lambda: bytearray(1 << 17))
+    #: Full records of items paid for but not downloaded, by :func:`item_key` (a later
+    #: record of the item makes its entry stale: :meth:`generated_record` checks).
+    generated: dict[int, dict[str, Any]] = field(default_factory=dict)
+    billed_today: int = 0
+    records: int = 0
+    legacy_records: int = 0
+    damaged: list[DamagedLine] = field(default_factory=list)
+    # Legacy (line-id) records by content: digest prefix -> line numbers.
+    _legacy_content: dict[bytes, list[int]] = field(default_factory=dict)
+    _claimed: set[str] = field(default_factory=set)
+    _day_start: str = ""
+
+    def status(self, row_id: str, fp: str) -> str | None:
+        """The latest status recorded for this id and fingerprint, or None."""
+        key = item_key(row_id, fp)
+        value = self.other.get(key)
+        if value is not None:
+            return STATUSES[value[0] - 1]
+        return "ok" if key in self.done else None
+
+    def generated_record(self, row_id: str, fp: str) -> dict[str, Any] | None:
+        """The record of an item paid for but not downloaded, if that is its latest status."""
+        if self.status(row_id, fp) != "generated":
+            return None
+        return self.generated.get(item_key(row_id, fp))
+
+    def set_status(self, row_id: str, fp: str, status: str) -> None:
+        self._set(item_key(row_id, fp), _CODE_BYTE[status])
+
+    def _set(self, key: int, code: bytes) -> None:
+        if code == _OK:
+            self._leave_other(key)
+            self.done.put(key)
+        else:
+            self._enter_other(key, code)
+
+    def _enter_other(self, key: int, code: bytes) -> None:
+        bit = (key >> 20) & 0xFFFFF
+        self._maybe_other[bit >> 3] |= 1 << (bit & 7)
+        self.other.put(key, code)
+
+    def _leave_other(self, key: int) -> None:
+        bit = (key >> 20) & 0xFFFFF
+        if self._maybe_other[bit >> 3] & (1 << (bit & 7)):
+            self.other.discard(key)
+
+    def counts(self) -> Counter[str]:
+        """How many (id, fingerprint) items are in each latest status."""
+        counts: Counter[str] = Counter()
+        ok = self.done.size - sum(1 for key in self.other.iter_keys() if key in self.done)
+        if ok:
+            counts["ok"] = ok
+        for code, n in self.other.first_value_bytes().items():
+            if n and 1 <= code <= len(STATUSES):
+                counts[STATUSES[code - 1]] = n
+        return counts
+
+    @property
+    def damaged_lines(self) -> list[int]:
+        return [d.line for d in self.damaged]
+
+    def adopt(
+        self, line: int, digest: bytes, fingerprint_of: Callable[[str], str], suffix: str
+    ) -> str | None:
+        """The legacy line id this content was made under (see :class:`~sfbatch.loader.LegacyIds`).
+
+        Tried: the row's own line (the file did not change), then every legacy record of
+        the same content not adopted yet (lines moved). A legacy id is adopted once.
+        """
+        if not self.legacy_records:
+            return None
+        candidates = [line, *self._legacy_content.get(digest[:8], ())]
+        for number in candidates:
+            legacy_id = f"{number:09d}"
+            if legacy_id in self._claimed:
+                continue
+            if self.status(legacy_id + suffix, fingerprint_of(legacy_id)) is not None:
+                self._claimed.add(legacy_id)
+                return legacy_id
+        return None
+
+    # -- reading -----------------------------------------------------------------
+
+    def _add(self, row_id: str, status: str, finished: str, billed: int, fp: str) -> None:
+        self.records += 1
+        self.billed_today += billed_on_day(billed, finished, self._day_start)
+        self.set_status(row_id, fp, status)
+
+    def _add_parsed(self, record: dict[str, Any]) -> bool:
+        """Add a fully parsed record; False if it is not one."""
+        row_id, status = record.get("id"), record.get("status")
+        if not isinstance(row_id, str) or status not in _CODE:
+            return False
+        finished = record.get("finished_at")
+        billed = record.get("billed_images")
+        fp = record.get("fingerprint")
+        if not isinstance(fp, str):
+            fp = self._legacy_fingerprint(row_id, record)
+        self._add(
+            row_id,
+            str(status),
+            finished if isinstance(finished, str) else "",
+            billed if isinstance(billed, int) else 0,
+            fp,
+        )
+        if status == "generated":
+            self.generated[item_key(row_id, fp)] = record
+        return True
+
+    def _add_generated(self, record: dict[str, Any]) -> None:
+        self.generated[item_key(record["id"], record["fingerprint"])] = record
+
+    def _legacy_fingerprint(self, row_id: str, record: dict[str, Any]) -> str:
+        self.legacy_records += 1
+        content = content_of_record(record)
+        if content is None:
+            return ""
+        digest = content_digest(content)
+        seed = record.get("requested_seed")
+        variation = record.get("variation")
+        k = variation if isinstance(variation, int) else 0
+        base = row_id.removesuffix(f"-v{k}") if k or row_id.endswith("-v0") else row_id
+        if k == 0 and len(base) == 9 and base.isdigit():
+            self._legacy_content.setdefault(digest[:8], []).append(int(base))
+        return fingerprint(digest, seed if isinstance(seed, int) else None, k)
+
+
+def read_index(paths: Iterable[Path], *, day_start: str) -> ResumeIndex:
+    """Read manifests back for resume (later lines win).
+
+    ``day_start`` (from :func:`~sfbatch.manifest.day_start_iso`) bounds "today" for the
+    daily quota: records finished since then add their ``billed_images`` to
+    ``billed_today`` (every line counts, not only the latest of an item).
+    """
+    paths = list(paths)
+    index = ResumeIndex(done=KeyTable(expected=_estimate_records(paths)))
+    index._day_start = day_start
+    for path in paths:
+        _read_one(index, path)
+    return index
+
+
+_CHUNK_BYTES: Final = 1 << 20
+_CODE_OF: Final = {name.encode(): bytes((code,)) for name, code in _CODE.items()}
+_CODE_BYTE: Final = {name: bytes((code,)) for name, code in _CODE.items()}
+_OK: Final = _CODE_BYTE["ok"]
+_GENERATED_FIELD: Final = b'","status":"generated","'
+
+
+def _estimate_records(paths: list[Path]) -> int:
+    """Lines in ``paths``, from their size and the mean length of the first 1 MB's lines."""
+    total = sample_lines = sample_bytes = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+            if not sample_lines:
+                with open(path, "rb") as f:
+                    sample = f.read(1 << 20)
+                sample_lines, sample_bytes = sample.count(b"\n"), len(sample)
+        except OSError:
+            continue
+    return total * sample_lines // sample_bytes if sample_lines else 0
+
+
+def _read_one(index: ResumeIndex, path: Path) -> None:
+    """Read one manifest in chunks of whole lines; a chunk of clean records is one regex pass.
+
+    One buffer is reused for every chunk: fresh 1 MB buffers between the table's small
+    allocations would strand heap memory (RSS) for the whole run.
+    """
+    try:
+        f = open(path, "rb")  # noqa: SIM115  (closed by the with below)
+    except FileNotFoundError:
+        return
+    buf = bytearray(_CHUNK_BYTES)
+    filled = 0
+    line = 0  # lines before this chunk
+    with f:
+        while True:
+            with memoryview(buf) as view:
+                n = f.readinto(view[filled:])
+            if not n:
+                break  # what is left is a torn last line: not a record
+            filled += n
+            cut = buf.rfind(b"\n", 0, filled) + 1
+            if not cut:
+                if filled == len(buf):
+                    buf.extend(bytes(len(buf)))  # a line longer than the buffer
+                continue
+            line = _read_chunk(index, path, buf, cut, line)
+            buf[: filled - cut] = buf[cut:filled]
+            filled -= cut
+
+
+def _read_chunk(index: ResumeIndex, path: Path, buf: bytearray, end: int, line: int) -> int:
+    """Add the records of ``buf[:end]`` (whole lines after ``line``); the last line's number."""
+    lines = buf.count(b"\n", 0, end)
+    matches = _WHOLE_LINE_RE.findall(buf, 0, end)
+    # Every line a clean record: as many record starts and regex matches as lines.
+    if not len(matches) == lines == buf.count(_RECORD_START, 0, end):
+        chunk = bytes(buf[:end])
+        for number, raw in enumerate(chunk.split(b"\n")[:-1], start=line + 1):
+            _line(index, path, number, raw + b"\n")
+        return line + lines
+    index.records += lines
+    day_start = index._day_start.encode()
+    index.billed_today += sum(
+        int(count)
+        for _, _, finished, count, _ in matches
+        if count != b"0" and finished >= day_start
+    )
+    done: list[tuple[int, bytes]] = []
+    maybe_other = index._maybe_other
+    code_of = _CODE_OF
+    for row_id, status, _, _, fp in matches:
+        key = (hash(row_id) ^ int(fp, 16)) & _MASK64
+        if status == b"ok":
+            bit = (key >> 20) & 0xFFFFF
+            if maybe_other[bit >> 3] & (1 << (bit & 7)):
+                index.other.discard(key)
+            done.append((key, b""))
+        else:
+            index._enter_other(key, code_of[status])
+    index.done.put_all(done)
+    _generated_in(index, buf, end)
+    return line + lines
+
+
+def _generated_in(index: ResumeIndex, buf: bytearray, end: int) -> None:
+    """Keep the full record of every ``generated`` line of a clean chunk."""
+    pos = buf.find(_GENERATED_FIELD, 0, end)
+    while pos >= 0:
+        start = buf.rfind(b"\n", 0, pos) + 1
+        stop = buf.find(b"\n", pos, end) + 1
+        index._add_generated(orjson.loads(bytes(buf[start:stop])))
+        pos = buf.find(_GENERATED_FIELD, stop, end)
+
+
+def _line(index: ResumeIndex, path: Path, number: int, raw: bytes) -> None:
+    m = FRONT_RE.match(raw)
+    if m is not None and raw.endswith(b"}\n") and raw.find(_RECORD_START, 1) < 0:
+        status = m.group(2).decode()
+        if status != "generated" and status in _CODE:
+            index._add(
+                m.group(1).decode("utf-8", "surrogatepass"),
+                status,
+                m.group(3).decode(),
+                int(m.group(4)),
+                m.group(5).decode(),
+            )
+            return
+    _slow_line(index, path, number, raw)
+
+
+def _slow_line(index: ResumeIndex, path: Path, number: int, raw: bytes) -> None:
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        record = None
+    if isinstance(record, dict):
+        if not index._add_parsed(record):
+            index.damaged.append(DamagedLine(path, number, "not a manifest record"))
+        return
+    index.damaged.append(DamagedLine(path, number, "not a complete JSON record"))
+    start = raw.rfind(_RECORD_START)
+    if start > 0:  # a torn record with a complete one glued behind it
+        try:
+            glued = orjson.loads(raw[start:])
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(glued, dict):
+            index._add_parsed(glued)
