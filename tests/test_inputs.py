@@ -248,7 +248,8 @@ def test_variations_share_the_rows_inputs(tmp_path: Path, registry: ModelRegistr
     write(tmp_path / "cat.png", image_bytes())
     p = write(tmp_path / "p.jsonl", jsonl({"prompt": "a", "model": EDIT, "image": "cat.png"}))
     got = rows(p, registry, variations=3)
-    assert [r.id for r in got] == ["000000001-v0", "000000001-v1", "000000001-v2"]
+    base = got[0].id.removesuffix("-v0")
+    assert [r.id for r in got] == [f"{base}-v0", f"{base}-v1", f"{base}-v2"]
     assert len({r.input_digests for r in got}) == 1 and got[0].input_digests
 
 
@@ -476,11 +477,11 @@ async def test_edit_job_with_three_local_images_per_row(tmp_path: Path) -> None:
         source = PromptSource(p, registry=registry)
         result = await Pipeline(config, source, registry=registry).run()
         assert emu.stats()["generation_requests"] == 3
-    records = latest_records([tmp_path / "out" / "manifest.jsonl"])
+    records = {r["line"]: r for r in latest_records([tmp_path / "out" / "manifest.jsonl"]).values()}
     assert result.exit_code == 1, result.summary
     assert sorted(r["status"] for r in records.values()) == ["invalid"] * 2 + ["ok"] * 3
-    assert "no such file pics/gone.png" in records["000000004"]["error"]["message"]
-    assert "pics/notes.txt is not a PNG" in records["000000005"]["error"]["message"]
+    assert "no such file pics/gone.png" in records[4]["error"]["message"]
+    assert "pics/notes.txt is not a PNG" in records[5]["error"]["message"]
     assert len(received) == 3
     for body in received:
         k = int(body["prompt"].split()[-1])
@@ -488,8 +489,8 @@ async def test_edit_job_with_three_local_images_per_row(tmp_path: Path) -> None:
         for field in ("image", "image2", "image3"):
             assert body[field].startswith("data:image/png;base64,")
             assert decode_data_uri(body[field]) == pics[expected[field].removeprefix("pics/")]
-    rows_by_id = {row.id: row for row in PromptSource(p, registry=registry)}
-    first = input_records(rows_by_id["000000001"].inputs)
+    rows_by_line = {row.line: row for row in PromptSource(p, registry=registry)}
+    first = input_records(rows_by_line[1].inputs)
     assert first == [
         {"field": f, "source": f"pics/{n}.png", "sha256": sha256(pics[f"{n}.png"])}
         for f, n in (("image", 0), ("image2", 1), ("image3", 2))

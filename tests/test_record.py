@@ -13,9 +13,9 @@ from sfbatch import errors
 from sfbatch.emulator import Emulator
 from sfbatch.figures import Reservoir, duration, human_bytes, percentile, percentiles
 from sfbatch.manifest import (
-    _FRONT,
     FIELD_ORDER,
     FRONT_FIELDS,
+    FRONT_RE,
     ManifestWriter,
     billed_on_day,
     iter_records,
@@ -35,15 +35,15 @@ async def test_records_on_disk_keep_the_field_order_the_resume_reader_needs(
     lines = (tmp_path / "manifest.jsonl").read_bytes().splitlines()
     assert len(lines) == 3
     for raw, record in zip(lines, yielded, strict=True):
-        assert _FRONT.match(raw), raw  # the fast resume reader takes the front fields
+        assert FRONT_RE.match(raw), raw  # the fast resume reader takes the front fields
         on_disk = orjson.loads(raw)
         assert list(on_disk) == [key for key in FIELD_ORDER if key in on_disk]
-        assert list(on_disk)[:4] == list(FRONT_FIELDS)
+        assert list(on_disk)[:5] == list(FRONT_FIELDS)
         assert on_disk == record  # generate() yields exactly the line
-    by_id = {r["id"]: r for r in yielded}
-    assert [by_id[f"00000000{n}"]["status"] for n in (1, 2, 3)] == ["ok", "ok", "invalid"]
-    assert len(by_id["000000002"]["images"]) == 2
-    assert by_id["000000003"]["error"] == {
+    by_line = {r["line"]: r for r in yielded}
+    assert [by_line[n]["status"] for n in (1, 2, 3)] == ["ok", "ok", "invalid"]
+    assert len(by_line[2]["images"]) == 2
+    assert by_line[3]["error"] == {
         "status": None,
         "code": "invalid",
         "message": "<records>:3: batch_size must be 1..4, got 9",
@@ -62,7 +62,8 @@ def test_the_writer_owns_the_order_and_keeps_unknown_keys(tmp_path: Path) -> Non
 
 def test_field_order_is_the_documented_contract() -> None:
     assert (
-        *("id", "status", "finished_at", "billed_images", "line", "file", "variation"),
+        *("id", "status", "finished_at", "billed_images", "fingerprint"),
+        *("line", "file", "variation"),
         *("prompt", "negative_prompt", "model", "image_size", "batch_size"),
         *("num_inference_steps", "guidance_scale", "prompt_enhancement", "requested_seed"),
         *("seed", "timings", "images", "attempts", "latency_s", "trace_id", "error"),
