@@ -5,9 +5,14 @@ the extension from them, not from the URL; the first bytes are gathered across n
 chunks, however small the first one is), enforces a size cap, one overall deadline
 and a per-read timeout, then is written to ``DIR/.tmp/``, fsynced and only then renamed
 into ``DIR/images/SHARD/``. So a file under ``images/`` is always complete, and a crash
-leaves at most a ``.part`` file that the next run removes. Chunks are written in 1 MiB
-batches, so a typical image costs one trip to a worker thread (the benchmark showed a
-trip per chunk cost more than the HTTP request)::
+leaves at most a ``.part`` file that the next run removes.
+
+File work is a group commit (:class:`_GroupCommit`): an image's bytes are held in memory
+(up to 1 MiB; a larger one spills to its ``.part`` file) until the download ends, then
+the images that finished meanwhile are written, fsynced, renamed and their directories
+fsynced together, in one trip to a worker thread. :meth:`Downloader.fetch` returns only
+once its image is in place and durable, so the manifest line written after it never
+points at a missing file; durability is paid per batch, not per image::
 
     downloader = Downloader(out_dir=Path("out"), session=session)
     stored = await downloader.fetch(url, "images/000/000000042_0")
@@ -60,6 +65,8 @@ _CHUNK = 64 * 1024
 _SNIFF_BYTES = 12
 _SPOOL_BYTES = 1024 * 1024
 _EXPIRED = (403, 404, 410)
+# Bounds one group commit's trip to the worker thread (and the memory it writes out).
+_MAX_BATCH = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +135,7 @@ class Downloader:
         self._max_bytes = max_bytes
         self._retry = retry or RetryPolicy(max_retries=3, base_s=0.5, cap_s=10.0)
         self._rng = rng or random.Random()
-        self._fsync = fsync
+        self._commit = _GroupCommit(fsync=fsync)
         self._made_dirs: set[Path] = set()
         self.retries = 0
         self.bytes_written = 0
@@ -158,9 +165,7 @@ class Downloader:
             digest, size, ext = await self._stream_to(url, spool)
             final_rel = f"{stem}.{ext}"
             final = self.out_dir / final_rel
-            make_parent = final.parent not in self._made_dirs
-            await asyncio.to_thread(spool.finish, final, fsync=self._fsync, make_parent=make_parent)
-            self._made_dirs.add(final.parent)
+            await self._commit.put(spool, final)
         except BaseException as exc:
             spool.discard()  # sync on purpose: must run even when cancelled
             if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
@@ -237,8 +242,8 @@ class _Spool:
     """An image's bytes on their way to its temporary file, written in batches.
 
     Chunks are held until ``_SPOOL_BYTES`` have come, then written in one trip to a
-    worker thread; :meth:`finish` writes the rest, fsyncs and renames in one more. So an
-    image under 1 MiB costs one thread trip, and memory stays at about 1 MiB a download.
+    worker thread; the group commit writes the rest. So an image under 1 MiB costs no
+    thread trip of its own, and memory stays at about 1 MiB a download.
     """
 
     def __init__(self, path: Path) -> None:
@@ -246,6 +251,8 @@ class _Spool:
         self._chunks: list[bytes] = []
         self._held = 0
         self._file: IO[bytes] | None = None
+        # True while a group commit works on it in a worker thread, which then owns it.
+        self.busy = False
 
     async def write(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
@@ -255,25 +262,122 @@ class _Spool:
 
     def _write_held(self) -> None:
         if self._file is None:
-            self._file = open(self.path, "wb")  # noqa: SIM115  (closed in finish/discard)
+            self._file = open(self.path, "wb")  # noqa: SIM115  (closed in the group commit or discard)
         self._file.writelines(self._chunks)
         self._chunks.clear()
         self._held = 0
 
-    def finish(self, final: Path, *, fsync: bool, make_parent: bool) -> None:
-        """Write what is held, fsync, close and rename to ``final`` (in a worker thread)."""
+    def write_out(self) -> IO[bytes]:
+        """Write what is held and flush it; the open file, for fsync (in a worker thread)."""
         self._write_held()
         assert self._file is not None
-        with self._file as f:
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        if make_parent:
-            final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.path, final)
+        self._file.flush()
+        return self._file
 
     def discard(self) -> None:
+        if self.busy:
+            return  # the group commit discards it once its thread is done
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
         self.path.unlink(missing_ok=True)
+
+
+@dataclass(slots=True)
+class _Landing:
+    """One image waiting for the group commit: its spool, where it goes, who waits."""
+
+    spool: _Spool
+    final: Path
+    done: asyncio.Future[None]
+    error: BaseException | None = None
+
+
+class _GroupCommit:
+    """Lands images in batches: write, fsync files, rename, fsync directories.
+
+    Images handed over while a batch is in the worker thread form the next batch, so
+    the batch grows with the load by itself and nothing waits on a timer. An error
+    (a full disk) fails only the images it hit; a failed directory fsync fails the batch.
+    """
+
+    def __init__(self, *, fsync: bool) -> None:
+        self._fsync = fsync
+        self._waiting: list[_Landing] = []
+        self._runner: asyncio.Task[None] | None = None
+        self._made_dirs: set[Path] = set()
+
+    async def put(self, spool: _Spool, final: Path) -> None:
+        """Return once ``spool``'s bytes are at ``final`` (and durable, with fsync)."""
+        landing = _Landing(spool, final, asyncio.get_running_loop().create_future())
+        self._waiting.append(landing)
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        await landing.done
+
+    async def _run(self) -> None:
+        while self._waiting:
+            batch = [x for x in self._waiting[:_MAX_BATCH] if not x.done.done()]
+            del self._waiting[:_MAX_BATCH]
+            if not batch:
+                continue
+            for landing in batch:
+                landing.spool.busy = True
+            try:
+                await asyncio.to_thread(self._land, batch)
+            except BaseException:  # cancelled at shutdown: nothing in it counts as landed
+                for landing in batch:
+                    landing.spool.busy = False
+                    landing.done.cancel()
+                raise
+            self._settle(batch)
+
+    @staticmethod
+    def _settle(batch: list[_Landing]) -> None:
+        for landing in batch:
+            landing.spool.busy = False
+            if landing.done.done():  # its waiter was cancelled: clean up for it
+                landing.spool.discard()
+            elif landing.error is None:
+                landing.done.set_result(None)
+            else:
+                landing.done.set_exception(landing.error)
+
+    def _land(self, batch: list[_Landing]) -> None:
+        """The batch's file work, in a worker thread; errors are kept per image."""
+        written: list[tuple[_Landing, IO[bytes]]] = []
+        for landing in batch:
+            try:
+                written.append((landing, landing.spool.write_out()))
+            except (OSError, ValueError) as exc:
+                landing.error = exc
+        placed: list[_Landing] = []
+        for landing, file in written:
+            try:
+                with file:
+                    if self._fsync:
+                        os.fsync(file.fileno())
+                parent = landing.final.parent
+                if parent not in self._made_dirs:
+                    parent.mkdir(parents=True, exist_ok=True)
+                    self._made_dirs.add(parent)
+                os.replace(landing.spool.path, landing.final)
+                placed.append(landing)
+            except (OSError, ValueError) as exc:
+                landing.error = exc
+        if not self._fsync:
+            return
+        try:
+            for parent in {landing.final.parent for landing in placed}:
+                _fsync_dir(parent)
+        except OSError as exc:
+            for landing in placed:
+                landing.error = exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

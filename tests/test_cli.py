@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import sys
@@ -366,3 +367,28 @@ async def test_a_job_reads_its_key_from_the_variable_it_names(tmp_path: Path) ->
         # SILICONFLOW_API_KEY is not the variable this job reads.
         code, output = await sfbatch("run", str(job), "--base-url", emu.base_url, env=env_with())
     assert code == 3 and "MY_COM_KEY is not set" in output
+
+
+async def test_kill_9_leaves_no_record_pointing_at_a_missing_or_partial_file(
+    tmp_path: Path,
+) -> None:
+    # Images land by group commit (a batch written, fsynced and renamed together); a
+    # record is written only after its batch, so a kill -9 at any point leaves every
+    # ok record's files in place and whole.
+    src = prompts(tmp_path / "p.txt", 400)
+    out = tmp_path / "out"
+    async with Emulator() as emu:
+        proc = await start(
+            "run", str(src), "--out", str(out), "--base-url", emu.base_url,
+            "--concurrency", "32", "--download-concurrency", "32", "--no-progress",
+        )  # fmt: skip
+        await wait_for_lines(proc, out / "manifest.jsonl", 60)
+        proc.kill()
+        await proc.wait()
+    records = [r for r in iter_records(out / "manifest.jsonl") if r["status"] == "ok"]
+    assert records
+    for record in records:
+        for image in record["images"]:
+            data = (out / image["path"]).read_bytes()
+            assert len(data) == image["bytes"]
+            assert hashlib.sha256(data).hexdigest() == image["sha256"]
