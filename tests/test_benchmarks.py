@@ -31,6 +31,7 @@ ROWS = (
     "| 4 resume over",
     "| 5 downloads",
     "| 6 emulator: POST requests/s",
+    "| 7 CPU-ms per item",
 )
 
 
@@ -52,5 +53,5 @@ def test_run_all_smoke_prints_every_row() -> None:
     assert "| figure" in out and "| met?" in out
     for row in ROWS:
         assert row in out, f"missing row {row!r} in:\n{out[-4000:]}"
-    for figure in ("figure 1", "figure 2+3", "figure 4", "figure 5", "figure 6"):
+    for figure in ("figure 1", "figure 2+3", "figure 4", "figure 5", "figure 6", "figure 7"):
         assert f"## {figure}:" in out
