@@ -5,7 +5,8 @@ Each subcommand's work lives in its own module, which exposes
 ``(argparse.Namespace) -> int`` returning the exit code. ``run`` lives here.
 
 Exit codes: 0 all ok; 1 finished with failed or invalid items; 2 usage, config or
-input file error; 3 authentication or base-URL failure; 4 daily quota used up
+input file error (also a model the endpoint does not offer, found before any request);
+3 authentication or base-URL failure; 4 daily quota used up
 (resumable); 130 interrupted (resumable).
 """
 
@@ -21,13 +22,16 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sfbatch import jobfile
 from sfbatch.config import BASE_URLS, RunConfig
-from sfbatch.errors import ConfigError, SfbatchError
+from sfbatch.errors import ConfigError, FatalApiError, SfbatchError
 from sfbatch.jobfile import Job
 from sfbatch.settings import Spec, specs_of
+
+if TYPE_CHECKING:
+    from sfbatch.modelcheck import ModelOffer
 
 __all__ = [
     "EXIT_AUTH",
@@ -213,9 +217,13 @@ async def _run(job: Job, args: argparse.Namespace) -> int:
             )
             return EXIT_AUTH
         try:
-            sources = [job.source(path) for path in job.inputs]
+            offer = await _model_offer(job, config)
+            sources = [job.source(path, offer=offer) for path in job.inputs]
             rows = _chain(sources)
             pipeline = Pipeline(config, rows, registry=job.registry)
+        except FatalApiError as exc:  # a 401 to the model list
+            log.error("%s", exc)
+            return EXIT_AUTH
         except SfbatchError as exc:
             log.error("%s", exc)
             return EXIT_USAGE
@@ -237,6 +245,29 @@ async def _run(job: Job, args: argparse.Namespace) -> int:
                 loop.remove_signal_handler(sig)
         print_summary(result, config)
         return result.exit_code
+
+
+async def _model_offer(job: Job, config: RunConfig) -> ModelOffer | None:
+    """The endpoint's models (``None``: not checked); ConfigError if the default is not offered."""
+    from sfbatch.client import SiliconFlowClient
+    from sfbatch.modelcheck import default_model, fetch_offer
+
+    if not config.model_check:
+        return None
+    async with SiliconFlowClient(
+        base_url=config.base_url,
+        api_key=config.api_key,
+        connect_timeout_s=config.timeouts.connect_timeout_s,
+    ) as client:
+        offer = await fetch_offer(client)
+    if offer is not None:
+        problem = offer.problem(default_model(config.defaults), job.registry)
+        if problem is not None:
+            raise ConfigError(
+                f"{problem}. It is the model of rows that name none: choose one with --model "
+                "(or [request] model), or send anyway with --no-model-check"
+            )
+    return offer
 
 
 def _on_signal(pipeline: Any, sig: signal.Signals) -> None:

@@ -252,6 +252,12 @@ class RunConfig:
     models_file: Path | None = setting(  # noqa: RUF009
         None, section="build", help="TOML file adding or overriding model rules"
     )
+    model_check: bool = setting(
+        True,
+        section="api",
+        help="list the endpoint's models before the first request and refuse models it does "
+        "not offer (--no-model-check: send anyway)",
+    )
     defaults: RequestDefaults
     limits: Limits
     workers: Workers
@@ -267,6 +273,7 @@ class RunConfig:
         api_key: str,
         base_url: str | None = None,
         models_file: str | Path | None = None,
+        model_check: bool = True,
         defaults: RequestDefaults | None = None,
         limits: Limits | None = None,
         workers: Workers | None = None,
@@ -302,6 +309,7 @@ class RunConfig:
         object.__setattr__(self, "api_key", api_key)
         object.__setattr__(self, "base_url", str(base_url).rstrip("/"))
         object.__setattr__(self, "models_file", None if models_file is None else Path(models_file))
+        object.__setattr__(self, "model_check", model_check)
         check(self)
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(

@@ -42,7 +42,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Final, Protocol
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Final, Protocol
 
 import orjson
 
@@ -59,6 +59,9 @@ from sfbatch.identity import (
 )
 from sfbatch.inputs import IMAGE_FIELDS, ImageInput, InputChecker, InputImageError
 from sfbatch.models import SEED_MAX, ModelRegistry, validate_request
+
+if TYPE_CHECKING:
+    from sfbatch.modelcheck import ModelOffer
 
 __all__ = [
     "FORMATS",
@@ -421,6 +424,9 @@ class PromptSource:
     yielded invalid under the line-derived id ``f"{line:09d}"``, so its record never
     supersedes the record of the row that owns the id. A JSON ``null`` or an empty
     CSV cell means "not given": the default applies.
+
+    ``offer``: the models the endpoint lists (:func:`sfbatch.modelcheck.fetch_offer`); a
+    row naming another is invalid, saying what the endpoint offers.
     """
 
     def __init__(
@@ -435,6 +441,7 @@ class PromptSource:
         limit: int | None = None,
         dedupe: bool = False,
         stdin: BinaryIO | None = None,
+        offer: ModelOffer | None = None,
     ) -> None:
         self.file = str(path)
         self.warnings: list[str] = []
@@ -498,6 +505,10 @@ class PromptSource:
             if "seed" in self._base:
                 self._fixed_seed = seed
             self._template = template
+        self._offer = offer
+        self._not_offered: dict[str, str | None] = {}  # model -> why not (None: offered)
+        if self._template is not None and self._offered_problem(self._template["model"]):
+            self._template = None  # every row is checked on its own, and found invalid
         self.legacy: LegacyIds | None = None
 
     @classmethod
@@ -872,6 +883,8 @@ class PromptSource:
             self._warn(f"{self.file}: {warning}")
         text = prompt if isinstance(prompt, str) else text
         request = checked.request
+        if request is not None and (why := self._offered_problem(request["model"])):
+            reasons.append(why)
         if reasons or request is None:
             why = "; ".join([*reasons, *checked.errors])
             yield from self._invalid(base_id, line, text, fields, why, space)
@@ -893,6 +906,14 @@ class PromptSource:
         yield from self._expand(
             row_id, line, text, request, source, None, duplicate, digest, inputs
         )
+
+    def _offered_problem(self, model: str) -> str | None:
+        """Why the endpoint cannot take ``model`` (see ``offer``), or ``None``."""
+        if self._offer is None:
+            return None
+        if model not in self._not_offered:
+            self._not_offered[model] = self._offer.problem(model, self._registry)
+        return self._not_offered[model]
 
     def _check_inputs(
         self, fields: dict[str, Any], body: dict[str, Any], reasons: list[str]
