@@ -40,16 +40,21 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from sfbatch.config import BASE_URLS, DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Environment, RunConfig
 from sfbatch.errors import ConfigError
+from sfbatch.inputs import input_kind
 from sfbatch.loader import PromptSource
+from sfbatch.modelcheck import check_defaults
 from sfbatch.models import ModelRegistry
 from sfbatch.settings import Spec, check, own_specs, setting, specs_of
+
+if TYPE_CHECKING:
+    from sfbatch.modelcheck import ModelOffer
 
 __all__ = ["EmulatorSettings", "Job", "JobFile", "Overrides", "load", "merge"]
 
@@ -140,7 +145,8 @@ class Job:
     name: str = ""
     key_env: str = DEFAULT_KEY_ENV
 
-    def source(self, path: str) -> PromptSource:
+    def source(self, path: str, *, offer: ModelOffer | None = None) -> PromptSource:
+        """The rows of ``path``; with ``offer``, a row naming a model not offered is invalid."""
         cfg = self.config
         return PromptSource(
             path,
@@ -151,6 +157,7 @@ class Job:
             shard=cfg.output.shard,
             limit=cfg.build.limit,
             dedupe=cfg.build.dedupe,
+            offer=offer,
         )
 
 
@@ -208,6 +215,9 @@ def load(path: Path) -> JobFile:
 def _value(spec: Spec, value: Any, path: Path) -> Any:
     if spec.kind is Path:
         return Path(os.path.normpath(path.parent / str(value)))
+    if spec.id == "request.image" and isinstance(value, str) and input_kind(value) == "path":
+        # A local input image, like every path in a job, is relative to the job file.
+        return os.path.normpath(path.parent / os.path.expanduser(value))
     if spec.setting.parse is not None:
         try:
             return spec.setting.parse(value)
@@ -243,6 +253,21 @@ def _profile_url(profile: str | None) -> str | None:
     return BASE_URLS[profile]
 
 
+_REQUEST_SPECS = {spec.name: spec for spec in specs_of(RunConfig) if spec.part == "defaults"}
+
+
+def _namer(job: JobFile, overrides: Overrides) -> Callable[[str], str]:
+    """How a usage error names a request default: its flag, or its key in the job file."""
+
+    def name_of(field_name: str) -> str:
+        spec = _REQUEST_SPECS[field_name]
+        if spec.id in overrides.settings or spec.id not in job.settings:
+            return f"--{spec.flag}"
+        return f"{job.path}: {spec.id}"
+
+    return name_of
+
+
 def merge(job: JobFile | None, overrides: Overrides, env: Environment | None = None) -> Job:
     """The run that ``overrides`` over ``job`` (if any) over ``env`` describe.
 
@@ -274,10 +299,12 @@ def merge(job: JobFile | None, overrides: Overrides, env: Environment | None = N
         if given is None:
             raise
         raise ConfigError(f"{source} (or a flag overriding it): {exc}") from exc
+    registry = ModelRegistry.load(config.models_file)
+    check_defaults(config.defaults, registry, name_of=_namer(job, overrides))
     return Job(
         config=config,
         inputs=list(inputs),
-        registry=ModelRegistry.load(config.models_file),
+        registry=registry,
         emulator="on" if overrides.emulator else job.emulator or "off",
         emulator_settings=job.emulator_settings.as_overrides(),
         name=job.name or (given.path.stem if given else ""),

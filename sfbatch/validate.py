@@ -5,6 +5,12 @@ and reports counts and every problem with its file and line; also limits that ca
 (a batch larger than the images-per-minute limit, a daily quota smaller than one
 request) and a base URL or model that does not fit the endpoint. Exit 0 when all is
 well, 2 when anything would fail.
+
+Offline means offline: the request defaults are checked as flags (``jobfile.merge`` runs
+:func:`sfbatch.modelcheck.check_defaults`: a wrong one is exit 2 before any row is read)
+and every input image is opened and sniffed, but the endpoint's model list is not asked
+for; a model the rules place on the other platform (or withdrawn) is a warning here, and
+``run`` checks the list itself before its first request.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from urllib.parse import urlsplit
 from sfbatch.config import BASE_URLS, RunConfig
 from sfbatch.jobfile import Job
 from sfbatch.limiter import batch_fit_problem
+from sfbatch.modelcheck import endpoint_family
 
 __all__ = ["validate_job"]
 
@@ -40,19 +47,11 @@ def _config_problems(config: RunConfig) -> list[str]:
     return problems
 
 
-def _endpoint_family(base_url: str) -> str | None:
-    host = urlsplit(base_url).hostname or ""
-    for family in BASE_URLS:
-        if host.endswith(f"siliconflow.{family}"):
-            return family
-    return None
-
-
 def validate_job(job: Job, *, out: TextIO) -> int:
     """Print a report of ``job`` to ``out``; return the number of problems found."""
     config = job.config
     problems = _config_problems(config)
-    family = _endpoint_family(config.base_url)
+    family = endpoint_family(config.base_url)
     counts: Counter[str] = Counter()
     models: Counter[str] = Counter()
     images = 0
