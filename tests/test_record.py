@@ -65,7 +65,8 @@ def test_field_order_is_the_documented_contract() -> None:
         *("id", "status", "finished_at", "billed_images", "fingerprint"),
         *("line", "file", "variation"),
         *("prompt", "negative_prompt", "model", "image_size", "batch_size"),
-        *("num_inference_steps", "guidance_scale", "prompt_enhancement", "requested_seed"),
+        *("num_inference_steps", "guidance_scale", "prompt_enhancement", "inputs"),
+        "requested_seed",
         *("seed", "timings", "images", "attempts", "latency_s", "trace_id", "error"),
         *("duplicate_of", "urls", "generated_at"),
     ) == FIELD_ORDER
