@@ -52,6 +52,8 @@ BASE_URLS = {
 }
 DEFAULT_BASE_URL = BASE_URLS["cn"]
 DEFAULT_KEY_ENV = "SILICONFLOW_API_KEY"
+# Several keys (of separate accounts), comma-separated: the run spreads its work over them.
+KEYS_ENV = "SILICONFLOW_API_KEYS"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -74,7 +76,11 @@ def _checked_shard(shard: tuple[int, ...]) -> tuple[int, int]:
 
 @dataclass(frozen=True, kw_only=True)
 class Environment:
-    """What sfbatch takes from the environment: the API key and ``SILICONFLOW_BASE_URL``."""
+    """What sfbatch takes from the environment: the API key(s) and ``SILICONFLOW_BASE_URL``.
+
+    ``api_key`` holds one key, or several separated by commas (``SILICONFLOW_API_KEYS``,
+    read when the job's key variable is unset or empty).
+    """
 
     api_key: str = ""
     base_url: str | None = None
@@ -83,7 +89,7 @@ class Environment:
     def read(cls, key_env: str = DEFAULT_KEY_ENV) -> Environment:
         """The key from ``key_env`` (a job's ``api.key_env``) and the base-URL override."""
         return cls(
-            api_key=os.environ.get(key_env, "").strip(),
+            api_key=os.environ.get(key_env, "").strip() or os.environ.get(KEYS_ENV, "").strip(),
             base_url=os.environ.get("SILICONFLOW_BASE_URL") or None,
         )
 
@@ -170,6 +176,11 @@ class Timeouts:
     url_ttl_s: float = setting(3600.0, help="how long image URLs live, s", above=0)
     grace_s: float = setting(
         30.0, help="seconds in-flight work may take after Ctrl-C (default 30)", above=0
+    )
+    outage_timeout_s: float = setting(
+        1800.0,
+        help="seconds the API may stay unreachable before the run stops (exit 5; default 1800)",
+        above=0,
     )
 
     def __post_init__(self) -> None:
@@ -333,6 +344,11 @@ class RunConfig:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         part, field_name = _FLAT[name]
         return getattr(object.__getattribute__(self, part), field_name)
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The run's keys: ``api_key`` holds one, or several separated by commas."""
+        return tuple(key for part in self.api_key.split(",") if (key := part.strip()))
 
     @property
     def manifest_name(self) -> str:
