@@ -8,8 +8,8 @@ with :func:`sfbatch.settings.setting`, which makes it a job-file key and a flag 
 (flat keywords are applied over the parts)::
 
     >>> cfg = RunConfig(out_dir="out", api_key="sk-test", rpm=60)
-    >>> cfg.limits.rpm, cfg.workers.concurrency, cfg.out_dir
-    (60, 4, PosixPath('out'))
+    >>> cfg.limits.rpm, cfg.workers.concurrency, cfg.out_dir   # concurrency None: auto
+    (60, None, PosixPath('out'))
     >>> RunConfig(out_dir="out", api_key="k", limits=Limits(ipd=400)) == RunConfig(
     ...     out_dir="out", api_key="k", ipd=400)
     True
@@ -43,6 +43,7 @@ __all__ = [
     "RunConfig",
     "Timeouts",
     "Workers",
+    "parse_concurrency",
     "parse_shard",
 ]
 
@@ -63,6 +64,19 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise ConfigError(f"shard must be I/N (e.g. 0/4), got {text!r}") from None
     return _checked_shard((index, count))
+
+
+def parse_concurrency(value: str | int) -> int | None:
+    """``"auto"`` (None: the window sizes itself) or a whole number of requests in flight."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"concurrency must be auto or a whole number, got {value!r}") from None
 
 
 def _checked_shard(shard: tuple[int, ...]) -> tuple[int, int]:
@@ -156,12 +170,26 @@ class Workers:
 
     SECTION: ClassVar[str] = "limits"
 
-    concurrency: int = setting(4, help="generation requests in flight (default 4)", at_least=1)
+    concurrency: int | None = setting(
+        None,
+        parse=parse_concurrency,
+        help="generation requests in flight: auto (the default: sized from the rate and the "
+        "latency, up to max_concurrency) or a fixed N",
+        at_least=1,
+    )
+    max_concurrency: int = setting(
+        256, help="most generation requests in flight with auto (default 256)", at_least=1
+    )
     download_concurrency: int = setting(8, help="downloads in flight (default 8)", at_least=1)
     queue_size: int = setting(256, help="rows read ahead of the workers (default 256)", at_least=1)
 
     def __post_init__(self) -> None:
         check(self)
+
+    @property
+    def generation_workers(self) -> int:
+        """How many generation workers run: N when fixed, else the window's ceiling."""
+        return self.concurrency or self.max_concurrency
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -264,6 +264,8 @@ class Generator:
             if window is not None:
                 window.release(latency_s=latency_s, outcome=outcome)
                 window.set_target_rate(self._pool.target_rate_per_min())
+                if (hint := window.hint()) is not None:
+                    log.info("%s", hint)
 
     def _backoff(self, failures: int, exc: SfbatchError) -> float:
         if not exc.retryable or self._retry.gives_up(failures + 1):

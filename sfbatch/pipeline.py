@@ -224,7 +224,9 @@ class Pipeline:
             used_today=lambda key_index, model: billed_today if key_index == 0 else 0,
             utc_offset_h=limits.day_utc_offset_h,
         )
-        self._window = ConcurrencyWindow(fixed=workers.concurrency)
+        self._window = ConcurrencyWindow(
+            fixed=workers.concurrency, max_size=workers.max_concurrency
+        )
         # New rows wait in the generation queue behind items sent back for regeneration
         # (their URLs expired). Those come from the downloaders, which must never wait on
         # it, so the queue has no bound of its own: ``_room`` bounds the rows in it.
@@ -237,7 +239,7 @@ class Pipeline:
             2 * workers.download_concurrency
         )
         self._api_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=workers.concurrency * len(keys)),
+            connector=aiohttp.TCPConnector(limit=workers.generation_workers),
             raise_for_status=False,
         )
         self._dl_session = aiohttp.ClientSession(
@@ -404,7 +406,7 @@ class Pipeline:
         workers = self.config.workers
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._load())
-            for _ in range(workers.concurrency):
+            for _ in range(workers.generation_workers):
                 tg.create_task(self._generate_worker())
             for _ in range(workers.download_concurrency):
                 tg.create_task(self._download_worker())
@@ -452,7 +454,7 @@ class Pipeline:
         # TaskGroup cancels every task): once every item is finished none can come back
         # for regeneration, and the workers may go.
         await self._gen_queue.join()
-        for _ in range(self.config.workers.concurrency):
+        for _ in range(self.config.workers.generation_workers):
             self._gen_queue.put_nowait((_END, next(self._order), None))
         for _ in range(self.config.workers.download_concurrency):
             await self._dl_queue.put(None)
@@ -505,7 +507,9 @@ class Pipeline:
             elif isinstance(exc, QuotaReachedError):
                 self._request_stop("quota", str(exc))
             await self._keep_paid(item)  # nothing was sent: the next run takes it
-        except (asyncio.CancelledError, FatalApiError):
+        except (asyncio.CancelledError, FatalApiError) as exc:
+            if isinstance(exc, FatalApiError):  # before any other worker sends again
+                self._request_stop("fatal", str(exc))
             await self._keep_paid(item)
             raise
         except ModelDisabledError as exc:
