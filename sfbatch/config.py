@@ -35,6 +35,7 @@ from sfbatch.settings import check, setting, specs_of
 __all__ = [
     "BASE_URLS",
     "DEFAULT_BASE_URL",
+    "MODEL_LIMITS_ID",
     "Build",
     "Environment",
     "Limits",
@@ -53,6 +54,8 @@ BASE_URLS = {
 }
 DEFAULT_BASE_URL = BASE_URLS["cn"]
 DEFAULT_KEY_ENV = "SILICONFLOW_API_KEY"
+# The job file's per-model limits (``[limits.models."MODEL"]``), not a flag.
+MODEL_LIMITS_ID = "limits.models"
 # Several keys (of separate accounts), comma-separated: the run spreads its work over them.
 KEYS_ENV = "SILICONFLOW_API_KEYS"
 
@@ -100,8 +103,15 @@ class Environment:
     base_url: str | None = None
 
     @classmethod
-    def read(cls, key_env: str = DEFAULT_KEY_ENV) -> Environment:
-        """The key from ``key_env`` (a job's ``api.key_env``) and the base-URL override."""
+    def read(cls, key_env: str = DEFAULT_KEY_ENV, *, key_envs: tuple[str, ...] = ()) -> Environment:
+        """The key from ``key_env`` (a job's ``api.key_env``), or the keys of ``key_envs``
+        (a job's ``api.key_envs``, those set), and the base-URL override."""
+        if key_envs:
+            keys = (os.environ.get(name, "").strip() for name in key_envs)
+            return cls(
+                api_key=",".join(key for key in keys if key),
+                base_url=os.environ.get("SILICONFLOW_BASE_URL") or None,
+            )
         return cls(
             api_key=os.environ.get(key_env, "").strip() or os.environ.get(KEYS_ENV, "").strip(),
             base_url=os.environ.get("SILICONFLOW_BASE_URL") or None,
@@ -159,9 +169,27 @@ class Limits:
     day_utc_offset_h: float = setting(
         8.0, key="tz_offset_h", help="UTC offset in hours of the account's day (default 8)"
     )
+    #: A model's own rpm/ipm/ipd (job file ``[limits.models."MODEL"]``); what it leaves
+    #: out is the run's. All limits apply per (key, model).
+    models: Mapping[str, Limits] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check(self)
+        for model_limits in self.models.values():
+            if not isinstance(model_limits, Limits):
+                raise ConfigError(f"limits.models values must be Limits, got {model_limits!r}")
+
+    def for_model(self, model: str) -> Limits:
+        """``model``'s limits: its own where it sets them, else the run's."""
+        own = self.models.get(model)
+        if own is None:
+            return self
+        return Limits(
+            rpm=self.rpm if own.rpm is None else own.rpm,
+            ipm=self.ipm if own.ipm is None else own.ipm,
+            ipd=self.ipd if own.ipd is None else own.ipd,
+            day_utc_offset_h=self.day_utc_offset_h,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,6 +384,8 @@ class RunConfig:
         :mod:`sfbatch.jobfile` merges them; missing ones keep their defaults."""
         top: dict[str, Any] = {}
         parts: dict[str, dict[str, Any]] = {}
+        if MODEL_LIMITS_ID in values:
+            parts["limits"] = {"models": values[MODEL_LIMITS_ID]}
         for spec in specs_of(cls):
             if spec.id not in values:
                 continue

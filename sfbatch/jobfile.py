@@ -45,7 +45,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
 
-from sfbatch.config import BASE_URLS, DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Environment, RunConfig
+from sfbatch.config import (
+    BASE_URLS,
+    DEFAULT_BASE_URL,
+    DEFAULT_KEY_ENV,
+    MODEL_LIMITS_ID,
+    Environment,
+    Limits,
+    RunConfig,
+)
 from sfbatch.errors import ConfigError
 from sfbatch.loader import PromptSource
 from sfbatch.models import ModelRegistry
@@ -83,7 +91,7 @@ class EmulatorSettings:
 # The job's own keys, which are not RunConfig fields: section -> key -> accepted TOML types.
 _JOB_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
     "job": {"name": (str,), "inputs": (list, str), "emulator": (str, bool)},
-    "api": {"profile": (str,), "key_env": (str,)},
+    "api": {"profile": (str,), "key_env": (str,), "key_envs": (list,)},
 }
 
 
@@ -112,6 +120,8 @@ class JobFile:
     emulator: EmulatorMode | None = None
     profile: str | None = None
     key_env: str | None = None
+    key_envs: tuple[str, ...] = ()
+    """``api.key_envs``: variables holding one key each, of separate accounts."""
     emulator_settings: EmulatorSettings = field(default_factory=EmulatorSettings)
 
 
@@ -174,6 +184,9 @@ def load(path: Path) -> JobFile:
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{section}] must be a table")
         for key, value in table.items():
+            if section == "limits" and key == "models":
+                settings[MODEL_LIMITS_ID] = _model_limits(value, path)
+                continue
             if key not in schema:
                 raise ConfigError(
                     f"{path}: unknown key {section}.{key} (known: {', '.join(schema)})"
@@ -199,6 +212,7 @@ def load(path: Path) -> JobFile:
             emulator=None if "emulator" not in own else _emulator_mode(own["emulator"]),
             profile=own.get("profile") if _profile_url(own.get("profile")) else None,
             key_env=own.get("key_env"),
+            key_envs=_key_envs(own.get("key_envs")),
             emulator_settings=EmulatorSettings(**emulator),
         )
     except ConfigError as exc:
@@ -214,6 +228,35 @@ def _value(spec: Spec, value: Any, path: Path) -> Any:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {spec.id}: {exc}") from exc
     return value
+
+
+def _model_limits(value: Any, path: Path) -> dict[str, Limits]:
+    """``[limits.models."Qwen/Qwen-Image"]`` tables: rpm, ipm, ipd of one model (per key)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f'{path}: limits.models must hold tables like [limits.models."MODEL"]')
+    models: dict[str, Limits] = {}
+    for model, table in value.items():
+        where = f'limits.models."{model}"'
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {where} must be a table with rpm, ipm or ipd")
+        unknown = set(table) - {"rpm", "ipm", "ipd"}
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown key {where}.{sorted(unknown)[0]} (known: rpm, ipm, ipd)"
+            )
+        try:
+            models[model] = Limits(**table)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {where}: {exc}") from exc
+    return models
+
+
+def _key_envs(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not value or not all(isinstance(item, str) and item for item in value):
+        raise ConfigError("api.key_envs must be a list of environment variable names")
+    return tuple(value)
 
 
 def _inputs(value: Any, path: Path) -> tuple[str, ...]:
@@ -252,7 +295,7 @@ def merge(job: JobFile | None, overrides: Overrides, env: Environment | None = N
     given = job
     job = job or JobFile(path=Path())
     key_env = job.key_env or DEFAULT_KEY_ENV
-    env = env or Environment.read(key_env)
+    env = env or Environment.read(key_env, key_envs=job.key_envs)
     values = {**job.settings, **overrides.settings}
     if values.get("job.out") is None:
         raise ConfigError(f"{source}: give an output directory with --out (or job.out)")

@@ -218,6 +218,10 @@ class Pipeline:
         self._pool = KeyPool(
             keys=len(keys),
             limits=ModelLimits(rpm=limits.rpm, ipm=limits.ipm, ipd=limits.ipd),
+            per_model={
+                model: ModelLimits(rpm=own.rpm, ipm=own.ipm, ipd=own.ipd)
+                for model, own in ((m, limits.for_model(m)) for m in limits.models)
+            },
             max_batch_size=max(rule.max_batch_size for rule in self.registry),
             # The manifest knows what was billed today, not by which key or for which
             # model: it is counted against key 0 of every model (never too much sent).

@@ -266,3 +266,61 @@ async def test_a_second_run_on_a_busy_dir_exits_2_naming_the_first(tmp_path: Pat
         await asyncio.wait_for(first.communicate(), 60)
     assert first.returncode == 0  # the first run untouched
     assert statuses(out) == Counter(ok=1)
+
+
+# -- settings: concurrency, several keys, per-model limits -------------------------------
+
+
+def test_concurrency_is_auto_or_n_on_the_command_line_and_in_a_job(tmp_path: Path) -> None:
+    from sfbatch.cli import build_parser, job_from_args
+
+    def config(*flags: str, job: str = "") -> RunConfig:
+        (tmp_path / "p.txt").write_text("a lighthouse\n")
+        source = tmp_path / "p.txt"
+        if job:
+            source = tmp_path / "job.toml"
+            source.write_text(f'[job]\ninputs = ["p.txt"]\nout = "out"\n{job}')
+        args = build_parser().parse_args(["run", str(source), "--out", "o", *flags])
+        return job_from_args(args).config
+
+    assert config().workers.concurrency is None  # auto by default
+    assert config("--concurrency", "auto").workers.generation_workers == 256
+    assert config("--concurrency", "8").workers.concurrency == 8
+    assert config("--max-concurrency", "32").workers.generation_workers == 32
+    assert config(job="[limits]\nconcurrency = 6\n").workers.concurrency == 6
+    assert config(job='[limits]\nconcurrency = "auto"\n').workers.concurrency is None
+    with pytest.raises(SystemExit):
+        config("--concurrency", "lots")
+
+
+def test_job_file_per_model_limits_and_several_key_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sfbatch import jobfile
+
+    (tmp_path / "p.txt").write_text("a lighthouse\n")
+    job = tmp_path / "job.toml"
+    job.write_text(
+        '[job]\ninputs = ["p.txt"]\nout = "out"\n[api]\nkey_envs = ["KEY_A", "KEY_B"]\n'
+        f'[limits]\nipm = 10\n[limits.models."{QWEN}"]\nipm = 2\nipd = 50\n'
+    )
+    monkeypatch.setenv("KEY_A", "sk-a")
+    monkeypatch.setenv("KEY_B", "sk-b")
+    merged = jobfile.merge(jobfile.load(job), jobfile.Overrides())
+    cfg = merged.config
+    assert cfg.api_keys == ("sk-a", "sk-b")
+    assert (cfg.limits.for_model(QWEN).ipm, cfg.limits.for_model(QWEN).ipd) == (2, 50)
+    assert cfg.limits.for_model(KOLORS).ipm == 10
+    job.write_text(f'[limits.models."{QWEN}"]\nrpx = 2\n')
+    with pytest.raises(Exception, match="rpx"):
+        jobfile.load(job)
+
+
+def test_siliconflow_api_keys_gives_several_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sfbatch.config import Environment
+
+    monkeypatch.delenv("SILICONFLOW_API_KEY", raising=False)
+    monkeypatch.setenv("SILICONFLOW_API_KEYS", "sk-one, sk-two,sk-three")
+    env = Environment.read()
+    cfg = RunConfig(out_dir="o", api_key=env.api_key)
+    assert cfg.api_keys == ("sk-one", "sk-two", "sk-three")
