@@ -31,6 +31,7 @@ from sfbatch.settings import Spec, specs_of
 
 __all__ = [
     "EXIT_AUTH",
+    "EXIT_BLOCKED",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -44,6 +45,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_AUTH = 3
 EXIT_QUOTA = 4
+EXIT_BLOCKED = 5  # something outside the run must be fixed (disk, balance, outage)
 EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("sfbatch")

@@ -106,6 +106,7 @@ def _headline(result: RunResult, summary: dict[str, Any]) -> str:
         "interrupted": f"interrupted after {elapsed}",
         "fatal": f"stopped after {elapsed}: {result.message or 'the API refused the job'}",
         "input_error": f"stopped after {elapsed}: {result.message}",
+        "blocked": f"stopped after {elapsed}: {result.message}",
     }.get(result.outcome, f"{result.outcome} after {elapsed}")
     return f"{what}: {', '.join(parts)}"
 
@@ -141,7 +142,7 @@ def _next_steps(result: RunResult, summary: dict[str, Any]) -> list[str]:
         hints.append("the daily quota is used up: run the same command tomorrow to go on")
     elif result.outcome == "interrupted":
         hints.append("run the same command again to resume")
-    elif result.outcome in ("fatal", "input_error"):
+    elif result.outcome in ("fatal", "input_error", "blocked"):
         hints.append("fix that, then run the same command again to resume")
     if failed:
         hints.append(
