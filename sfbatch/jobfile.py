@@ -38,6 +38,7 @@ The base URL is ``--base-url``/``--profile``, else ``SILICONFLOW_BASE_URL``, els
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -59,7 +60,7 @@ from sfbatch.loader import PromptSource
 from sfbatch.models import ModelRegistry
 from sfbatch.settings import Spec, check, own_specs, setting, specs_of
 
-__all__ = ["EmulatorSettings", "Job", "JobFile", "Overrides", "load", "merge"]
+__all__ = ["EmulatorSettings", "Job", "JobFile", "Overrides", "job_keys", "load", "merge"]
 
 EmulatorMode = Literal["off", "auto", "on"]
 
@@ -108,6 +109,11 @@ def _schema() -> dict[str, dict[str, tuple[tuple[type, ...], Spec | None]]]:
 _SCHEMA = _schema()
 
 
+def job_keys() -> list[str]:
+    """Every key a job file may hold, as ``section.key``."""
+    return [f"{section}.{key}" for section, keys in _SCHEMA.items() for key in keys]
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobFile:
     """A job file's contents, checked: RunConfig settings by spec id (``limits.rpm``), with
@@ -136,6 +142,8 @@ class Overrides:
     profile: str | None = None
     emulator: bool = False
     """``--emulator``: run against the embedded emulator whatever the job says."""
+    key_env: str | None = None
+    """``--key-env``: the variable holding the API key, over the job's ``api.key_env``."""
 
 
 @dataclass(frozen=True)
@@ -176,33 +184,47 @@ def load(path: Path) -> JobFile:
     settings: dict[str, Any] = {}
     own: dict[str, Any] = {}
     emulator: dict[str, Any] = {}
+    problems: list[str] = []  # every mistake of the file at once, not one per attempt
     for section, table in doc.items():
         schema = _SCHEMA.get(section)
         if schema is None:
             known = ", ".join(f"[{s}]" for s in _SCHEMA)
-            raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
+            problems.append(f"{path}: unknown section [{section}] (known: {known})")
+            continue
         if not isinstance(table, dict):
-            raise ConfigError(f"{path}: [{section}] must be a table")
+            problems.append(f"{path}: [{section}] must be a table")
+            continue
         for key, value in table.items():
             if section == "limits" and key == "models":
-                settings[MODEL_LIMITS_ID] = _model_limits(value, path)
+                try:
+                    settings[MODEL_LIMITS_ID] = _model_limits(value, path)
+                except ConfigError as exc:
+                    problems.append(str(exc))
                 continue
             if key not in schema:
-                raise ConfigError(
-                    f"{path}: unknown key {section}.{key} (known: {', '.join(schema)})"
+                close = difflib.get_close_matches(key, list(schema), n=1)
+                hint = f"did you mean {section}.{close[0]}?" if close else ""
+                problems.append(
+                    f"{path}: unknown key {section}.{key} ({hint or 'known: ' + ', '.join(schema)})"
                 )
+                continue
             types, spec = schema[key]
             if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
                 names = " or ".join(t.__name__ for t in types)
-                raise ConfigError(
+                problems.append(
                     f"{path}: {section}.{key} must be {names}, got {type(value).__name__} {value!r}"
                 )
-            if spec is None:
+            elif spec is None:
                 own[key] = value
             elif section == EmulatorSettings.SECTION:
                 emulator[spec.name] = value
             else:
-                settings[spec.id] = _value(spec, value, path)
+                try:
+                    settings[spec.id] = _value(spec, value, path)
+                except ConfigError as exc:
+                    problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
     try:
         return JobFile(
             path=path,
@@ -294,8 +316,9 @@ def merge(job: JobFile | None, overrides: Overrides, env: Environment | None = N
     source = str(job.path) if job else "command line"
     given = job
     job = job or JobFile(path=Path())
-    key_env = job.key_env or DEFAULT_KEY_ENV
-    env = env or Environment.read(key_env, key_envs=job.key_envs)
+    key_env = overrides.key_env or job.key_env or DEFAULT_KEY_ENV
+    key_envs = () if overrides.key_env else job.key_envs  # a flag's variable wins
+    env = env or Environment.read(key_env, key_envs=key_envs)
     values = {**job.settings, **overrides.settings}
     if values.get("job.out") is None:
         raise ConfigError(f"{source}: give an output directory with --out (or job.out)")

@@ -107,6 +107,8 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     counts: Counter[str] = field(default_factory=Counter)
     skipped: int = 0
+    # Of ``skipped``, by the status earlier runs recorded: "ok", "failed", "invalid", ...
+    skipped_as: Counter[str] = field(default_factory=Counter)
     rows_read: int = 0
     images: int = 0
     bytes: int = 0
@@ -430,10 +432,12 @@ class Pipeline:
             status = state.status(row.id, row.fingerprint)
             if status == "ok" or (status == "failed" and not self.config.build.retry_failed):
                 stats.skipped += 1
+                stats.skipped_as[status] += 1
                 continue
             if row.request is None:
                 if status == "invalid":
                     stats.skipped += 1
+                    stats.skipped_as[status] += 1
                 else:
                     await self._emit(row, "invalid", error=invalid_error(row.error or ""))
                 continue
@@ -446,6 +450,7 @@ class Pipeline:
             if row.duplicate_of is not None:
                 if status == "duplicate":
                     stats.skipped += 1
+                    stats.skipped_as[status] += 1
                 else:
                     await self._emit(row, "duplicate")
                 continue
@@ -699,6 +704,7 @@ class Pipeline:
             "run": {
                 **dict(stats.counts),
                 "skipped": stats.skipped,
+                "skipped_as": dict(stats.skipped_as),
                 "rows_read": stats.rows_read,
                 "images": stats.images,
                 "bytes": stats.bytes,
