@@ -123,6 +123,7 @@ _UNSET_DEFAULTS = {
     "build.limit": "every row",
     "build.shard": "all rows",
     "build.models_file": "the built-in rules",
+    "limits.concurrency": "auto",
 }
 
 
@@ -135,6 +136,8 @@ _JOB_KEY_HELP = {
     "api.profile": "cn or com: which base URL; flag --profile",
     "api.key_env": f"environment variable holding the API key (default {DEFAULT_KEY_ENV}); "
     "flag --key-env",
+    "api.key_envs": "environment variables holding one key each, of separate accounts "
+    "(default: SILICONFLOW_API_KEYS=key1,key2 when the key variable is unset)",
 }
 
 

@@ -201,8 +201,8 @@ class Workers:
     concurrency: int | None = setting(
         None,
         parse=parse_concurrency,
-        help="generation requests in flight: auto (the default: sized from the rate and the "
-        "latency, up to max_concurrency) or a fixed N",
+        help="generation requests in flight: auto (sized from the rate and the latency, up to "
+        "max_concurrency) or a fixed N",
         at_least=1,
     )
     max_concurrency: int = setting(

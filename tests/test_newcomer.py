@@ -85,6 +85,8 @@ async def test_an_emulator_key_sent_to_a_real_host_is_warned_about(tmp_path: Pat
         "0",
         "--connect-timeout",
         "5",
+        "--outage-timeout",  # an unreachable endpoint is an outage: paused, then exit 5
+        "1",
         "--no-progress",
     )
     assert "sending to api.siliconflow.invalid" in err
@@ -207,7 +209,7 @@ async def test_validate_lists_every_mistake_of_a_job_file(tmp_path: Path) -> Non
     code, _, err = await sfbatch_cli("validate", str(job))
     assert code == 2
     assert "unknown key limits.rmp (did you mean limits.rpm?)" in err
-    assert "limits.concurrency must be int" in err
+    assert "limits.concurrency: concurrency must be auto or a whole number" in err
     assert "shard must be I/N" in err
 
 
