@@ -361,3 +361,29 @@ async def test_edit_job_sends_the_files_records_their_digests_and_refuses_bad_on
         }
     ]
     assert "inputs" not in records[4]
+
+
+async def test_several_keys_and_the_jobs_per_model_limits_are_checked(tmp_path: Path) -> None:
+    prompts(tmp_path / "p.txt", 4)
+    async with Emulator(offer=TODAY_CN, api_keys={"sk-a", "sk-b"}) as emu:
+        out = tmp_path / "out"
+        code, output = await sfbatch(
+            "run",
+            str(tmp_path / "p.txt"),
+            "--out",
+            str(out),
+            "--base-url",
+            emu.base_url,
+            key="sk-a,sk-b",
+        )
+        assert code == 0, output
+        assert emu.stats()["models_requests"] == 1
+        job = tmp_path / "job.toml"
+        job.write_text(
+            f'[job]\ninputs = ["p.txt"]\nout = "o2"\n[limits.models."{SD35}"]\nipm = 60\n'
+        )
+        code, output = await sfbatch("run", str(job), "--base-url", emu.base_url, key="sk-a")
+        assert emu.stats()["generation_requests"] == 4
+    assert code == 2, output
+    assert f"model {SD35} is not offered" in output and "[limits.models]" in output
+    assert not (tmp_path / "o2").exists()
