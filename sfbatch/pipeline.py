@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import queue
 import time
 from collections import Counter
@@ -56,7 +57,7 @@ from sfbatch.figures import Reservoir
 from sfbatch.generator import DailyQuota, Generator, Stopped, WorkItem
 from sfbatch.identity import unused_stem
 from sfbatch.limiter import RateLimiter, batch_fit_problem
-from sfbatch.loader import JobRows, PromptSource, Row, image_shard_dir
+from sfbatch.loader import SKIPPED, JobRows, PromptSource, Row, image_shard_dir
 from sfbatch.manifest import (
     ManifestRecord,
     ManifestWriter,
@@ -69,7 +70,7 @@ from sfbatch.manifest import (
 )
 from sfbatch.models import ModelRegistry
 from sfbatch.reasons import Reason, ReasonTally
-from sfbatch.resume import read_index
+from sfbatch.resume import DAMAGED, read_index
 
 __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
 
@@ -79,6 +80,8 @@ _YIELD_EVERY_ROWS = 256
 _REGENERATE, _NEW_ROW, _END = 0, 1, 2
 # A "generated" record's URLs are reused only while this much of their lifetime is left.
 _URL_MARGIN_S = 120.0
+_DAMAGED_LISTED = 100
+log = logging.getLogger("sfbatch")
 
 
 @dataclass
@@ -93,6 +96,9 @@ class RunStats:
     bytes: int = 0
     billed_images: int = 0
     regenerated: int = 0
+    new_rows: int = 0  # rows with no record of their id and fingerprint
+    remade_damaged: int = 0  # rows whose record `verify --repair` marked damaged
+    whole_input: bool = False  # the loader read every row (no limit, shard or stop)
     latency: Reservoir = field(default_factory=Reservoir)
     inference: Reservoir = field(default_factory=Reservoir)
     reasons: Counter[Reason] = field(default_factory=Counter)
@@ -174,8 +180,19 @@ class Pipeline:
         clean_tmp(out)
         manifest_path = out / config.manifest_name
         self._state = read_index([manifest_path], day_start=day_start_iso(limits.day_utc_offset_h))
+        if self._state.damaged:
+            places = ", ".join(f"{d.path}:{d.line}" for d in self._state.damaged[:10])
+            more = len(self._state.damaged) - 10
+            log.warning(
+                "%d manifest lines are not complete records (%s%s): their items are made again",
+                len(self._state.damaged),
+                places,
+                f" and {more} more" if more > 0 else "",
+            )
         if isinstance(rows, JobRows | PromptSource):
             rows.legacy = self._state  # rows made by an older sfbatch keep their ids
+            # Rows done already come out of the loader as SKIPPED, before being built.
+            rows.done = self._state.done_check(retry_failed=config.build.retry_failed)
         self._quota = (
             None
             if limits.ipd is None
@@ -332,7 +349,14 @@ class Pipeline:
             stats.rows_read = n
             if self.stopping:
                 break
-            status = state.status(row.id, row.fingerprint)
+            if row is SKIPPED:
+                stats.skipped += 1  # the loader found it done (and matched it) already
+                continue
+            status = state.match(row.id, row.fingerprint)
+            if status is None:
+                stats.new_rows += 1
+            elif status == DAMAGED:
+                stats.remade_damaged += 1
             if status == "ok" or (status == "failed" and not self.config.build.retry_failed):
                 stats.skipped += 1
                 continue
@@ -359,6 +383,7 @@ class Pipeline:
                 self._attach_pending(item, state.generated_record(row.id, row.fingerprint))
             await self._room.acquire()
             self._gen_queue.put_nowait((_NEW_ROW, next(self._order), item))
+        self._report_found()
         # Only on the way out through the end of input or a stop (after an error the
         # TaskGroup cancels every task): once every item is finished none can come back
         # for regeneration, and the workers may go.
@@ -367,6 +392,28 @@ class Pipeline:
             self._gen_queue.put_nowait((_END, next(self._order), None))
         for _ in range(self.config.workers.download_concurrency):
             await self._dl_queue.put(None)
+
+    def _report_found(self) -> None:
+        """Once the input is read: what changed since the manifest was written."""
+        stats, state = self.stats, self._state
+        stats.whole_input = (
+            not self.stopping and self.config.limit is None and self.config.shard is None
+        )
+        if stats.remade_damaged:
+            log.warning(
+                "%d items are made again: their files were missing or damaged (verify --repair)",
+                stats.remade_damaged,
+            )
+        if not stats.whole_input or not state.records:
+            return
+        history = sum(state.counts(matched=False).values())
+        if stats.new_rows or history:
+            log.info(
+                "%d rows new or changed since the manifest was written; %d earlier records "
+                "are no longer in the input (kept as history)",
+                stats.new_rows,
+                history,
+            )
 
     def _attach_pending(self, item: WorkItem, record: dict[str, Any] | None) -> None:
         if not record:
@@ -580,7 +627,19 @@ class Pipeline:
             },
             "latency_s": stats.latency.percentiles(0.5, 0.95, 0.99),
             "inference_s": stats.inference.percentiles(0.5, 0.95, 0.99),
-            "manifest": dict(self._state.counts()),
+            # Counts of the current input's items; records of rows no longer in it apart.
+            "manifest": dict(self._state.counts(matched=True)),
+            "history": sum(self._state.counts(matched=False).values())
+            if stats.whole_input
+            else None,
+            "found": {
+                "new_or_changed": stats.new_rows if stats.whole_input else None,
+                "remade_damaged": stats.remade_damaged,
+                "damaged_lines": [
+                    f"{d.path.name}:{d.line}" for d in self._state.damaged[:_DAMAGED_LISTED]
+                ],
+                "damaged_line_count": len(self._state.damaged),
+            },
             "quota": {
                 "ipd": self.config.ipd,
                 "billed_today": self._quota.used if self._quota else None,

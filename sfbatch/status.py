@@ -61,6 +61,7 @@ __all__ = [
     "message_class",
     "percentile",
     "register",
+    "repair",
     "status_report",
     "verify",
 ]
@@ -182,46 +183,47 @@ def _variations(latest: dict[str, ManifestRecord]) -> int:
 
 
 def _pending(input_path: Path, latest: dict[str, ManifestRecord]) -> dict[str, Any]:
-    """Input rows not yet done, and the images they still need.
+    """Input rows not yet done, the images they still need, and the history.
 
-    Cheap when the loader can count rows (plain .txt/.jsonl): rows minus done records,
-    images estimated at the mean batch size recorded. Otherwise every row is read and
-    looked up by id, which is exact.
+    Every row is read and matched to the latest record of its id *and* fingerprint (an
+    edited row is pending: its record is of what the row asked for before). Records no
+    row matches are *history*: rows edited away or removed from the input. The rows are
+    read with the default settings, so a job run with other ones (``--model``, a base
+    seed) should be counted with the run's own summary instead.
     """
-    done = sum(1 for record in latest.values() if record.get("status") in DONE_STATUSES)
+    from sfbatch.loader import PromptSource
+    from sfbatch.resume import DAMAGED_CODE
+
+    # A row without a batch size of its own takes the run's default, which only the
+    # records know: estimate it by the mean batch size recorded.
     sizes = [b for r in latest.values() if isinstance(b := r.get("batch_size"), int) and b > 0]
     per_row = sum(sizes) / len(sizes) if sizes else 1.0
-    try:
-        from sfbatch.loader import PromptSource
-    except ImportError:  # pragma: no cover - the loader ships with sfbatch
-        rows = _count_lines(input_path)
-        pending = max(0, rows - done)
-        return _pending_dict(rows, pending, math.ceil(pending * per_row), "lines")
-
     source = PromptSource(input_path, variations=_variations(latest))
-    rows_known = source.count_rows()
-    if rows_known is not None:
-        pending = max(0, rows_known - done)
-        return _pending_dict(rows_known, pending, math.ceil(pending * per_row), "count")
-    rows = pending = images = 0
+    rows = pending = images = matched = estimated = 0
     for row in source:
         rows += 1
         record = latest.get(row.id)
-        if record is None or record.get("status") not in DONE_STATUSES:
+        if record is not None and record.get("fingerprint") not in (None, row.fingerprint):
+            record = None  # a record of what this id asked for before the edit
+        matched += record is not None
+        error = record.get("error") if record is not None else None
+        repaired = isinstance(error, dict) and error.get("code") == DAMAGED_CODE
+        if record is None or record.get("status") not in DONE_STATUSES or repaired:
             pending += 1
             if row.request is not None:
                 batch = row.request.get("batch_size")
-                images += batch if isinstance(batch, int) and batch > 0 else 1
-    return _pending_dict(rows, pending, images, "scan")
+                if isinstance(batch, int) and batch > 1:
+                    images += batch
+                else:
+                    estimated += 1
+    images += math.ceil(estimated * per_row)
+    found = _pending_dict(rows, pending, images, "scan")
+    found["history"] = len(latest) - matched
+    return found
 
 
 def _pending_dict(rows: int, pending: int, images: int, method: str) -> dict[str, Any]:
     return {"input_rows": rows, "pending": pending, "pending_images": images, "method": method}
-
-
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
 
 
 def status_report(
@@ -298,6 +300,7 @@ def status_report(
         "errors": dict(errors.most_common()),
         "input_rows": pending["input_rows"] if pending else None,
         "pending": pending["pending"] if pending else None,
+        "history": pending["history"] if pending else None,
         "pending_images": pending["pending_images"] if pending else None,
         "pending_method": pending["method"] if pending else None,
         "images": images,
@@ -479,6 +482,60 @@ def verify(out_dir: Path, *, workers: int | None = None) -> VerifyReport:
     return report
 
 
+def repair(out_dir: Path, report: VerifyReport) -> list[str]:
+    """Make the items of ``report``'s missing or mismatched images due again; their ids.
+
+    For each such item a ``failed`` record with error code ``damaged`` is appended to the
+    manifest its latest record is in (the manifest stays append-only): the next run makes
+    it again, even without ``--retry-failed``, and says how many it remakes. Holds the
+    directory's run lock while it writes, so it never interleaves with a run.
+    """
+    from sfbatch.lock import RunLock
+    from sfbatch.manifest import ManifestWriter, now_iso
+    from sfbatch.resume import DAMAGED_CODE
+
+    problems: dict[str, FileProblem] = {}
+    for problem in (*report.missing, *report.mismatched):
+        problems.setdefault(problem.id, problem)
+    if not problems:
+        return []
+    home: dict[str, tuple[Path, ManifestRecord]] = {}
+    for path in manifest_paths(out_dir):
+        for record in iter_records(path):
+            if record.get("id") in problems:
+                home[record["id"]] = (path, record)
+    repaired: list[str] = []
+    with RunLock(out_dir):
+        writers: dict[Path, ManifestWriter] = {}
+        try:
+            for row_id, (path, record) in home.items():
+                if record.get("status") != "ok" or not isinstance(record.get("fingerprint"), str):
+                    continue  # changed since verify read it, or too old to match a row
+                problem = problems[row_id]
+                detail = f"{problem.path}: {problem.problem} {problem.detail}".rstrip()
+                writer = writers.get(path) or writers.setdefault(path, ManifestWriter(path))
+                writer.append(
+                    {
+                        **record,
+                        "status": "failed",
+                        "finished_at": now_iso(),
+                        "billed_images": 0,
+                        "images": [],
+                        "attempts": 0,
+                        "error": {
+                            "status": None,
+                            "code": DAMAGED_CODE,
+                            "message": f"verify --repair: {detail}; made again by the next run",
+                        },
+                    }
+                )
+                repaired.append(row_id)
+        finally:
+            for writer in writers.values():
+                writer.close()
+    return repaired
+
+
 # -- output --------------------------------------------------------------------------
 
 
@@ -524,6 +581,11 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
             "pending",
             f"{report['pending']:,}",
             f"of {report['input_rows']:,} input rows; ~{report['pending_images']:,} images",
+        )
+        row(
+            "history",
+            f"{report['history']:,}",
+            "records of rows no longer in the input (edited or removed; kept)",
         )
     tp = report["throughput"]
     if tp["ok_per_hour"] is None:
@@ -654,6 +716,12 @@ def register(subparsers: Any) -> None:
         dest="show_all",
         help=f"list every problem (default: the first {_LIST_LIMIT} of each kind)",
     )
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="make the items whose images are missing or damaged due again: appends a "
+        "failed record (error code 'damaged') for each, so the next run makes them again",
+    )
     check.set_defaults(handler=verify_command)
 
 
@@ -686,8 +754,25 @@ def verify_command(args: argparse.Namespace) -> int:
     except NoManifestError as exc:
         print(f"sfbatch verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    repaired: list[str] | None = None
+    if args.repair:
+        from sfbatch.errors import SfbatchError
+
+        try:
+            repaired = repair(args.dir, report)
+        except (SfbatchError, OSError) as exc:
+            print(f"sfbatch verify --repair: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.json:
-        sys.stdout.write(orjson.dumps(report.as_dict()).decode() + "\n")
+        found = report.as_dict()
+        if repaired is not None:
+            found["repaired"] = repaired
+        sys.stdout.write(orjson.dumps(found).decode() + "\n")
     else:
         print(format_verify(report, show_all=args.show_all))
+        if repaired:
+            print(
+                f"repaired: {len(repaired):,} items are due again (failed, code 'damaged'); "
+                "the next run makes them again"
+            )
     return report.exit_code

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from sfbatch.config import BASE_URLS, RunConfig
 from sfbatch.jobfile import Job
 from sfbatch.limiter import batch_fit_problem
+from sfbatch.loader import JobRows
 
 __all__ = ["validate_job"]
 
@@ -63,21 +64,23 @@ def validate_job(job: Job, *, out: TextIO) -> int:
         if counts["invalid"] <= _MAX_LISTED:
             print(message, file=out)
 
-    for path in job.inputs:
-        source = job.source(path)
-        for row in source:
-            if row.request is None:
-                report(row.error)
-                continue
-            batch = row.request.get("batch_size", 1)
-            unfit = batch_fit_problem(batch, config.limits.ipm)
-            if unfit is not None:
-                report(f"{row.file}:{row.line}: {unfit}")
-                continue
-            counts["valid"] += 1
-            counts["duplicate"] += row.duplicate_of is not None
-            models[row.request["model"]] += 1
-            images += batch
+    # One pass over the job's files with one id space, as ``run`` reads them: an id
+    # repeated across files is reported with both file:line places.
+    sources = [job.source(path) for path in job.inputs]
+    for row in JobRows(sources):
+        if row.request is None:
+            report(row.error)
+            continue
+        batch = row.request.get("batch_size", 1)
+        unfit = batch_fit_problem(batch, config.limits.ipm)
+        if unfit is not None:
+            report(f"{row.file}:{row.line}: {unfit}")
+            continue
+        counts["valid"] += 1
+        counts["duplicate"] += row.duplicate_of is not None
+        models[row.request["model"]] += 1
+        images += batch
+    for source in sources:
         warnings.extend(source.warnings)
     for model in models:
         rule = job.registry.get(model)
