@@ -15,6 +15,9 @@ Stopping, in order of severity:
   written as ``generated`` records with their URLs, so the next run downloads them
   instead of paying again; outcome ``interrupted`` (exit 130).
 - 401/403/404 from the API: cancelled at once; outcome ``fatal`` (exit 3).
+- with ``images_to``, a store that refuses at start (before any request) or fails an
+  upload (after its own retries): no new requests, the item is kept ``generated``;
+  outcome ``fatal`` (exit 3).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import contextlib
 import itertools
 import queue
 import time
+import uuid
 from collections import Counter
 from collections.abc import (
     AsyncGenerator,
@@ -37,6 +41,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
@@ -44,7 +49,7 @@ import orjson
 
 from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.config import RunConfig
-from sfbatch.downloader import Downloader, StoredImage, clean_tmp
+from sfbatch.downloader import TMP_DIR, Downloader, StoredImage, clean_tmp
 from sfbatch.errors import (
     ExpiredUrlError,
     FatalApiError,
@@ -70,6 +75,7 @@ from sfbatch.manifest import (
 from sfbatch.models import ModelRegistry
 from sfbatch.reasons import Reason, ReasonTally
 from sfbatch.resume import read_index
+from sfbatch.storage import ImageStore, StorageError, open_store
 
 __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
 
@@ -167,6 +173,7 @@ class Pipeline:
         self._cancelled_by_us = False
         self.fatal_error: FatalApiError | None = None
         self.input_error: BaseException | None = None
+        self.store_error: StorageError | None = None
 
         # Every part, built here in one phase; run() closes what they hold open.
         out, limits, workers = config.out_dir, config.limits, config.workers
@@ -222,13 +229,17 @@ class Pipeline:
             quota=self._quota,
             stopping=lambda: self.stopping,
         )
+        # With images_to, a download lands in DIR/.tmp and is uploaded from there: an fsync
+        # of a file about to be deleted buys nothing (the store's PUT is the durable copy).
+        images_to = config.output.images_to
+        self._store: ImageStore | None = None if images_to is None else open_store(images_to)
         self._downloader = Downloader(
             out_dir=out,
             session=self._dl_session,
             timeout_s=config.timeouts.download_timeout_s,
             max_bytes=config.output.max_image_bytes,
             retry=config.retry,
-            fsync=config.output.fsync_images,
+            fsync=config.output.fsync_images and self._store is None,
         )
         self._writer = ManifestWriter(manifest_path)
 
@@ -284,7 +295,8 @@ class Pipeline:
         """Run the job to its end; never raises for item-level failures. Call it once: it
         closes the manifest and the sessions the constructor opened."""
         try:
-            await self._run_stages()
+            if await self._open_store():
+                await self._run_stages()
         except* FatalApiError as group:
             fatal = group.exceptions[0]
             assert isinstance(fatal, FatalApiError)
@@ -299,8 +311,24 @@ class Pipeline:
             self._writer.close()
             await self._api_session.close()
             await self._dl_session.close()
+            if self._store is not None:
+                await self._store.aclose()
             clean_tmp(self.config.out_dir)
         return self._finish()
+
+    async def _open_store(self) -> bool:
+        """Open the image store and prove it takes writes, before anything is paid for;
+        ``False`` (and the run stops, exit 3) when it refuses."""
+        if self._store is None:
+            return True
+        try:
+            await self._store.__aenter__()
+            await self._store.check_writable()
+        except StorageError as exc:
+            self.store_error = exc
+            self._request_stop("fatal", f"the image store refuses writes: {exc}")
+            return False
+        return True
 
     async def _run_stages(self) -> None:
         self._stages = asyncio.create_task(self._stages_body())
@@ -432,10 +460,20 @@ class Pipeline:
         if generation is None:
             raise RuntimeError(f"{item.row.id} reached the downloaders without a generation")
         try:
-            images = [
-                await self._downloader.fetch(url, self._stem(item.row, index))
-                for index, url in enumerate(generation.urls)
-            ]
+            if self._store is None:
+                images = [
+                    await self._downloader.fetch(url, self._stem(item.row, index))
+                    for index, url in enumerate(generation.urls)
+                ]
+            else:
+                images = await self._fetch_and_store(item, generation.urls, self._store)
+        except StorageError as exc:
+            await self._save_generated(item)  # paid for: the next run uploads it
+            self.store_error = self.store_error or exc
+            self._request_stop(
+                "fatal", f"storing an image failed (the item is kept for the next run): {exc}"
+            )
+            return
         except ExpiredUrlError as exc:
             if item.regenerations >= self.config.retry.max_retries:
                 await self._emit(item.row, "failed", item=item, error=exc)
@@ -446,6 +484,28 @@ class Pipeline:
             await self._emit(item.row, "failed", item=item, error=exc)
             return
         await self._emit(item.row, "ok", item=item, images=images)
+
+    async def _fetch_and_store(
+        self, item: WorkItem, urls: Sequence[str], store: ImageStore
+    ) -> list[StoredImage]:
+        """The store step: each image downloaded to ``DIR/.tmp`` (checked as always), then
+        uploaded under ``images/SHARD/NAME.EXT``; its record ``path`` is the object URL."""
+        stored: list[StoredImage] = []
+        local: list[Path] = []
+        try:
+            for index, url in enumerate(urls):
+                image = await self._downloader.fetch(url, f"{TMP_DIR}/up/{uuid.uuid4().hex}")
+                local.append(self.config.out_dir / image.path)
+                stem, ext = self._base_stem(item.row, index), image.path.rpartition(".")[2]
+                key = f"{stem}.{ext}"
+                if await store.head(key) is not None:  # never overwrite an earlier record's
+                    key = f"{stem}~{item.row.fingerprint[:8]}.{ext}"
+                url_of = await store.put_file(local[-1], key, remove_source=True)
+                stored.append(StoredImage(path=url_of, sha256=image.sha256, bytes=image.bytes))
+        finally:
+            for path in local:
+                path.unlink(missing_ok=True)
+        return stored
 
     def _regenerate(self, item: WorkItem) -> None:
         """Send ``item`` back to the generation workers (same seed), ahead of new rows: a
@@ -461,6 +521,10 @@ class Pipeline:
             await self._save_generated(item)
 
     def _stem(self, row: Row, index: int) -> str:
+        return unused_stem(self.config.out_dir, self._base_stem(row, index), row.fingerprint)
+
+    def _base_stem(self, row: Row, index: int) -> str:
+        """``images/SHARD/NAME`` of a row's image, before any ``~FP8`` is added."""
         name = self.config.output.name_template.format(id=row.id, index=index)
         # A prompt's variations share its shard directory.
         base_id = (
@@ -468,9 +532,7 @@ class Pipeline:
             if self.config.build.variations > 1
             else row.id
         )
-        return unused_stem(
-            self.config.out_dir, f"images/{image_shard_dir(base_id)}/{name}", row.fingerprint
-        )
+        return f"images/{image_shard_dir(base_id)}/{name}"
 
     # -- records -------------------------------------------------------------------
 
@@ -632,8 +694,9 @@ async def generate(
         print(results[0].summary["throughput"])
 
     Raises the :class:`~sfbatch.errors.FatalApiError` that stopped the job (bad key,
-    wrong base URL) or :class:`~sfbatch.errors.QuotaReachedError` once the daily
-    quota ends it early, after yielding every record written before.
+    wrong base URL), the :class:`~sfbatch.storage.StorageError` of an ``images_to``
+    store that refused or failed, or :class:`~sfbatch.errors.QuotaReachedError` once
+    the daily quota ends it early, after yielding every record written before.
     """
     registry = registry or ModelRegistry.load(config.models_file)
     source: Iterable[Row] | AsyncGenerator[Row, None]
@@ -670,6 +733,8 @@ async def generate(
         raise pipeline.fatal_error
     if pipeline.input_error is not None:
         raise pipeline.input_error
+    if pipeline.store_error is not None:
+        raise pipeline.store_error
     if result.outcome == "quota":
         raise QuotaReachedError(result.message)
 
