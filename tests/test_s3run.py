@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -275,3 +276,25 @@ async def test_status_and_gallery_work_with_object_paths(tmp_path: Path, s3: S3S
     page = shown.index.read_text()
     assert page.count(f'src="{s3.endpoint_url}/{s3.bucket}/g/images/') == 4
     assert "Signature=" in page or "X-Amz-Signature=" in page
+
+
+async def test_an_s3_build_exports_to_webdataset_with_every_image(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    out, shards = tmp_path / "out", tmp_path / "shards"
+    async with Emulator() as emu:
+        await run(
+            config_for(emu, out, images_to=f"s3://{s3.bucket}/e"),
+            write_prompts(tmp_path / "p.txt", 5),
+        )
+    code, output = await sfbatch(
+        "export", str(out), "--format", "webdataset", "--to", str(shards), env=cli_env(s3)
+    )
+    assert code == 0, output
+    with tarfile.open(shards / "000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+    by_sha = {
+        hashlib.sha256(data).hexdigest() for name, data in members.items() if name.endswith(".png")
+    }
+    assert by_sha == {r["images"][0]["sha256"] for r in final(out).values()}
+    assert len(by_sha) == 5
