@@ -546,7 +546,7 @@ def build_gallery(
     thumb_map: dict[PurePosixPath, str | None] | None = None
     if thumbs and not _pillow_available():
         result.notes.append(
-            "Pillow is not installed (pip install 'sfbatch[gallery]'): "
+            f"Pillow is not installed ({PILLOW_HINT}): "
             "the pages show the full images, scaled down by the browser"
         )
     elif thumbs:
@@ -635,6 +635,10 @@ async def _presign_all(urls: list[str], expires_s: int) -> dict[str, str]:
 # -- CLI -----------------------------------------------------------------------------
 
 
+# ``sfbatch[gallery]`` resolves only on a package index; a checkout installs its own extra.
+PILLOW_HINT = "pip install 'sfbatch[gallery]', or from a checkout: pip install '.[gallery]'"
+
+
 def register(subparsers: Any) -> None:
     """Add ``gallery`` to the ``sfbatch`` command."""
     parser = subparsers.add_parser(
@@ -643,7 +647,7 @@ def register(subparsers: Any) -> None:
         description="Write DIR/gallery/index.html and page-NNNN.html: thumbnails with prompt, "
         "seed, model, size and inference time; failed and invalid items with their reason; "
         "filters by status and model. Works from file://. Thumbnails need Pillow "
-        "(pip install 'sfbatch[gallery]') and are reused when newer than their image.",
+        f"({PILLOW_HINT}) and are reused when newer than their image.",
     )
     parser.add_argument("dir", type=Path, metavar="DIR")
     parser.add_argument(

@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 
 from sfbatch.errors import ConfigError
-from sfbatch.figures import human_bytes, percentile, percentiles
+from sfbatch.figures import duration, human_bytes, percentile, percentiles, plural
 from sfbatch.manifest import (
     STATUSES,
     ImageEntry,
@@ -81,6 +81,8 @@ DONE_STATUSES = frozenset({"ok", "failed", "invalid", "duplicate"})
 _REASON_STATUSES = ("failed", "invalid")
 # Gaps between finished records longer than this are idle time (e.g. between nightly runs).
 _IDLE_GAP_S = 600.0
+# Records spanning less than this give no hourly throughput (it would be noise).
+_MIN_RATE_SPAN_S = 60.0
 _HASH_CHUNK = 1 << 20
 _HASH_BATCH = 1024
 _LIST_LIMIT = 50
@@ -566,7 +568,7 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
     row(
         "ok",
         f"{counts.get('ok', 0):,}",
-        f"{report['images']:,} images, {human_bytes(report['bytes'])}",
+        f"{plural(report['images'], 'image')}, {human_bytes(report['bytes'])}",
     )
     for status in ("failed", "invalid"):
         row(status, f"{counts.get(status, 0):,}")
@@ -590,15 +592,22 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
         row(
             "pending",
             f"{report['pending']:,}",
-            f"of {report['input_rows']:,} input rows; ~{report['pending_images']:,} images",
+            f"of {plural(report['input_rows'], 'input row')}; "
+            f"~{plural(report['pending_images'], 'image')}",
         )
     tp = report["throughput"]
-    if tp["ok_per_hour"] is None:
+    span_s = tp["span_h"] * 3600
+    if tp["ok_per_hour"] is None and not counts.get("ok"):
         row("throughput", "-")
+    elif tp["ok_per_hour"] is None or span_s < _MIN_RATE_SPAN_S:
+        # An hourly rate from a few seconds of records says nothing about an hour.
+        row("throughput", "-", f"records span {duration(span_s)}: too short for an hourly rate")
     else:
-        note = f"ok/h over {tp['span_h']:g} h"
+        note = f"ok/h over {duration(span_s)}"
         if tp["ok_per_active_hour"] is not None and tp["active_h"] < tp["span_h"]:
-            note += f"; {tp['ok_per_active_hour']:,} ok/h over {tp['active_h']:g} h active"
+            note += (
+                f"; {tp['ok_per_active_hour']:,} ok/h over {duration(tp['active_h'] * 3600)} active"
+            )
         row("throughput", f"{tp['ok_per_hour']:,}", note)
     for key, label in (("latency_s", "latency"), ("inference_s", "inference")):
         p = report[key]
@@ -611,9 +620,7 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
     )
     row("billed total", f"{billed['total']:,}")
     quota = report["quota"]
-    if quota["ipd"] is None:
-        row("nights left", "?", "give --ipd N (or run with --ipd so summary.json records it)")
-    else:
+    if quota["ipd"] is not None:  # no daily quota: not a nightly build, nothing to count
         note = f"at {quota['ipd']:,} images/day ({quota['left_today']:,} left today)"
         row(
             "nights left",
@@ -622,8 +629,8 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
         )
 
     head = (
-        f"{report['out_dir']}: {report['ids']:,} items from {len(report['manifests'])} "
-        f"manifest{'s' if len(report['manifests']) != 1 else ''} ({report['lines']:,} records)"
+        f"{report['out_dir']}: {plural(report['ids'], 'item')} from "
+        f"{plural(len(report['manifests']), 'manifest')} ({plural(report['lines'], 'record')})"
     )
     label_w = max(len(r[0]) for r in rows)
     value_w = max(len(r[1]) for r in rows)

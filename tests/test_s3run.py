@@ -160,7 +160,7 @@ async def test_an_upload_that_fails_after_a_paid_generation_keeps_it_generated(
         )
         first = await Pipeline(config, _source(config, src), on_record=on_record).run()
         paid_first = emu.stats()["generation_requests"]
-        assert first.exit_code == 3
+        assert first.exit_code == 5  # something outside the run must be fixed; resumable
         assert s3.bucket in first.message
         kept = [r for r in final(out).values() if r["status"] == "generated"]
         assert kept and all(r["urls"] for r in kept)
