@@ -38,6 +38,7 @@ The base URL is ``--base-url``/``--profile``, else ``SILICONFLOW_BASE_URL``, els
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -45,13 +46,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, cast
 
-from sfbatch.config import BASE_URLS, DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Environment, RunConfig
+from sfbatch.config import (
+    BASE_URLS,
+    DEFAULT_BASE_URL,
+    DEFAULT_KEY_ENV,
+    MODEL_LIMITS_ID,
+    Environment,
+    Limits,
+    RunConfig,
+)
 from sfbatch.errors import ConfigError
 from sfbatch.loader import PromptSource
 from sfbatch.models import ModelRegistry
 from sfbatch.settings import Spec, check, own_specs, setting, specs_of
 
-__all__ = ["EmulatorSettings", "Job", "JobFile", "Overrides", "load", "merge"]
+__all__ = ["EmulatorSettings", "Job", "JobFile", "Overrides", "job_keys", "load", "merge"]
 
 EmulatorMode = Literal["off", "auto", "on"]
 
@@ -83,7 +92,7 @@ class EmulatorSettings:
 # The job's own keys, which are not RunConfig fields: section -> key -> accepted TOML types.
 _JOB_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
     "job": {"name": (str,), "inputs": (list, str), "emulator": (str, bool)},
-    "api": {"profile": (str,), "key_env": (str,)},
+    "api": {"profile": (str,), "key_env": (str,), "key_envs": (list,)},
 }
 
 
@@ -100,6 +109,11 @@ def _schema() -> dict[str, dict[str, tuple[tuple[type, ...], Spec | None]]]:
 _SCHEMA = _schema()
 
 
+def job_keys() -> list[str]:
+    """Every key a job file may hold, as ``section.key``."""
+    return [f"{section}.{key}" for section, keys in _SCHEMA.items() for key in keys]
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobFile:
     """A job file's contents, checked: RunConfig settings by spec id (``limits.rpm``), with
@@ -112,6 +126,8 @@ class JobFile:
     emulator: EmulatorMode | None = None
     profile: str | None = None
     key_env: str | None = None
+    key_envs: tuple[str, ...] = ()
+    """``api.key_envs``: variables holding one key each, of separate accounts."""
     emulator_settings: EmulatorSettings = field(default_factory=EmulatorSettings)
 
 
@@ -126,6 +142,8 @@ class Overrides:
     profile: str | None = None
     emulator: bool = False
     """``--emulator``: run against the embedded emulator whatever the job says."""
+    key_env: str | None = None
+    """``--key-env``: the variable holding the API key, over the job's ``api.key_env``."""
 
 
 @dataclass(frozen=True)
@@ -166,30 +184,47 @@ def load(path: Path) -> JobFile:
     settings: dict[str, Any] = {}
     own: dict[str, Any] = {}
     emulator: dict[str, Any] = {}
+    problems: list[str] = []  # every mistake of the file at once, not one per attempt
     for section, table in doc.items():
         schema = _SCHEMA.get(section)
         if schema is None:
             known = ", ".join(f"[{s}]" for s in _SCHEMA)
-            raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
+            problems.append(f"{path}: unknown section [{section}] (known: {known})")
+            continue
         if not isinstance(table, dict):
-            raise ConfigError(f"{path}: [{section}] must be a table")
+            problems.append(f"{path}: [{section}] must be a table")
+            continue
         for key, value in table.items():
+            if section == "limits" and key == "models":
+                try:
+                    settings[MODEL_LIMITS_ID] = _model_limits(value, path)
+                except ConfigError as exc:
+                    problems.append(str(exc))
+                continue
             if key not in schema:
-                raise ConfigError(
-                    f"{path}: unknown key {section}.{key} (known: {', '.join(schema)})"
+                close = difflib.get_close_matches(key, list(schema), n=1)
+                hint = f"did you mean {section}.{close[0]}?" if close else ""
+                problems.append(
+                    f"{path}: unknown key {section}.{key} ({hint or 'known: ' + ', '.join(schema)})"
                 )
+                continue
             types, spec = schema[key]
             if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
                 names = " or ".join(t.__name__ for t in types)
-                raise ConfigError(
+                problems.append(
                     f"{path}: {section}.{key} must be {names}, got {type(value).__name__} {value!r}"
                 )
-            if spec is None:
+            elif spec is None:
                 own[key] = value
             elif section == EmulatorSettings.SECTION:
                 emulator[spec.name] = value
             else:
-                settings[spec.id] = _value(spec, value, path)
+                try:
+                    settings[spec.id] = _value(spec, value, path)
+                except ConfigError as exc:
+                    problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
     try:
         return JobFile(
             path=path,
@@ -199,6 +234,7 @@ def load(path: Path) -> JobFile:
             emulator=None if "emulator" not in own else _emulator_mode(own["emulator"]),
             profile=own.get("profile") if _profile_url(own.get("profile")) else None,
             key_env=own.get("key_env"),
+            key_envs=_key_envs(own.get("key_envs")),
             emulator_settings=EmulatorSettings(**emulator),
         )
     except ConfigError as exc:
@@ -214,6 +250,35 @@ def _value(spec: Spec, value: Any, path: Path) -> Any:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {spec.id}: {exc}") from exc
     return value
+
+
+def _model_limits(value: Any, path: Path) -> dict[str, Limits]:
+    """``[limits.models."Qwen/Qwen-Image"]`` tables: rpm, ipm, ipd of one model (per key)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f'{path}: limits.models must hold tables like [limits.models."MODEL"]')
+    models: dict[str, Limits] = {}
+    for model, table in value.items():
+        where = f'limits.models."{model}"'
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {where} must be a table with rpm, ipm or ipd")
+        unknown = set(table) - {"rpm", "ipm", "ipd"}
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown key {where}.{sorted(unknown)[0]} (known: rpm, ipm, ipd)"
+            )
+        try:
+            models[model] = Limits(**table)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {where}: {exc}") from exc
+    return models
+
+
+def _key_envs(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not value or not all(isinstance(item, str) and item for item in value):
+        raise ConfigError("api.key_envs must be a list of environment variable names")
+    return tuple(value)
 
 
 def _inputs(value: Any, path: Path) -> tuple[str, ...]:
@@ -251,8 +316,9 @@ def merge(job: JobFile | None, overrides: Overrides, env: Environment | None = N
     source = str(job.path) if job else "command line"
     given = job
     job = job or JobFile(path=Path())
-    key_env = job.key_env or DEFAULT_KEY_ENV
-    env = env or Environment.read(key_env)
+    key_env = overrides.key_env or job.key_env or DEFAULT_KEY_ENV
+    key_envs = () if overrides.key_env else job.key_envs  # a flag's variable wins
+    env = env or Environment.read(key_env, key_envs=key_envs)
     values = {**job.settings, **overrides.settings}
     if values.get("job.out") is None:
         raise ConfigError(f"{source}: give an output directory with --out (or job.out)")

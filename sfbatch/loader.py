@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import functools
 import gzip
 import hashlib
@@ -37,6 +38,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -449,6 +451,7 @@ class PromptSource:
     ) -> None:
         self.file = str(path)
         self.warnings: list[str] = []
+        self._unknown_fields: set[str] = set()
         self.total_bytes: int | None = None
         self._warned: set[str] = set()
         self._stdin = stdin
@@ -643,7 +646,7 @@ class PromptSource:
             elif isinstance(item, Mapping):
                 for key in item:
                     if key not in _KNOWN_KEYS:
-                        self._warn(f"{self.file}: unknown field {key!r} ignored")
+                        self._unknown_field(key, line)
                 yield line, None, dict(item), None
             else:
                 yield line, None, None, [f"not a prompt or a mapping (got {type(item).__name__})"]
@@ -697,7 +700,7 @@ class PromptSource:
                 if not _KNOWN_KEYS.issuperset(obj):
                     for key in obj:
                         if key not in _KNOWN_KEYS:
-                            self._warn(f"{self.file}: unknown field {key!r} ignored")
+                            self._unknown_field(key, line)
                 yield line, None, obj, None
         except _READ_ERRORS as exc:
             raise self._read_error(exc, line) from exc
@@ -766,7 +769,7 @@ class PromptSource:
             if name in _KNOWN_KEYS:
                 columns.append((index, name))
             elif name:
-                self._warn(f"{self.file}: unknown field {name!r} ignored")
+                self._unknown_field(name, line)
         return columns, len(cells)
 
     # -- building: ids, shard, seeds, validation, fingerprints, variations, dedupe -----
@@ -980,6 +983,15 @@ class PromptSource:
             fp = fingerprint(digest, varied["seed"] if varied is not None else None, k)
             yield _row(f"{base_id}-v{k}", line, file, k, varied, error, prompt, dup, fp, inputs)
 
+    def _unknown_field(self, key: str, line: int) -> None:
+        """Warn once per field name, at its first line, with the likely intended one."""
+        if key in self._unknown_fields:
+            return
+        self._unknown_fields.add(key)
+        close = difflib.get_close_matches(key, sorted(_KNOWN_KEYS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        self._warn(f"{self.file}:{line}: unknown field {key!r} ignored{hint}")
+
     def _warn(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
@@ -992,7 +1004,12 @@ def _json_problem(raw: bytes, exc: orjson.JSONDecodeError) -> str:
         raw.decode("utf-8")
     except UnicodeDecodeError:
         return "not valid UTF-8"
-    return f"not a JSON object ({exc})"
+    # The parser counts lines within this one line of the file: give the column only.
+    reason = _PARSER_POSITION.sub("", str(exc))
+    return f"not a JSON object ({reason} at column {exc.pos + 1})"
+
+
+_PARSER_POSITION = re.compile(r":? line \d+ column \d+ \(char \d+\)")
 
 
 def _json_kind(value: Any) -> str:

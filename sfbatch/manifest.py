@@ -117,6 +117,7 @@ class ManifestRecord(TypedDict):
     attempts: int
     latency_s: float
     trace_id: str | None
+    key_index: NotRequired[int]  # the key (its position in the key list) of the last request
     error: RecordError | None
     duplicate_of: str | None
     urls: NotRequired[list[str]]  # only in "generated" records
@@ -196,6 +197,8 @@ def build_record(
         "error": _record_error(error.to_record()) if isinstance(error, SfbatchError) else error,
         "duplicate_of": row.duplicate_of,
     }
+    if item is not None and item.key_index is not None:
+        record["key_index"] = item.key_index  # the writer puts it after trace_id
     if generated_at is not None and generation is not None:
         record["urls"] = list(generation.urls)
         record["generated_at"] = generated_at

@@ -122,13 +122,20 @@ class ResumeIndex:
             return _NAMES[value[0] - 1]
         return "ok" if done else None
 
-    def done_check(self, *, retry_failed: bool) -> Callable[[str, str], bool]:
-        """``is_done(id, fp)`` for the loader: :meth:`match`, then "skip this row?"."""
+    def done_check(
+        self, *, retry_failed: bool, skipped_as: Counter[str] | None = None
+    ) -> Callable[[str, str], bool]:
+        """``is_done(id, fp)`` for the loader: :meth:`match`, then "skip this row?" (each
+        skip counted in ``skipped_as`` by the status found)."""
         match = self.match
+        tally: Counter[str] = Counter() if skipped_as is None else skipped_as
 
         def is_done(row_id: str, fp: str) -> bool:
             status = match(row_id, fp)
-            return status == "ok" or (status == "failed" and not retry_failed)
+            if status == "ok" or (status == "failed" and not retry_failed):
+                tally[status] += 1
+                return True
+            return False
 
         return is_done
 

@@ -66,7 +66,7 @@ def test_field_order_is_the_documented_contract() -> None:
         *("line", "file", "variation"),
         *("prompt", "negative_prompt", "model", "image_size", "batch_size"),
         *("num_inference_steps", "guidance_scale", "prompt_enhancement", "requested_seed"),
-        *("seed", "timings", "images", "attempts", "latency_s", "trace_id", "error"),
+        *("seed", "timings", "images", "attempts", "latency_s", "trace_id", "key_index", "error"),
         *("duplicate_of", "urls", "generated_at"),
     ) == FIELD_ORDER
 
