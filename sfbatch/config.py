@@ -45,6 +45,7 @@ __all__ = [
     "Timeouts",
     "Workers",
     "parse_concurrency",
+    "parse_images_to",
     "parse_shard",
 ]
 
@@ -67,6 +68,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise ConfigError(f"shard must be I/N (e.g. 0/4), got {text!r}") from None
     return _checked_shard((index, count))
+
+
+def parse_images_to(text: str) -> str:
+    """An ``s3://bucket[/prefix]`` URL for ``images_to``, checked (no trailing ``/``)."""
+    if not text.startswith("s3://"):
+        raise ConfigError(f"images_to must be an s3://bucket/prefix URL, got {text!r}")
+    bucket = text[len("s3://") :].partition("/")[0]
+    if not bucket:
+        raise ConfigError(f"images_to has no bucket: {text!r} (expected s3://bucket/prefix)")
+    return text.rstrip("/")
 
 
 def parse_concurrency(value: str | int) -> int | None:
@@ -259,11 +270,19 @@ class Output:
         parse=parse_shard,
         help="I/N: take only the rows whose id hashes to shard I of N",
     )
+    images_to: str | None = setting(
+        None,
+        section="output",
+        parse=parse_images_to,
+        help="s3://bucket/prefix: upload each image there (the manifest stays in --out)",
+    )
 
     def __post_init__(self) -> None:
         check(self)
         if self.shard is not None:
             _checked_shard(self.shard)
+        if self.images_to is not None:
+            parse_images_to(self.images_to)
         if "{id}" not in self.name_template or "{index}" not in self.name_template:
             raise ConfigError(
                 f"file naming must contain {{id}} and {{index}}, got {self.name_template!r}"

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMATS",
     "ROW_FIELDS",
+    "SKIPPED",
     "IdSpace",
     "JobRows",
     "LegacyIds",
@@ -182,6 +183,14 @@ def _row(
     return row
 
 
+#: What the loader yields for a row the resume index says is done, instead of building it
+#: (see ``PromptSource.done``): the pipeline only counts it as skipped.
+SKIPPED: Final = _row("", 0, "", 0, None, "done already", None)
+
+#: ``done(id, fingerprint)``: is this row done already (so it need not be built)?
+DoneCheck = Callable[[str, str], bool]
+
+
 class LegacyIds(Protocol):
     """What the resume index knows of records written before ids came from content."""
 
@@ -204,8 +213,9 @@ class IdSpace:
     (5-6 bytes per distinct content, in a :class:`~sfbatch.identity.KeyTable`).
     """
 
-    def __init__(self, legacy: LegacyIds | None = None) -> None:
+    def __init__(self, legacy: LegacyIds | None = None, done: DoneCheck | None = None) -> None:
         self.legacy = legacy
+        self.done = done
         self._explicit: dict[str, str] = {}
         self._repeats = KeyTable(value_size=1)
         self._many: dict[int, int] = {}  # repeats beyond 254
@@ -271,9 +281,10 @@ class JobRows:
     def __init__(self, sources: Iterable[PromptSource]) -> None:
         self.sources = list(sources)
         self.legacy: LegacyIds | None = None
+        self.done: DoneCheck | None = None
 
     def __iter__(self) -> Iterator[Row]:
-        space = IdSpace(self.legacy)
+        space = IdSpace(self.legacy, self.done)
         for source in self.sources:
             yield from source.rows(space)
 
@@ -513,6 +524,9 @@ class PromptSource:
         if self._template is not None and self._offered_problem(self._template["model"]):
             self._template = None  # every row is checked on its own, and found invalid
         self.legacy: LegacyIds | None = None
+        #: Set by the pipeline from the resume index: a row found done is yielded as
+        #: :data:`SKIPPED` (where its id and fingerprint are known early: plain rows).
+        self.done: DoneCheck | None = None
 
     @classmethod
     def from_records(
@@ -569,7 +583,7 @@ class PromptSource:
         return count * self._variations
 
     def __iter__(self) -> Iterator[Row]:
-        return self.rows(IdSpace(self.legacy))
+        return self.rows(IdSpace(self.legacy, self.done))
 
     def rows(self, space: IdSpace) -> Iterator[Row]:
         """The rows, with ids taken from ``space`` (shared by the files of one job)."""
@@ -782,6 +796,7 @@ class PromptSource:
         primed = self._primed
         default_inputs = self._default_inputs
         legacy = space.legacy
+        is_done = space.done if simple else None
         dumps = orjson.dumps
         template_warned = False
 
@@ -807,14 +822,18 @@ class PromptSource:
                         for warning in self._template_warnings:
                             self._warn(f"{file}: {warning}")
                     seed = _seed_from(seed0, base_id) if fixed_seed is None else fixed_seed
-                    request = {**template, "prompt": prompt, "seed": seed}
-                    source = base_seed if fixed_seed is None else fixed_seed
                     if simple:
                         fp = fingerprint(digest, seed, 0)
+                        if is_done is not None and is_done(base_id, fp):
+                            yield SKIPPED
+                            continue
+                        request = {**template, "prompt": prompt, "seed": seed}
                         yield _row(
                             base_id, line, file, 0, request, None, prompt, None, fp, default_inputs
                         )
                     else:
+                        request = {**template, "prompt": prompt, "seed": seed}
+                        source = base_seed if fixed_seed is None else fixed_seed
                         duplicate = self._duplicate(base_id, digest, space)
                         yield from self._expand(
                             base_id,

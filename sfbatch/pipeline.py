@@ -16,9 +16,11 @@ Stopping, in order of severity:
   instead of paying again; outcome ``interrupted`` (exit 130).
 - something outside the run must be fixed (:class:`~sfbatch.errors.RunBlockedError`:
   the account's balance or verification (403) on the last key, a full disk, an outage
-  longer than ``outage_timeout_s``): like the quota, no new request, in-flight work lands
-  as ``ok`` or ``generated``; outcome ``blocked`` (exit 5).
-- 401/404 from the API: cancelled at once; outcome ``fatal`` (exit 3).
+  longer than ``outage_timeout_s``; with ``images_to``, an upload that failed after the
+  store's retries, its item kept ``generated``): like the quota, no new request,
+  in-flight work lands as ``ok`` or ``generated``; outcome ``blocked`` (exit 5).
+- 401/404 from the API: cancelled at once; outcome ``fatal`` (exit 3). So is an
+  ``images_to`` store that refuses a test write at start, before any request.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import itertools
 import logging
 import queue
 import time
+import uuid
 from collections import Counter
 from collections.abc import (
     AsyncGenerator,
@@ -51,7 +54,7 @@ import orjson
 from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.concurrency import ConcurrencyWindow
 from sfbatch.config import RunConfig
-from sfbatch.downloader import Downloader, StoredImage, clean_tmp, disk_full
+from sfbatch.downloader import TMP_DIR, Downloader, StoredImage, clean_tmp, disk_full
 from sfbatch.errors import (
     DISK_FULL_ERRNOS,
     DiskFullError,
@@ -70,7 +73,7 @@ from sfbatch.generator import Generator, Stopped, WorkItem
 from sfbatch.identity import unused_stem
 from sfbatch.keypool import KeyPool, ModelLimits, NoKeyLeftError
 from sfbatch.limiter import batch_fit_problem
-from sfbatch.loader import JobRows, PromptSource, Row, image_shard_dir
+from sfbatch.loader import SKIPPED, JobRows, PromptSource, Row, image_shard_dir
 from sfbatch.lock import RunLock, check_out_dir, lock_name
 from sfbatch.manifest import (
     ManifestRecord,
@@ -85,7 +88,8 @@ from sfbatch.manifest import (
 from sfbatch.models import ModelRegistry
 from sfbatch.outage import OutageDetector
 from sfbatch.reasons import Reason, ReasonTally
-from sfbatch.resume import read_index
+from sfbatch.resume import DAMAGED, read_index
+from sfbatch.storage import ImageStore, StorageError, open_store
 
 __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
 
@@ -96,6 +100,7 @@ _YIELD_EVERY_ROWS = 256
 _REGENERATE, _NEW_ROW, _END = 0, 1, 2
 # A "generated" record's URLs are reused only while this much of their lifetime is left.
 _URL_MARGIN_S = 120.0
+_DAMAGED_LISTED = 100
 
 log = logging.getLogger("sfbatch")
 
@@ -114,6 +119,9 @@ class RunStats:
     bytes: int = 0
     billed_images: int = 0
     regenerated: int = 0
+    new_rows: int = 0  # rows with no record of their id and fingerprint
+    remade_damaged: int = 0  # rows whose record `verify --repair` marked damaged
+    whole_input: bool = False  # the loader read every row (no limit, shard or stop)
     latency: Reservoir = field(default_factory=Reservoir)
     inference: Reservoir = field(default_factory=Reservoir)
     reasons: Counter[Reason] = field(default_factory=Counter)
@@ -191,6 +199,7 @@ class Pipeline:
         self.fatal_error: FatalApiError | None = None
         self.input_error: BaseException | None = None
         self.blocked_error: RunBlockedError | None = None
+        self.store_error: StorageError | None = None
         # model -> the server's message, once a 403 30003 said the account may not use it
         self.disabled_models: dict[str, str] = {}
 
@@ -212,8 +221,21 @@ class Pipeline:
             clean_tmp(out)
         manifest_path = out / config.manifest_name
         self._state = read_index([manifest_path], day_start=day_start_iso(limits.day_utc_offset_h))
+        if self._state.damaged:
+            places = ", ".join(f"{d.path}:{d.line}" for d in self._state.damaged[:10])
+            more = len(self._state.damaged) - 10
+            log.warning(
+                "%d manifest lines are not complete records (%s%s): their items are made again",
+                len(self._state.damaged),
+                places,
+                f" and {more} more" if more > 0 else "",
+            )
         if isinstance(rows, JobRows | PromptSource):
             rows.legacy = self._state  # rows made by an older sfbatch keep their ids
+            # Rows done already come out of the loader as SKIPPED, before being built.
+            rows.done = self._state.done_check(
+                retry_failed=config.build.retry_failed, skipped_as=self.stats.skipped_as
+            )
         keys = config.api_keys or ("",)
         billed_today = self._state.billed_today
         # Rows may set their own batch_size: size the limiters for the largest any model takes.
@@ -272,13 +294,17 @@ class Pipeline:
             outage=self._outage,
             stopping=lambda: self.stopping,
         )
+        # With images_to, a download lands in DIR/.tmp and is uploaded from there: an fsync
+        # of a file about to be deleted buys nothing (the store's PUT is the durable copy).
+        images_to = config.output.images_to
+        self._store: ImageStore | None = None if images_to is None else open_store(images_to)
         self._downloader = Downloader(
             out_dir=out,
             session=self._dl_session,
             timeout_s=config.timeouts.download_timeout_s,
             max_bytes=config.output.max_image_bytes,
             retry=config.retry,
-            fsync=config.output.fsync_images,
+            fsync=config.output.fsync_images and self._store is None,
         )
         self._writer = ManifestWriter(manifest_path)
 
@@ -370,7 +396,8 @@ class Pipeline:
         """Run the job to its end; never raises for item-level failures. Call it once: it
         closes the manifest and the sessions the constructor opened."""
         try:
-            await self._run_stages()
+            if await self._open_store():
+                await self._run_stages()
         except* FatalApiError as group:
             fatal = group.exceptions[0]
             assert isinstance(fatal, FatalApiError)
@@ -393,11 +420,27 @@ class Pipeline:
                     self._writer.close()
                 await self._api_session.close()
                 await self._dl_session.close()
+                if self._store is not None:
+                    await self._store.aclose()
                 if self.config.output.shard is None:
                     clean_tmp(self.config.out_dir)
             finally:
                 self._lock.release()
         return self._finish()
+
+    async def _open_store(self) -> bool:
+        """Open the image store and prove it takes writes, before anything is paid for;
+        ``False`` (and the run stops, exit 3) when it refuses."""
+        if self._store is None:
+            return True
+        try:
+            await self._store.__aenter__()
+            await self._store.check_writable()
+        except StorageError as exc:
+            self.store_error = exc
+            self._request_stop("fatal", f"the image store refuses writes: {exc}")
+            return False
+        return True
 
     async def _run_stages(self) -> None:
         self._stages = asyncio.create_task(self._stages_body())
@@ -429,7 +472,14 @@ class Pipeline:
             stats.rows_read = n
             if self.stopping:
                 break
-            status = state.status(row.id, row.fingerprint)
+            if row is SKIPPED:
+                stats.skipped += 1  # the loader found it done (and matched it) already
+                continue
+            status = state.match(row.id, row.fingerprint)
+            if status is None:
+                stats.new_rows += 1
+            elif status == DAMAGED:
+                stats.remade_damaged += 1
             if status == "ok" or (status == "failed" and not self.config.build.retry_failed):
                 stats.skipped += 1
                 stats.skipped_as[status] += 1
@@ -459,6 +509,7 @@ class Pipeline:
                 self._attach_pending(item, state.generated_record(row.id, row.fingerprint))
             await self._room.acquire()
             self._gen_queue.put_nowait((_NEW_ROW, next(self._order), item))
+        self._report_found()
         # Only on the way out through the end of input or a stop (after an error the
         # TaskGroup cancels every task): once every item is finished none can come back
         # for regeneration, and the workers may go.
@@ -467,6 +518,28 @@ class Pipeline:
             self._gen_queue.put_nowait((_END, next(self._order), None))
         for _ in range(self.config.workers.download_concurrency):
             await self._dl_queue.put(None)
+
+    def _report_found(self) -> None:
+        """Once the input is read: what changed since the manifest was written."""
+        stats, state = self.stats, self._state
+        stats.whole_input = (
+            not self.stopping and self.config.limit is None and self.config.shard is None
+        )
+        if stats.remade_damaged:
+            log.warning(
+                "%d items are made again: their files were missing or damaged (verify --repair)",
+                stats.remade_damaged,
+            )
+        if not stats.whole_input or not state.records:
+            return
+        history = sum(state.counts(matched=False).values())
+        if stats.new_rows or history:
+            log.info(
+                "%d rows new or changed since the manifest was written; %d earlier records "
+                "are no longer in the input (kept as history)",
+                stats.new_rows,
+                history,
+            )
 
     def _attach_pending(self, item: WorkItem, record: dict[str, Any] | None) -> None:
         if not record:
@@ -552,7 +625,11 @@ class Pipeline:
             outages = self._outage.statistics().outages
             try:
                 for index in range(len(images), len(generation.urls)):
-                    stem = self._stem(item.row, index)
+                    stem = (
+                        self._stem(item.row, index)
+                        if self._store is None
+                        else f"{TMP_DIR}/up/{uuid.uuid4().hex}"  # uploaded by the store step
+                    )
                     images.append(await self._downloader.fetch(generation.urls[index], stem))
             except DiskFullError as exc:
                 self._block(exc)
@@ -580,8 +657,36 @@ class Pipeline:
             except SfbatchError as exc:
                 await self._emit(item.row, "failed", item=item, error=exc)
                 return
+            if self._store is not None:
+                try:
+                    images = await self._store_images(item, images, self._store)
+                except StorageError as exc:
+                    self.store_error = self.store_error or exc
+                    self._block(exc)
+                    await self._save_generated(item)  # paid for: the next run uploads it
+                    return
             await self._emit(item.row, "ok", item=item, images=images)
             return
+
+    async def _store_images(
+        self, item: WorkItem, images: Sequence[StoredImage], store: ImageStore
+    ) -> list[StoredImage]:
+        """The store step: each image, downloaded to ``DIR/.tmp/up/`` (checked as always),
+        uploaded under ``images/SHARD/NAME.EXT``; its record ``path`` is the object URL."""
+        stored: list[StoredImage] = []
+        try:
+            for index, image in enumerate(images):
+                stem, ext = self._base_stem(item.row, index), image.path.rpartition(".")[2]
+                key = f"{stem}.{ext}"
+                if await store.head(key) is not None:  # never overwrite an earlier record's
+                    key = f"{stem}~{item.row.fingerprint[:8]}.{ext}"
+                local = self.config.out_dir / image.path
+                url = await store.put_file(local, key, remove_source=True)
+                stored.append(StoredImage(path=url, sha256=image.sha256, bytes=image.bytes))
+        finally:
+            for image in images:
+                (self.config.out_dir / image.path).unlink(missing_ok=True)
+        return stored
 
     def _regenerate(self, item: WorkItem) -> None:
         """Send ``item`` back to the generation workers (same seed), ahead of new rows: a
@@ -597,6 +702,10 @@ class Pipeline:
             await self._save_generated(item)
 
     def _stem(self, row: Row, index: int) -> str:
+        return unused_stem(self.config.out_dir, self._base_stem(row, index), row.fingerprint)
+
+    def _base_stem(self, row: Row, index: int) -> str:
+        """``images/SHARD/NAME`` of a row's image, before any ``~FP8`` is added."""
         name = self.config.output.name_template.format(id=row.id, index=index)
         # A prompt's variations share its shard directory.
         base_id = (
@@ -604,9 +713,7 @@ class Pipeline:
             if self.config.build.variations > 1
             else row.id
         )
-        return unused_stem(
-            self.config.out_dir, f"images/{image_shard_dir(base_id)}/{name}", row.fingerprint
-        )
+        return f"images/{image_shard_dir(base_id)}/{name}"
 
     # -- records -------------------------------------------------------------------
 
@@ -722,7 +829,19 @@ class Pipeline:
             },
             "latency_s": stats.latency.percentiles(0.5, 0.95, 0.99),
             "inference_s": stats.inference.percentiles(0.5, 0.95, 0.99),
-            "manifest": dict(self._state.counts()),
+            # Counts of the current input's items; records of rows no longer in it apart.
+            "manifest": dict(self._state.counts(matched=True)),
+            "history": sum(self._state.counts(matched=False).values())
+            if stats.whole_input
+            else None,
+            "found": {
+                "new_or_changed": stats.new_rows if stats.whole_input else None,
+                "remade_damaged": stats.remade_damaged,
+                "damaged_lines": [
+                    f"{d.path.name}:{d.line}" for d in self._state.damaged[:_DAMAGED_LISTED]
+                ],
+                "damaged_line_count": len(self._state.damaged),
+            },
             "quota": {
                 "ipd": self.config.ipd,
                 "billed_today": self._billed_today(),
@@ -777,8 +896,9 @@ async def generate(
         print(results[0].summary["throughput"])
 
     Raises the :class:`~sfbatch.errors.FatalApiError` that stopped the job (bad key,
-    wrong base URL) or :class:`~sfbatch.errors.QuotaReachedError` once the daily
-    quota ends it early, after yielding every record written before.
+    wrong base URL), the :class:`~sfbatch.storage.StorageError` of an ``images_to``
+    store that refused or failed, or :class:`~sfbatch.errors.QuotaReachedError` once
+    the daily quota ends it early, after yielding every record written before.
     """
     registry = registry or ModelRegistry.load(config.models_file)
     source: Iterable[Row] | AsyncGenerator[Row, None]
@@ -817,6 +937,8 @@ async def generate(
         raise pipeline.input_error
     if pipeline.blocked_error is not None:
         raise pipeline.blocked_error
+    if pipeline.store_error is not None:
+        raise pipeline.store_error
     if result.outcome == "quota":
         raise QuotaReachedError(result.message)
 

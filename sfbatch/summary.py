@@ -40,8 +40,9 @@ def print_summary(result: RunResult, config: Any) -> None:
     manifest = out_dir / config.manifest_name
     headline = _headline(result, summary)
     reasons = _reasons(result)
+    images_to = getattr(getattr(config, "output", None), "images_to", None)
     files = (
-        f"images in {out_dir / 'images'}, manifest {manifest}, "
+        f"images in {images_to or out_dir / 'images'}, manifest {manifest}, "
         f"summary {out_dir / config.summary_name}"
     )
     hints = _next_steps(result, summary)

@@ -23,6 +23,7 @@ from sfbatch.config import BASE_URLS, RunConfig
 from sfbatch.figures import plural
 from sfbatch.jobfile import Job
 from sfbatch.limiter import batch_fit_problem
+from sfbatch.loader import JobRows
 from sfbatch.modelcheck import endpoint_family
 
 __all__ = ["validate_job"]
@@ -70,23 +71,25 @@ def validate_job(job: Job, *, out: TextIO) -> int:
         if len(invalid_lines) <= _MAX_LISTED:
             print(message, file=out)
 
-    for path in job.inputs:
-        source = job.source(path)
-        for row in source:
-            where = (row.file, row.line)
-            if row.request is None:
-                report(where, row.error)
-                continue
-            batch = row.request.get("batch_size", 1)
-            unfit = batch_fit_problem(batch, config.limits.ipm)
-            if unfit is not None:
-                report(where, f"{row.file}:{row.line}: {unfit}")
-                continue
-            valid_lines.add(where)
-            counts["items"] += 1
-            counts["duplicate"] += row.duplicate_of is not None
-            models[row.request["model"]] += 1
-            images += batch
+    # One pass over the job's files with one id space, as ``run`` reads them: an id
+    # repeated across files is reported with both file:line places.
+    sources = [job.source(path) for path in job.inputs]
+    for row in JobRows(sources):
+        where = (row.file, row.line)
+        if row.request is None:
+            report(where, row.error)
+            continue
+        batch = row.request.get("batch_size", 1)
+        unfit = batch_fit_problem(batch, config.limits.ipm)
+        if unfit is not None:
+            report(where, f"{row.file}:{row.line}: {unfit}")
+            continue
+        valid_lines.add(where)
+        counts["items"] += 1
+        counts["duplicate"] += row.duplicate_of is not None
+        models[row.request["model"]] += 1
+        images += batch
+    for source in sources:
         warnings.extend(source.warnings)
     counts["valid"] = len(valid_lines - invalid_lines)
     counts["invalid"] = len(invalid_lines)

@@ -27,6 +27,7 @@ _SPECIAL: dict[str, Any] = {
     "api.base_url": "http://127.0.0.1:1/v1",
     "build.file_naming": "{index}-{id}",
     "build.shard": "1/3",
+    "output.images_to": "s3://bucket/run-1",
     "request.batch_size": 2,
     "request.image_size": "512x512",
     "request.image": "https://example.com/cat.png",

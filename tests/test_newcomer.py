@@ -158,14 +158,22 @@ async def test_a_why_line_keeps_the_whole_list_of_sizes(tmp_path: Path) -> None:
     sizes = [f"{512 + 64 * i}x{512 + 64 * i}" for i in range(12)]
     models = tmp_path / "models.toml"
     models.write_text(f'[models."acme/wide"]\nimage_sizes = {sizes!r}\n'.replace("'", '"'))
-    (tmp_path / "p.txt").write_text("a\n")
+    # A row's own size: an invalid row (as a flag it is a usage error, listing them too).
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "a", "model": "acme/wide", "image_size": "100x100"}\n'
+    )
     async with sfbatch.Emulator() as emu:
         code, _, err = await sfbatch_cli(
-            "run", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
+            "run", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o"),
+            "--base-url", emu.base_url, "--models-file", str(models),
+        )  # fmt: skip
+        assert code == 1, err
+        flag_code, _, flag_err = await sfbatch_cli(
+            "run", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o2"),
             "--base-url", emu.base_url, "--models-file", str(models),
             "--model", "acme/wide", "--image-size", "100x100",
         )  # fmt: skip
-    assert code == 1, err
+    assert flag_code == 2 and f"(one of: {', '.join(sizes)})" in flag_err, flag_err
     why = next(line for line in err.splitlines() if line.startswith("  why:"))
     assert "1 invalid row, e.g." in why
     assert f"(one of: {', '.join(sizes)})" in why, why
