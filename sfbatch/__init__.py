@@ -7,14 +7,18 @@
 
 The public surface is :data:`__all__`: :func:`generate` and what it takes, yields and
 raises (:class:`RunConfig`, :class:`RequestDefaults`, :class:`ManifestRecord` and its
-parts, :class:`RunResult`, the whole error tree), and :class:`SiliconFlowClient` for one
-request at a time. The stages (``Pipeline``, ``Row``, ``PromptSource``, ``ModelRule``,
-...) are importable from their modules but are not promised to stay as they are.
+parts, :class:`RunResult`, the whole error tree), :class:`SiliconFlowClient` for one
+request at a time, and :class:`Emulator`, the embedded emulator as an async context
+manager (``async with sfbatch.Emulator() as emu:`` gives ``emu.base_url`` and
+``emu.api_key``) for trying things out and for users' own tests. The stages
+(``Pipeline``, ``Row``, ``PromptSource``, ``ModelRule``, ...) are importable from their
+modules but are not promised to stay as they are.
 """
 
 from sfbatch import errors as _errors
 from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.config import RequestDefaults, RunConfig
+from sfbatch.emulator import Emulator
 from sfbatch.errors import *  # noqa: F403  (the whole error tree: errors.__all__)
 from sfbatch.manifest import ImageEntry, ManifestRecord, RecordError, Status
 from sfbatch.pipeline import RunResult, generate
@@ -29,6 +33,7 @@ __all__ = [
         if isinstance(getattr(_errors, name), type)
         and issubclass(getattr(_errors, name), BaseException)
     ),
+    "Emulator",
     "Generation",
     "ImageEntry",
     "ManifestRecord",

@@ -5,7 +5,8 @@ Each subcommand's work lives in its own module, which exposes
 ``(argparse.Namespace) -> int`` returning the exit code. ``run`` lives here.
 
 Exit codes: 0 all ok; 1 finished with failed or invalid items; 2 usage, config or
-input file error; 3 authentication or base-URL failure; 4 daily quota used up
+input file error (also a model the endpoint does not offer, found before any request);
+3 authentication or base-URL failure; 4 daily quota used up
 (resumable); 130 interrupted (resumable).
 """
 
@@ -21,16 +22,21 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sfbatch import jobfile
-from sfbatch.config import BASE_URLS, RunConfig
-from sfbatch.errors import ConfigError, SfbatchError
+from sfbatch.config import BASE_URLS, DEFAULT_KEY_ENV, RunConfig
+from sfbatch.errors import ConfigError, FatalApiError, SfbatchError
 from sfbatch.jobfile import Job
-from sfbatch.settings import Spec, specs_of
+from sfbatch.models import DEFAULT_MODEL
+from sfbatch.settings import Spec, own_specs, specs_of
+
+if TYPE_CHECKING:
+    from sfbatch.modelcheck import ModelOffer
 
 __all__ = [
     "EXIT_AUTH",
+    "EXIT_BLOCKED",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -44,6 +50,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_AUTH = 3
 EXIT_QUOTA = 4
+EXIT_BLOCKED = 5  # something outside the run must be fixed (disk, balance, outage)
 EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("sfbatch")
@@ -79,8 +86,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
     for spec in specs_of(RunConfig):
         help_text = spec.setting.help
-        if spec.default not in (None, dataclasses.MISSING) and "default" not in help_text:
-            help_text += f" (default {spec.default})"
+        shown = _default_text(spec)
+        if shown is not None and "default" not in help_text:
+            help_text += f" (default {shown})"
         options: dict[str, Any] = {"dest": spec.id, "default": None, "help": help_text}
         if spec.kind is bool:
             options["action"] = argparse.BooleanOptionalAction
@@ -91,6 +99,69 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 _METAVARS = {"_s": "SECONDS", "_h": "HOURS"}
+
+
+def _default_text(spec: Spec) -> str | None:
+    """How ``--help`` shows ``spec``'s default: ``4``, ``on``, ``no limit``..."""
+    value = spec.default
+    if value is None or value is dataclasses.MISSING:
+        return _UNSET_DEFAULTS.get(spec.id)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# What an unset (None) setting means, for --help: the help shows every default.
+_UNSET_DEFAULTS = {
+    "request.model": f"{DEFAULT_MODEL}",
+    "request.image_size": "the model's own",
+    "request.batch_size": "1",
+    "request.num_inference_steps": "the model's own",
+    "request.guidance_scale": "the model's own",
+    "request.cfg": "the model's own",
+    "request.negative_prompt": "none",
+    "request.prompt_enhancement": "the model's own",
+    "limits.rpm": "no limit",
+    "limits.ipm": "no limit",
+    "limits.ipd": "no limit",
+    "build.limit": "every row",
+    "build.shard": "all rows",
+    "build.models_file": "the built-in rules",
+    "limits.concurrency": "auto",
+}
+
+
+# The job file's own keys (not RunConfig settings), for the README's table.
+_JOB_KEY_HELP = {
+    "job.name": "the job's name (default: the file's name without .toml)",
+    "job.inputs": "prompt files, relative to the job file",
+    "job.emulator": "off, auto (the embedded emulator when no API key is set) or on; "
+    "flag --emulator",
+    "api.profile": "cn or com: which base URL; flag --profile",
+    "api.key_env": f"environment variable holding the API key (default {DEFAULT_KEY_ENV}); "
+    "flag --key-env",
+    "api.key_envs": "environment variables holding one key each, of separate accounts "
+    "(default: SILICONFLOW_API_KEYS=key1,key2 when the key variable is unset)",
+}
+
+
+def job_keys_table() -> str:
+    """Every job-file key as a Markdown table, as README.md shows it (a test holds them equal:
+    ``python3 -c 'from sfbatch.cli import job_keys_table; print(job_keys_table())'``)."""
+    from sfbatch.jobfile import EmulatorSettings, job_keys
+
+    rows = [(key, _JOB_KEY_HELP.get(key, "")) for key in job_keys() if key in _JOB_KEY_HELP]
+    for spec in specs_of(RunConfig):
+        shown = _default_text(spec)
+        text = spec.setting.help
+        if shown is not None and "default" not in text:
+            text += f" (default {shown})"
+        rows.append((spec.id, f"{text}; flag --{spec.flag}"))
+    for spec in own_specs(EmulatorSettings):
+        rows.append((spec.id, f"{spec.setting.help} (only when the embedded emulator runs)"))
+    lines = ["| key | what it sets |", "|---|---|"]
+    lines += [f"| `{key}` | {text.replace('|', '/')} |" for key, text in rows]
+    return "\n".join(lines)
 
 
 def job_from_args(args: argparse.Namespace) -> Job:
@@ -106,6 +177,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         input=None if job_file else given,
         profile=args.profile,
         emulator=bool(getattr(args, "emulator", False)),
+        key_env=getattr(args, "key_env", None),
     )
     return jobfile.merge(job_file, overrides)
 
@@ -115,9 +187,16 @@ def _add_run(subparsers: Any) -> None:
         "run",
         help="generate images for a prompt file or job file",
         description="Generate images for every row of PROMPTS (or the job file's inputs), "
-        "resuming from DIR/manifest.jsonl. The API key comes from $SILICONFLOW_API_KEY.",
+        "resuming from DIR/manifest.jsonl. The API key comes from $SILICONFLOW_API_KEY "
+        "(or --key-env NAME). Every job-file key is in README.md's job-file table.",
     )
     add_config_flags(parser)
+    parser.add_argument(
+        "--key-env",
+        metavar="NAME",
+        help=f"environment variable holding the API key (default {DEFAULT_KEY_ENV}, "
+        "or the job's api.key_env)",
+    )
     parser.add_argument(
         "--emulator",
         action="store_true",
@@ -143,12 +222,18 @@ def validate_command(args: argparse.Namespace) -> int:
 
     if getattr(args, "job.out") is None:
         setattr(args, "job.out", Path("."))  # validate writes nothing
+    # The report lists every warning itself, on stdout: not a second time on stderr.
+    logger = logging.getLogger("sfbatch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         job = job_from_args(args)
         problems = validate_job(job, out=sys.stdout)
     except SfbatchError as exc:
         print(f"sfbatch validate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        logger.setLevel(level)
     return EXIT_USAGE if problems else EXIT_OK
 
 
@@ -213,9 +298,13 @@ async def _run(job: Job, args: argparse.Namespace) -> int:
             )
             return EXIT_AUTH
         try:
-            sources = [job.source(path) for path in job.inputs]
+            offer = await _model_offer(job, config)
+            sources = [job.source(path, offer=offer) for path in job.inputs]
             rows = _chain(sources)
             pipeline = Pipeline(config, rows, registry=job.registry)
+        except FatalApiError as exc:  # a 401 to the model list
+            log.error("%s", exc)
+            return EXIT_AUTH
         except SfbatchError as exc:
             log.error("%s", exc)
             return EXIT_USAGE
@@ -237,6 +326,39 @@ async def _run(job: Job, args: argparse.Namespace) -> int:
                 loop.remove_signal_handler(sig)
         print_summary(result, config)
         return result.exit_code
+
+
+async def _model_offer(job: Job, config: RunConfig) -> ModelOffer | None:
+    """The endpoint's models (``None``: not checked). ConfigError if a model the job names
+    up front (the default, a ``[limits.models."M"]``) is not offered."""
+    from sfbatch.client import SiliconFlowClient
+    from sfbatch.modelcheck import default_model, fetch_offer
+
+    if not config.model_check:
+        return None
+    async with SiliconFlowClient(
+        base_url=config.base_url,
+        api_key=config.api_keys[0],  # several keys: the first one's list stands for all
+        connect_timeout_s=config.timeouts.connect_timeout_s,
+    ) as client:
+        offer = await fetch_offer(client)
+    if offer is None:
+        return None
+    default = default_model(config.defaults)
+    problem = offer.problem(default, job.registry)
+    if problem is not None:
+        raise ConfigError(
+            f"{problem}. It is the model of rows that name none: choose one with --model "
+            "(or [request] model), or send anyway with --no-model-check"
+        )
+    for model in config.limits.models:
+        problem = offer.problem(model, job.registry)
+        if problem is not None:
+            raise ConfigError(
+                f"{problem}. The job sets limits for it ([limits.models]); remove them, or "
+                "send anyway with --no-model-check"
+            )
+    return offer
 
 
 def _on_signal(pipeline: Any, sig: signal.Signals) -> None:
@@ -270,6 +392,15 @@ async def _api_endpoint(job: Job) -> AsyncIterator[RunConfig]:
     async with Emulator(**job.emulator_settings) as emulator:
         why = "as asked" if job.emulator == "on" else "no API key set"
         log.info("%s: running against the embedded emulator at %s", why, emulator.base_url)
+        px = emulator.config.image_px
+        if px is not None:
+            # The manifest records the image_size asked for; say what is served instead.
+            log.info(
+                "the emulator draws small %d×%d placeholder images whatever image_size asks "
+                "(set [emulator] image_px to change that)",
+                px,
+                px,
+            )
         yield dataclasses.replace(config, base_url=emulator.base_url, api_key=emulator.api_key)
 
 

@@ -130,7 +130,7 @@ class ConcurrencyWindow:
             if waiter.done() and not waiter.cancelled():
                 self._in_flight -= 1  # granted, then cancelled: give the slot on
                 self._wake()
-            else:
+            elif waiter in self._waiters:  # _wake() drops cancelled waiters it meets
                 self._waiters.remove(waiter)
             raise
 

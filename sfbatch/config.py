@@ -8,8 +8,8 @@ with :func:`sfbatch.settings.setting`, which makes it a job-file key and a flag 
 (flat keywords are applied over the parts)::
 
     >>> cfg = RunConfig(out_dir="out", api_key="sk-test", rpm=60)
-    >>> cfg.limits.rpm, cfg.workers.concurrency, cfg.out_dir
-    (60, 4, PosixPath('out'))
+    >>> cfg.limits.rpm, cfg.workers.concurrency, cfg.out_dir   # concurrency None: auto
+    (60, None, PosixPath('out'))
     >>> RunConfig(out_dir="out", api_key="k", limits=Limits(ipd=400)) == RunConfig(
     ...     out_dir="out", api_key="k", ipd=400)
     True
@@ -35,6 +35,7 @@ from sfbatch.settings import check, setting, specs_of
 __all__ = [
     "BASE_URLS",
     "DEFAULT_BASE_URL",
+    "MODEL_LIMITS_ID",
     "Build",
     "Environment",
     "Limits",
@@ -43,6 +44,8 @@ __all__ = [
     "RunConfig",
     "Timeouts",
     "Workers",
+    "parse_concurrency",
+    "parse_images_to",
     "parse_shard",
 ]
 
@@ -52,6 +55,10 @@ BASE_URLS = {
 }
 DEFAULT_BASE_URL = BASE_URLS["cn"]
 DEFAULT_KEY_ENV = "SILICONFLOW_API_KEY"
+# The job file's per-model limits (``[limits.models."MODEL"]``), not a flag.
+MODEL_LIMITS_ID = "limits.models"
+# Several keys (of separate accounts), comma-separated: the run spreads its work over them.
+KEYS_ENV = "SILICONFLOW_API_KEYS"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -61,6 +68,29 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise ConfigError(f"shard must be I/N (e.g. 0/4), got {text!r}") from None
     return _checked_shard((index, count))
+
+
+def parse_images_to(text: str) -> str:
+    """An ``s3://bucket[/prefix]`` URL for ``images_to``, checked (no trailing ``/``)."""
+    if not text.startswith("s3://"):
+        raise ConfigError(f"images_to must be an s3://bucket/prefix URL, got {text!r}")
+    bucket = text[len("s3://") :].partition("/")[0]
+    if not bucket:
+        raise ConfigError(f"images_to has no bucket: {text!r} (expected s3://bucket/prefix)")
+    return text.rstrip("/")
+
+
+def parse_concurrency(value: str | int) -> int | None:
+    """``"auto"`` (None: the window sizes itself) or a whole number of requests in flight."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"concurrency must be auto or a whole number, got {value!r}") from None
 
 
 def _checked_shard(shard: tuple[int, ...]) -> tuple[int, int]:
@@ -74,16 +104,27 @@ def _checked_shard(shard: tuple[int, ...]) -> tuple[int, int]:
 
 @dataclass(frozen=True, kw_only=True)
 class Environment:
-    """What sfbatch takes from the environment: the API key and ``SILICONFLOW_BASE_URL``."""
+    """What sfbatch takes from the environment: the API key(s) and ``SILICONFLOW_BASE_URL``.
+
+    ``api_key`` holds one key, or several separated by commas (``SILICONFLOW_API_KEYS``,
+    read when the job's key variable is unset or empty).
+    """
 
     api_key: str = ""
     base_url: str | None = None
 
     @classmethod
-    def read(cls, key_env: str = DEFAULT_KEY_ENV) -> Environment:
-        """The key from ``key_env`` (a job's ``api.key_env``) and the base-URL override."""
+    def read(cls, key_env: str = DEFAULT_KEY_ENV, *, key_envs: tuple[str, ...] = ()) -> Environment:
+        """The key from ``key_env`` (a job's ``api.key_env``), or the keys of ``key_envs``
+        (a job's ``api.key_envs``, those set), and the base-URL override."""
+        if key_envs:
+            keys = (os.environ.get(name, "").strip() for name in key_envs)
+            return cls(
+                api_key=",".join(key for key in keys if key),
+                base_url=os.environ.get("SILICONFLOW_BASE_URL") or None,
+            )
         return cls(
-            api_key=os.environ.get(key_env, "").strip(),
+            api_key=os.environ.get(key_env, "").strip() or os.environ.get(KEYS_ENV, "").strip(),
             base_url=os.environ.get("SILICONFLOW_BASE_URL") or None,
         )
 
@@ -139,9 +180,27 @@ class Limits:
     day_utc_offset_h: float = setting(
         8.0, key="tz_offset_h", help="UTC offset in hours of the account's day (default 8)"
     )
+    #: A model's own rpm/ipm/ipd (job file ``[limits.models."MODEL"]``); what it leaves
+    #: out is the run's. All limits apply per (key, model).
+    models: Mapping[str, Limits] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check(self)
+        for model_limits in self.models.values():
+            if not isinstance(model_limits, Limits):
+                raise ConfigError(f"limits.models values must be Limits, got {model_limits!r}")
+
+    def for_model(self, model: str) -> Limits:
+        """``model``'s limits: its own where it sets them, else the run's."""
+        own = self.models.get(model)
+        if own is None:
+            return self
+        return Limits(
+            rpm=self.rpm if own.rpm is None else own.rpm,
+            ipm=self.ipm if own.ipm is None else own.ipm,
+            ipd=self.ipd if own.ipd is None else own.ipd,
+            day_utc_offset_h=self.day_utc_offset_h,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,12 +209,26 @@ class Workers:
 
     SECTION: ClassVar[str] = "limits"
 
-    concurrency: int = setting(4, help="generation requests in flight (default 4)", at_least=1)
+    concurrency: int | None = setting(
+        None,
+        parse=parse_concurrency,
+        help="generation requests in flight: auto (sized from the rate and the latency, up to "
+        "max_concurrency) or a fixed N",
+        at_least=1,
+    )
+    max_concurrency: int = setting(
+        256, help="most generation requests in flight with auto (default 256)", at_least=1
+    )
     download_concurrency: int = setting(8, help="downloads in flight (default 8)", at_least=1)
     queue_size: int = setting(256, help="rows read ahead of the workers (default 256)", at_least=1)
 
     def __post_init__(self) -> None:
         check(self)
+
+    @property
+    def generation_workers(self) -> int:
+        """How many generation workers run: N when fixed, else the window's ceiling."""
+        return self.concurrency or self.max_concurrency
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +243,11 @@ class Timeouts:
     url_ttl_s: float = setting(3600.0, help="how long image URLs live, s", above=0)
     grace_s: float = setting(
         30.0, help="seconds in-flight work may take after Ctrl-C (default 30)", above=0
+    )
+    outage_timeout_s: float = setting(
+        1800.0,
+        help="seconds the API may stay unreachable before the run stops (exit 5; default 1800)",
+        above=0,
     )
 
     def __post_init__(self) -> None:
@@ -192,11 +270,19 @@ class Output:
         parse=parse_shard,
         help="I/N: take only the rows whose id hashes to shard I of N",
     )
+    images_to: str | None = setting(
+        None,
+        section="output",
+        parse=parse_images_to,
+        help="s3://bucket/prefix: upload each image there (the manifest stays in --out)",
+    )
 
     def __post_init__(self) -> None:
         check(self)
         if self.shard is not None:
             _checked_shard(self.shard)
+        if self.images_to is not None:
+            parse_images_to(self.images_to)
         if "{id}" not in self.name_template or "{index}" not in self.name_template:
             raise ConfigError(
                 f"file naming must contain {{id}} and {{index}}, got {self.name_template!r}"
@@ -252,6 +338,12 @@ class RunConfig:
     models_file: Path | None = setting(  # noqa: RUF009
         None, section="build", help="TOML file adding or overriding model rules"
     )
+    model_check: bool = setting(
+        True,
+        section="api",
+        help="list the endpoint's models before the first request and refuse models it does "
+        "not offer (--no-model-check: send anyway)",
+    )
     defaults: RequestDefaults
     limits: Limits
     workers: Workers
@@ -267,6 +359,7 @@ class RunConfig:
         api_key: str,
         base_url: str | None = None,
         models_file: str | Path | None = None,
+        model_check: bool = True,
         defaults: RequestDefaults | None = None,
         limits: Limits | None = None,
         workers: Workers | None = None,
@@ -302,6 +395,7 @@ class RunConfig:
         object.__setattr__(self, "api_key", api_key)
         object.__setattr__(self, "base_url", str(base_url).rstrip("/"))
         object.__setattr__(self, "models_file", None if models_file is None else Path(models_file))
+        object.__setattr__(self, "model_check", model_check)
         check(self)
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(
@@ -317,6 +411,8 @@ class RunConfig:
         :mod:`sfbatch.jobfile` merges them; missing ones keep their defaults."""
         top: dict[str, Any] = {}
         parts: dict[str, dict[str, Any]] = {}
+        if MODEL_LIMITS_ID in values:
+            parts["limits"] = {"models": values[MODEL_LIMITS_ID]}
         for spec in specs_of(cls):
             if spec.id not in values:
                 continue
@@ -333,6 +429,11 @@ class RunConfig:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         part, field_name = _FLAT[name]
         return getattr(object.__getattribute__(self, part), field_name)
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The run's keys: ``api_key`` holds one, or several separated by commas."""
+        return tuple(key for part in self.api_key.split(",") if (key := part.strip()))
 
     @property
     def manifest_name(self) -> str:

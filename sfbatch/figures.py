@@ -16,7 +16,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
-__all__ = ["Reservoir", "count", "duration", "human_bytes", "percentile", "percentiles"]
+__all__ = [
+    "Reservoir",
+    "count",
+    "duration",
+    "human_bytes",
+    "percentile",
+    "percentiles",
+    "plural",
+]
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -102,3 +110,8 @@ def duration(seconds: float) -> str:
 def count(n: float) -> str:
     """``1234`` → ``"1,234"``."""
     return f"{round(n):,}"
+
+
+def plural(n: float, noun: str, plural_noun: str | None = None) -> str:
+    """``plural(1, "image")`` → ``"1 image"``, ``plural(1234, "image")`` → ``"1,234 images"``."""
+    return f"{count(n)} {noun if round(n) == 1 else plural_noun or noun + 's'}"

@@ -21,11 +21,16 @@ makes the new ones. They need Pillow (``pip install 'sfbatch[gallery]'``); witho
 with ``thumbs=False`` (``--no-thumbs``), cards show the full images scaled down by the
 browser. Writing the pages is separate from making thumbnails and takes seconds for
 100,000 items; making 100,000 thumbnails is the slow part (decode every image).
+
+Images in object storage (``s3://`` paths, a run with ``--images-to``) get no thumbnails
+(a note says so): cards link the ``s3://`` URLs, or with ``presign=True`` (``--presign``)
+show the images through presigned HTTPS URLs, valid for ``presign_expires_s``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import html
 import logging
@@ -42,6 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from sfbatch.errors import ConfigError
 from sfbatch.manifest import (
     STATUSES,
     ManifestRecord,
@@ -51,6 +57,7 @@ from sfbatch.manifest import (
 )
 from sfbatch.reasons import Reason
 from sfbatch.status import NoManifestError
+from sfbatch.storage import ImageStore, StoreConfig, is_s3_url, open_store, parse_s3_url
 
 __all__ = ["GalleryResult", "build_gallery", "register"]
 
@@ -283,18 +290,34 @@ class _Renderer:
         page_of: dict[str, int],
         thumbs: dict[PurePosixPath, str | None] | None,
         px: int,
+        presigned: dict[str, str] | None = None,
     ) -> None:
         self.latest = latest
         self.page_of = page_of
         self.thumbs = thumbs
         self.px = px
+        self.presigned = presigned
+
+    def _object(self, url: str, dims: str) -> str:
+        """An image in object storage: its presigned URL shown, else its s3:// URL linked."""
+        if self.presigned is not None and url in self.presigned:
+            shown = _e(self.presigned[url])
+            return (
+                f'<a href="{shown}"><img loading="lazy" decoding="async" '
+                f'src="{shown}"{dims} alt=""></a>'
+            )
+        return f'<a class="object" href="{_e(url)}">{_e(url)}</a>'
 
     def images(self, record: ManifestRecord) -> str:
         parts = []
         dims = _dims(record, self.px)
         images = record.get("images")
         for image in images if isinstance(images, list) else ():
-            rel = safe_relpath(image.get("path")) if isinstance(image, dict) else None
+            path = image.get("path") if isinstance(image, dict) else None
+            if is_s3_url(path or ""):
+                parts.append(self._object(str(path), dims))
+                continue
+            rel = safe_relpath(path)
             if rel is None:
                 continue
             full = _url("../" + rel.as_posix())
@@ -495,12 +518,16 @@ def build_gallery(
     thumbs: bool = True,
     workers: int | None = None,
     progress: ThumbProgress | None = None,
+    presign: bool = False,
+    presign_expires_s: int = 7 * 24 * 3600,
 ) -> GalleryResult:
     """Write ``out_dir/gallery/`` from the manifests; see the module docstring.
 
     ``thumbs=False`` skips thumbnails (cards use the full images). ``progress(done,
-    total)`` is called as thumbnails are made. Raises :class:`NoManifestError` when
-    ``out_dir`` has no manifest and ``ValueError`` for a page size or thumb size below 1.
+    total)`` is called as thumbnails are made. ``presign``: ``s3://`` images are shown
+    through presigned URLs (valid ``presign_expires_s``) instead of linked. Raises
+    :class:`NoManifestError` when ``out_dir`` has no manifest and ``ValueError`` for a
+    page size or thumb size below 1.
     """
     if page_size < 1 or thumb_px < 1:
         raise ValueError("page_size and thumb_px must be 1 or more")
@@ -519,7 +546,7 @@ def build_gallery(
     thumb_map: dict[PurePosixPath, str | None] | None = None
     if thumbs and not _pillow_available():
         result.notes.append(
-            "Pillow is not installed (pip install 'sfbatch[gallery]'): "
+            f"Pillow is not installed ({PILLOW_HINT}): "
             "the pages show the full images, scaled down by the browser"
         )
     elif thumbs:
@@ -529,16 +556,34 @@ def build_gallery(
             if record.get("status") != "ok" or not isinstance(record.get("images"), list):
                 continue
             for image in record["images"]:
-                rel = safe_relpath(image.get("path")) if isinstance(image, dict) else None
+                path = image.get("path") if isinstance(image, dict) else None
+                rel = None if is_s3_url(path or "") else safe_relpath(path)
                 if rel is not None:
                     wanted[rel] = None
         thumb_map = _make_thumbs(out_dir, gallery_dir, wanted, thumb_px, result, workers, progress)
     result.thumbs_s = time.monotonic() - started
+    objects = sorted(
+        {
+            str(image["path"])
+            for record in records
+            if record.get("status") == "ok" and isinstance(record.get("images"), list)
+            for image in record["images"]
+            if isinstance(image, dict) and is_s3_url(image.get("path") or "")
+        }
+    )
+    presigned: dict[str, str] | None = None
+    if objects:
+        how = "shown through presigned URLs" if presign else "linked (--presign shows them)"
+        result.notes.append(
+            f"{len(objects):,} images are in object storage: no thumbnails for them, {how}"
+        )
+        if presign:
+            presigned = asyncio.run(_presign_all(objects, presign_expires_s))
 
     started = time.monotonic()
     pages = max(1, math.ceil(len(records) / page_size))
     page_of = {str(r["id"]): i // page_size + 1 for i, r in enumerate(records)}
-    renderer = _Renderer(latest, page_of, thumb_map, thumb_px)
+    renderer = _Renderer(latest, page_of, thumb_map, thumb_px, presigned)
     status_counts = Counter(str(r.get("status")) for r in records)
     statuses = [*STATUSES, *sorted(s for s in status_counts if s not in STATUSES)]
     models = sorted({_model_of(r) for r in records})
@@ -570,7 +615,28 @@ def build_gallery(
     return result
 
 
+async def _presign_all(urls: list[str], expires_s: int) -> dict[str, str]:
+    """A presigned GET URL per ``s3://`` URL (signed locally: no request per image)."""
+    stores: dict[str, ImageStore] = {}
+    signed: dict[str, str] = {}
+    config = StoreConfig(presign_expires_s=expires_s)
+    try:
+        for url in urls:
+            bucket, key = parse_s3_url(url)
+            if bucket not in stores:
+                stores[bucket] = await open_store(f"s3://{bucket}", config).__aenter__()
+            signed[url] = await stores[bucket].presign(key)
+    finally:
+        for store in stores.values():
+            await store.aclose()
+    return signed
+
+
 # -- CLI -----------------------------------------------------------------------------
+
+
+# ``sfbatch[gallery]`` resolves only on a package index; a checkout installs its own extra.
+PILLOW_HINT = "pip install 'sfbatch[gallery]', or from a checkout: pip install '.[gallery]'"
 
 
 def register(subparsers: Any) -> None:
@@ -581,7 +647,7 @@ def register(subparsers: Any) -> None:
         description="Write DIR/gallery/index.html and page-NNNN.html: thumbnails with prompt, "
         "seed, model, size and inference time; failed and invalid items with their reason; "
         "filters by status and model. Works from file://. Thumbnails need Pillow "
-        "(pip install 'sfbatch[gallery]') and are reused when newer than their image.",
+        f"({PILLOW_HINT}) and are reused when newer than their image.",
     )
     parser.add_argument("dir", type=Path, metavar="DIR")
     parser.add_argument(
@@ -601,6 +667,11 @@ def register(subparsers: Any) -> None:
         action="store_false",
         dest="thumbs",
         help="make no thumbnails: the pages show the full images, scaled down",
+    )
+    parser.add_argument(
+        "--presign",
+        action="store_true",
+        help="show s3:// images through presigned URLs (valid 7 days) instead of linking them",
     )
     parser.set_defaults(handler=gallery_command)
 
@@ -624,8 +695,9 @@ def gallery_command(args: argparse.Namespace) -> int:
             thumb_px=args.thumb_px,
             thumbs=args.thumbs,
             progress=progress,
+            presign=args.presign,
         )
-    except NoManifestError as exc:
+    except (NoManifestError, ConfigError) as exc:  # ConfigError: the s3 extra is missing
         print(f"sfbatch gallery: {exc}", file=sys.stderr)
         return EXIT_USAGE
     for note in result.notes:

@@ -1,12 +1,18 @@
-"""Generation: one item through the daily quota, the rate limiter, the API and retries.
+"""Generation: one item through the window, the key pool, the API and retries.
 
 Errors by class (see :mod:`sfbatch.errors`):
 
 - 400 and other 4xx: the item fails at once; a changed request is the only fix.
-- 401/403, 404 on the API path: raised to the pipeline, which stops the job (exit 3).
-- 429: the whole engine slows down (:meth:`RateLimiter.on_rate_limited`) and the item
+- 401, 404 on the API path: raised to the pipeline, which stops the job (exit 3).
+- 403 30003 (:class:`ModelDisabledError`): the item fails; the pipeline fails the model's
+  later rows without sending them.
+- 403 balance/verification: that key is set aside; raised when no key is left (exit 5).
+- connection-level failure while the endpoint cannot be reached: not the item's; the
+  :class:`~sfbatch.outage.OutageDetector` pauses every worker (exit 5 if it lasts).
+- 429: that key's limiter for the model slows down (:meth:`KeyPool.on_rate_limited`) and the item
   waits its turn again; these retries are counted apart from ``max_retries``.
-- 429 naming a daily limit, or our own ``ipd`` reached: raised, the pipeline stops
+- 429 naming a daily limit, or our own ``ipd`` reached: the key is set aside for the
+  model; when none is left :class:`NoKeyLeftError` is raised, the pipeline stops
   taking new work and lets in-flight items land (exit 4).
 - 5xx, reset, timeout, malformed 200: exponential backoff with full jitter, up to
   ``max_retries``; then the last error is raised for the item to be recorded ``failed``.
@@ -15,24 +21,42 @@ Errors by class (see :mod:`sfbatch.errors`):
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sfbatch.client import Generation, SiliconFlowClient
-from sfbatch.errors import BadRequestError, QuotaReachedError, RateLimitError, SfbatchError
+from sfbatch.concurrency import ConcurrencyWindow
+from sfbatch.concurrency import Outcome as WindowOutcome
+from sfbatch.errors import (
+    AccountBlockedError,
+    BadRequestError,
+    QuotaReachedError,
+    RateLimitError,
+    SfbatchError,
+    TransportError,
+)
 from sfbatch.inputs import materialize
-from sfbatch.limiter import RateLimiter
 from sfbatch.loader import Row
 from sfbatch.manifest import day_start_iso
+from sfbatch.models import DEFAULT_MODEL
+from sfbatch.outage import OutageDetector
 from sfbatch.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from sfbatch.keypool import KeyPool, Lease
 
 __all__ = ["DailyQuota", "Generator", "Stopped", "WorkItem"]
 
 # A 429 storm that never clears is still an error, not an infinite loop.
 _MAX_RATE_LIMITED_RETRIES = 1000
+# An attempt's answer "try again at once": no backoff, not a failure of the item.
+_AT_ONCE = -1.0
+
+log = logging.getLogger("sfbatch")
 
 
 class Stopped(Exception):
@@ -54,6 +78,14 @@ class WorkItem:
     # ``generation``'s URLs expired before its images were downloaded: generate again.
     expired: bool = False
     regenerations: int = 0
+    # The position in the key list of the key that sent the last request (never the key).
+    key_index: int | None = None
+
+    @property
+    def model(self) -> str:
+        request = self.row.request or {}
+        model: str = request.get("model", DEFAULT_MODEL)
+        return model
 
     @property
     def batch_size(self) -> int:
@@ -99,80 +131,143 @@ class DailyQuota:
 class Generator:
     """Gives a :class:`WorkItem` its :class:`Generation`, or raises why not.
 
-    ``sleep`` (the wait between retries) and ``rng`` (their jitter) are injectable, so tests
-    need no real waiting.
+    Each request holds a slot of ``window`` (requests in flight), then a lease of
+    ``pool`` (the soonest key with room under its limits for the row's model), and is
+    sent with that key's client (``clients[lease.key_index]``). ``outage`` (if given)
+    is awaited before each request and told of connection-level failures, which are
+    then not charged to the item. ``sleep`` (the wait between retries) and ``rng``
+    (their jitter) are injectable, so tests need no real waiting.
     """
 
     def __init__(
         self,
         *,
-        client: SiliconFlowClient,
-        limiter: RateLimiter,
+        clients: Sequence[SiliconFlowClient],
+        pool: KeyPool,
         retry: RetryPolicy,
-        quota: DailyQuota | None = None,
+        window: ConcurrencyWindow | None = None,
+        outage: OutageDetector | None = None,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
-        self._client = client
-        self._limiter = limiter
+        if len(clients) != pool.keys:
+            raise ValueError(f"{len(clients)} clients for a pool of {pool.keys} keys")
+        self._clients = tuple(clients)
+        self._pool = pool
         self._retry = retry
-        self._quota = quota
+        self._window = window
+        self._outage = outage
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._stopping = stopping
         self.requests = 0
         self.retries = 0
         self.rate_limited = 0
+        self.outage_failures = 0  # connection-level failures during an outage: not charged
+
+    @property
+    def pool(self) -> KeyPool:
+        return self._pool
 
     async def generate(self, item: WorkItem) -> None:
         """Generate ``item`` (again, if its URLs expired), with the row's own seed.
 
         On return ``item.generation`` is the new generation; ``attempts``,
         ``billed_images`` and ``rate_limited`` count what it took, also when it raises.
-        Raises :class:`Stopped` instead of sending once the run is stopping.
+        Raises :class:`Stopped` instead of sending once the run is stopping,
+        :class:`~sfbatch.keypool.NoKeyLeftError` when no key can go on for the model,
+        :class:`~sfbatch.errors.AccountBlockedError` when the last key's balance is gone
+        and :class:`~sfbatch.errors.OutageError` when an outage outlasts its limit.
         """
         request = item.row.request
         if request is None:
             raise ValueError(f"row {item.row.id} is invalid and cannot be generated")
         batch = item.batch_size
+        model = item.model
         failures = 0
         while True:
-            if self._quota is not None:
-                self._quota.reserve(batch)
-            billed = 0
-            try:
-                await self._limiter.acquire(batch)
-                if self._stopping():
-                    raise Stopped
-                # Local input images become data URIs only now, so no row holds their bytes.
-                body = await materialize(request, item.row.inputs) if item.row.inputs else request
-                item.attempts += 1
-                self.requests += 1
-                generation = await self._client.generate(body)
-                billed = batch
-                self._limiter.on_success()
-                item.billed_images += batch
-                item.generation, item.expired = generation, False
+            if self._outage is not None:
+                await self._outage.wait_ready()
+            if self._stopping():
+                raise Stopped
+            backoff_s = await self._attempt(item, request, model, batch, failures)
+            if backoff_s is None:
                 return
-            except RateLimitError as exc:
-                if not exc.retryable:
-                    raise  # a daily limit
-                self.rate_limited += 1
-                item.rate_limited += 1
-                self._limiter.on_rate_limited(exc.retry_after_s)
-                if item.rate_limited > _MAX_RATE_LIMITED_RETRIES:
-                    raise
-            except BadRequestError:
-                raise
-            except SfbatchError as exc:
-                if not exc.retryable:
-                    raise
+            if backoff_s != _AT_ONCE:
                 failures += 1
-                if self._retry.gives_up(failures):
-                    raise
                 self.retries += 1
-                await self._sleep(self._retry.delay_s(failures, self._rng))
-            finally:
-                if self._quota is not None:
-                    self._quota.settle(batch, billed)
+                await self._sleep(backoff_s)
+
+    async def _attempt(
+        self, item: WorkItem, request: dict[str, Any], model: str, batch: int, failures: int
+    ) -> float | None:
+        """One try: ``None`` when ``item`` is generated, else the wait before the next
+        (``_AT_ONCE``: again at once, not a failure of the item); raises what ends the item."""
+        window = self._window
+        if window is not None:
+            await window.acquire()
+        latency_s: float | None = None
+        outcome: WindowOutcome = "error"
+        lease: Lease | None = None
+        try:
+            lease = await self._pool.acquire(model, batch)
+            if self._stopping():
+                raise Stopped
+            # Local input images become data URIs only now, so no row holds their bytes.
+            body = await materialize(request, item.row.inputs) if item.row.inputs else request
+            item.attempts += 1
+            item.key_index = lease.key_index
+            self.requests += 1
+            generation = await self._clients[lease.key_index].generate(body)
+            self._pool.on_success(lease)
+            item.billed_images += batch
+            item.generation, item.expired = generation, False
+            latency_s, outcome = generation.latency_s, "ok"
+            return None
+        except RateLimitError as exc:
+            assert lease is not None
+            outcome = "rate_limited"
+            daily = not exc.retryable
+            self._pool.on_rate_limited(
+                lease, retry_after_s=exc.retry_after_s, limit=exc.limit, daily=daily
+            )
+            if daily:
+                return _AT_ONCE  # key set aside for the model: acquire() says if any is left
+            self.rate_limited += 1
+            item.rate_limited += 1
+            if item.rate_limited > _MAX_RATE_LIMITED_RETRIES:
+                raise
+            return _AT_ONCE
+        except AccountBlockedError as exc:
+            assert lease is not None
+            self._pool.on_error(lease)
+            self._pool.set_aside(lease.key_index, "balance")
+            if not self._pool.can_go_on(model):
+                raise
+            log.warning("key #%d set aside: %s", lease.key_index, exc)
+            return _AT_ONCE
+        except BadRequestError:
+            raise
+        except TransportError as exc:
+            if self._outage is not None and await self._outage.check(exc):
+                self.outage_failures += 1
+                return _AT_ONCE  # the endpoint is down, not the item: wait_ready() pauses
+            return self._backoff(failures, exc)
+        except SfbatchError as exc:
+            if not exc.retryable:
+                raise
+            return self._backoff(failures, exc)
+        finally:
+            if lease is not None:
+                self._pool.on_error(lease)  # no-op if already settled
+            if window is not None:
+                window.release(latency_s=latency_s, outcome=outcome)
+                window.set_target_rate(self._pool.target_rate_per_min())
+                if (hint := window.hint()) is not None:
+                    log.info("%s", hint)
+
+    def _backoff(self, failures: int, exc: SfbatchError) -> float:
+        if not exc.retryable or self._retry.gives_up(failures + 1):
+            raise exc
+        return self._retry.delay_s(failures + 1, self._rng)

@@ -167,6 +167,11 @@ class KeyTable:
     Buckets are allocated with room for ``expected / 16384`` entries plus 5 %, and their
     used length is kept apart, so a table sized right seldom reallocates: growing many
     small buffers step by step leaves the heap fragmented (1.7x the entries' bytes).
+
+    *Matched* entries (the resume index: items the current input asked for) cost no
+    byte: after :meth:`seal` each bucket keeps its unmatched entries before a boundary
+    and its matched ones after it; :meth:`mark` moves an entry across by one swap, and
+    keys put after the seal land on the matched side.
     """
 
     _BITS: Final = 14
@@ -177,6 +182,8 @@ class KeyTable:
         self._width = 5 + value_size
         self._buckets: list[bytearray | None] = [None] * self._BUCKETS
         self._used = array("Q", bytes(8 * self._BUCKETS))
+        # Per bucket: entries before this offset are unmatched (see seal/mark).
+        self._bound = array("Q", bytes(8 * self._BUCKETS))
         self._reserve = self._width * (8 + expected * 105 // 100 // self._BUCKETS)
         self.size = 0
 
@@ -218,7 +225,39 @@ class KeyTable:
             width = self._width
             bucket[pos : end - width] = bucket[pos + width : end]  # keep the bucket's length
             self._used[index] = end - width
+            if pos < self._bound[index]:
+                self._bound[index] -= width
             self.size -= 1
+
+    def seal(self) -> None:
+        """Every entry so far is unmatched; entries put from now on are matched."""
+        self._bound = array("Q", self._used)
+
+    def mark(self, key: int) -> bytes | None:
+        """Mark the key matched; its value, or None if absent."""
+        index, tag = self._split(key)
+        bucket = self._buckets[index]
+        if bucket is None:
+            return None
+        pos = self._find(bucket, tag, self._used[index])
+        if pos < 0:
+            return None
+        width = self._width
+        bound = self._bound[index]
+        if pos < bound:
+            last = bound - width  # swap with the last unmatched entry, then move the bound
+            if pos != last:
+                bucket[pos : pos + width], bucket[last:bound] = (
+                    bucket[last:bound],
+                    bucket[pos : pos + width],
+                )
+            self._bound[index] = last
+            pos = last
+        return bytes(bucket[pos + 5 : pos + width])
+
+    def matched_size(self) -> int:
+        """How many entries are matched (before any :meth:`seal`: all of them)."""
+        return (sum(self._used) - sum(self._bound)) // self._width
 
     def put_all(self, items: Iterable[tuple[int, bytes]]) -> None:
         """``put`` each ``(key, value)`` in order."""
@@ -249,21 +288,26 @@ class KeyTable:
             size += 1
         self.size = size
 
-    def iter_keys(self) -> Iterator[int]:
-        """Every key, as its 54 bits that the table keeps."""
+    def iter_keys(self, matched: bool | None = None) -> Iterator[int]:
+        """Every key (or the matched or unmatched ones), as its 54 bits that the table keeps."""
         width = self._width
         for index, (bucket, end) in enumerate(zip(self._buckets, self._used, strict=True)):
             if bucket:
-                for pos in range(0, end, width):
+                bound = self._bound[index]
+                start = bound if matched else 0
+                stop = bound if matched is False else end
+                for pos in range(start, stop, width):
                     tag = int.from_bytes(bucket[pos : pos + 5], "big")
                     yield tag << self._BITS | index
 
-    def first_value_bytes(self) -> dict[int, int]:
-        """How many entries have each value of the first value byte."""
+    def first_value_bytes(self, matched: bool | None = None) -> dict[int, int]:
+        """How many entries (or matched or unmatched ones) have each first value byte."""
         counts: dict[int, int] = {}
-        for bucket, end in zip(self._buckets, self._used, strict=True):
+        for bucket, end, bound in zip(self._buckets, self._used, self._bound, strict=True):
             if bucket:
-                column = bytes(bucket[5 : end : self._width])
+                start = bound if matched else 0
+                stop = bound if matched is False else end
+                column = bytes(bucket[start + 5 : stop : self._width])
                 for byte in set(column):
                     counts[byte] = counts.get(byte, 0) + column.count(byte)
         return counts

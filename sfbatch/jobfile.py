@@ -38,20 +38,34 @@ The base URL is ``--base-url``/``--profile``, else ``SILICONFLOW_BASE_URL``, els
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
-from sfbatch.config import BASE_URLS, DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Environment, RunConfig
+from sfbatch.config import (
+    BASE_URLS,
+    DEFAULT_BASE_URL,
+    DEFAULT_KEY_ENV,
+    MODEL_LIMITS_ID,
+    Environment,
+    Limits,
+    RunConfig,
+)
 from sfbatch.errors import ConfigError
+from sfbatch.inputs import input_kind
 from sfbatch.loader import PromptSource
+from sfbatch.modelcheck import check_defaults
 from sfbatch.models import ModelRegistry
 from sfbatch.settings import Spec, check, own_specs, setting, specs_of
 
-__all__ = ["EmulatorSettings", "Job", "JobFile", "Overrides", "load", "merge"]
+if TYPE_CHECKING:
+    from sfbatch.modelcheck import ModelOffer
+
+__all__ = ["EmulatorSettings", "Job", "JobFile", "Overrides", "job_keys", "load", "merge"]
 
 EmulatorMode = Literal["off", "auto", "on"]
 
@@ -83,7 +97,7 @@ class EmulatorSettings:
 # The job's own keys, which are not RunConfig fields: section -> key -> accepted TOML types.
 _JOB_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
     "job": {"name": (str,), "inputs": (list, str), "emulator": (str, bool)},
-    "api": {"profile": (str,), "key_env": (str,)},
+    "api": {"profile": (str,), "key_env": (str,), "key_envs": (list,)},
 }
 
 
@@ -100,6 +114,11 @@ def _schema() -> dict[str, dict[str, tuple[tuple[type, ...], Spec | None]]]:
 _SCHEMA = _schema()
 
 
+def job_keys() -> list[str]:
+    """Every key a job file may hold, as ``section.key``."""
+    return [f"{section}.{key}" for section, keys in _SCHEMA.items() for key in keys]
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobFile:
     """A job file's contents, checked: RunConfig settings by spec id (``limits.rpm``), with
@@ -112,6 +131,8 @@ class JobFile:
     emulator: EmulatorMode | None = None
     profile: str | None = None
     key_env: str | None = None
+    key_envs: tuple[str, ...] = ()
+    """``api.key_envs``: variables holding one key each, of separate accounts."""
     emulator_settings: EmulatorSettings = field(default_factory=EmulatorSettings)
 
 
@@ -126,6 +147,8 @@ class Overrides:
     profile: str | None = None
     emulator: bool = False
     """``--emulator``: run against the embedded emulator whatever the job says."""
+    key_env: str | None = None
+    """``--key-env``: the variable holding the API key, over the job's ``api.key_env``."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +163,8 @@ class Job:
     name: str = ""
     key_env: str = DEFAULT_KEY_ENV
 
-    def source(self, path: str) -> PromptSource:
+    def source(self, path: str, *, offer: ModelOffer | None = None) -> PromptSource:
+        """The rows of ``path``; with ``offer``, a row naming a model not offered is invalid."""
         cfg = self.config
         return PromptSource(
             path,
@@ -151,6 +175,7 @@ class Job:
             shard=cfg.output.shard,
             limit=cfg.build.limit,
             dedupe=cfg.build.dedupe,
+            offer=offer,
         )
 
 
@@ -166,30 +191,47 @@ def load(path: Path) -> JobFile:
     settings: dict[str, Any] = {}
     own: dict[str, Any] = {}
     emulator: dict[str, Any] = {}
+    problems: list[str] = []  # every mistake of the file at once, not one per attempt
     for section, table in doc.items():
         schema = _SCHEMA.get(section)
         if schema is None:
             known = ", ".join(f"[{s}]" for s in _SCHEMA)
-            raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
+            problems.append(f"{path}: unknown section [{section}] (known: {known})")
+            continue
         if not isinstance(table, dict):
-            raise ConfigError(f"{path}: [{section}] must be a table")
+            problems.append(f"{path}: [{section}] must be a table")
+            continue
         for key, value in table.items():
+            if section == "limits" and key == "models":
+                try:
+                    settings[MODEL_LIMITS_ID] = _model_limits(value, path)
+                except ConfigError as exc:
+                    problems.append(str(exc))
+                continue
             if key not in schema:
-                raise ConfigError(
-                    f"{path}: unknown key {section}.{key} (known: {', '.join(schema)})"
+                close = difflib.get_close_matches(key, list(schema), n=1)
+                hint = f"did you mean {section}.{close[0]}?" if close else ""
+                problems.append(
+                    f"{path}: unknown key {section}.{key} ({hint or 'known: ' + ', '.join(schema)})"
                 )
+                continue
             types, spec = schema[key]
             if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
                 names = " or ".join(t.__name__ for t in types)
-                raise ConfigError(
+                problems.append(
                     f"{path}: {section}.{key} must be {names}, got {type(value).__name__} {value!r}"
                 )
-            if spec is None:
+            elif spec is None:
                 own[key] = value
             elif section == EmulatorSettings.SECTION:
                 emulator[spec.name] = value
             else:
-                settings[spec.id] = _value(spec, value, path)
+                try:
+                    settings[spec.id] = _value(spec, value, path)
+                except ConfigError as exc:
+                    problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
     try:
         return JobFile(
             path=path,
@@ -199,6 +241,7 @@ def load(path: Path) -> JobFile:
             emulator=None if "emulator" not in own else _emulator_mode(own["emulator"]),
             profile=own.get("profile") if _profile_url(own.get("profile")) else None,
             key_env=own.get("key_env"),
+            key_envs=_key_envs(own.get("key_envs")),
             emulator_settings=EmulatorSettings(**emulator),
         )
     except ConfigError as exc:
@@ -208,12 +251,44 @@ def load(path: Path) -> JobFile:
 def _value(spec: Spec, value: Any, path: Path) -> Any:
     if spec.kind is Path:
         return Path(os.path.normpath(path.parent / str(value)))
+    if spec.id == "request.image" and isinstance(value, str) and input_kind(value) == "path":
+        # A local input image, like every path in a job, is relative to the job file.
+        return os.path.normpath(path.parent / os.path.expanduser(value))
     if spec.setting.parse is not None:
         try:
             return spec.setting.parse(value)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {spec.id}: {exc}") from exc
     return value
+
+
+def _model_limits(value: Any, path: Path) -> dict[str, Limits]:
+    """``[limits.models."Qwen/Qwen-Image"]`` tables: rpm, ipm, ipd of one model (per key)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f'{path}: limits.models must hold tables like [limits.models."MODEL"]')
+    models: dict[str, Limits] = {}
+    for model, table in value.items():
+        where = f'limits.models."{model}"'
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {where} must be a table with rpm, ipm or ipd")
+        unknown = set(table) - {"rpm", "ipm", "ipd"}
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown key {where}.{sorted(unknown)[0]} (known: rpm, ipm, ipd)"
+            )
+        try:
+            models[model] = Limits(**table)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {where}: {exc}") from exc
+    return models
+
+
+def _key_envs(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not value or not all(isinstance(item, str) and item for item in value):
+        raise ConfigError("api.key_envs must be a list of environment variable names")
+    return tuple(value)
 
 
 def _inputs(value: Any, path: Path) -> tuple[str, ...]:
@@ -243,6 +318,21 @@ def _profile_url(profile: str | None) -> str | None:
     return BASE_URLS[profile]
 
 
+_REQUEST_SPECS = {spec.name: spec for spec in specs_of(RunConfig) if spec.part == "defaults"}
+
+
+def _namer(job: JobFile, overrides: Overrides) -> Callable[[str], str]:
+    """How a usage error names a request default: its flag, or its key in the job file."""
+
+    def name_of(field_name: str) -> str:
+        spec = _REQUEST_SPECS[field_name]
+        if spec.id in overrides.settings or spec.id not in job.settings:
+            return f"--{spec.flag}"
+        return f"{job.path}: {spec.id}"
+
+    return name_of
+
+
 def merge(job: JobFile | None, overrides: Overrides, env: Environment | None = None) -> Job:
     """The run that ``overrides`` over ``job`` (if any) over ``env`` describe.
 
@@ -251,8 +341,9 @@ def merge(job: JobFile | None, overrides: Overrides, env: Environment | None = N
     source = str(job.path) if job else "command line"
     given = job
     job = job or JobFile(path=Path())
-    key_env = job.key_env or DEFAULT_KEY_ENV
-    env = env or Environment.read(key_env)
+    key_env = overrides.key_env or job.key_env or DEFAULT_KEY_ENV
+    key_envs = () if overrides.key_env else job.key_envs  # a flag's variable wins
+    env = env or Environment.read(key_env, key_envs=key_envs)
     values = {**job.settings, **overrides.settings}
     if values.get("job.out") is None:
         raise ConfigError(f"{source}: give an output directory with --out (or job.out)")
@@ -274,10 +365,12 @@ def merge(job: JobFile | None, overrides: Overrides, env: Environment | None = N
         if given is None:
             raise
         raise ConfigError(f"{source} (or a flag overriding it): {exc}") from exc
+    registry = ModelRegistry.load(config.models_file)
+    check_defaults(config.defaults, registry, name_of=_namer(job, overrides))
     return Job(
         config=config,
         inputs=list(inputs),
-        registry=ModelRegistry.load(config.models_file),
+        registry=registry,
         emulator="on" if overrides.emulator else job.emulator or "off",
         emulator_settings=job.emulator_settings.as_overrides(),
         name=job.name or (given.path.stem if given else ""),

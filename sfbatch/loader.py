@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import functools
 import gzip
 import hashlib
@@ -37,12 +38,13 @@ import io
 import itertools
 import logging
 import os
+import re
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Final, Protocol
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Final, Protocol
 
 import orjson
 
@@ -60,9 +62,13 @@ from sfbatch.identity import (
 from sfbatch.inputs import IMAGE_FIELDS, ImageInput, InputChecker, InputImageError
 from sfbatch.models import SEED_MAX, ModelRegistry, validate_request
 
+if TYPE_CHECKING:
+    from sfbatch.modelcheck import ModelOffer
+
 __all__ = [
     "FORMATS",
     "ROW_FIELDS",
+    "SKIPPED",
     "IdSpace",
     "JobRows",
     "LegacyIds",
@@ -177,6 +183,14 @@ def _row(
     return row
 
 
+#: What the loader yields for a row the resume index says is done, instead of building it
+#: (see ``PromptSource.done``): the pipeline only counts it as skipped.
+SKIPPED: Final = _row("", 0, "", 0, None, "done already", None)
+
+#: ``done(id, fingerprint)``: is this row done already (so it need not be built)?
+DoneCheck = Callable[[str, str], bool]
+
+
 class LegacyIds(Protocol):
     """What the resume index knows of records written before ids came from content."""
 
@@ -199,8 +213,9 @@ class IdSpace:
     (5-6 bytes per distinct content, in a :class:`~sfbatch.identity.KeyTable`).
     """
 
-    def __init__(self, legacy: LegacyIds | None = None) -> None:
+    def __init__(self, legacy: LegacyIds | None = None, done: DoneCheck | None = None) -> None:
         self.legacy = legacy
+        self.done = done
         self._explicit: dict[str, str] = {}
         self._repeats = KeyTable(value_size=1)
         self._many: dict[int, int] = {}  # repeats beyond 254
@@ -266,9 +281,10 @@ class JobRows:
     def __init__(self, sources: Iterable[PromptSource]) -> None:
         self.sources = list(sources)
         self.legacy: LegacyIds | None = None
+        self.done: DoneCheck | None = None
 
     def __iter__(self) -> Iterator[Row]:
-        space = IdSpace(self.legacy)
+        space = IdSpace(self.legacy, self.done)
         for source in self.sources:
             yield from source.rows(space)
 
@@ -421,6 +437,9 @@ class PromptSource:
     yielded invalid under the line-derived id ``f"{line:09d}"``, so its record never
     supersedes the record of the row that owns the id. A JSON ``null`` or an empty
     CSV cell means "not given": the default applies.
+
+    ``offer``: the models the endpoint lists (:func:`sfbatch.modelcheck.fetch_offer`); a
+    row naming another is invalid, saying what the endpoint offers.
     """
 
     def __init__(
@@ -435,9 +454,11 @@ class PromptSource:
         limit: int | None = None,
         dedupe: bool = False,
         stdin: BinaryIO | None = None,
+        offer: ModelOffer | None = None,
     ) -> None:
         self.file = str(path)
         self.warnings: list[str] = []
+        self._unknown_fields: set[str] = set()
         self.total_bytes: int | None = None
         self._warned: set[str] = set()
         self._stdin = stdin
@@ -498,7 +519,14 @@ class PromptSource:
             if "seed" in self._base:
                 self._fixed_seed = seed
             self._template = template
+        self._offer = offer
+        self._not_offered: dict[str, str | None] = {}  # model -> why not (None: offered)
+        if self._template is not None and self._offered_problem(self._template["model"]):
+            self._template = None  # every row is checked on its own, and found invalid
         self.legacy: LegacyIds | None = None
+        #: Set by the pipeline from the resume index: a row found done is yielded as
+        #: :data:`SKIPPED` (where its id and fingerprint are known early: plain rows).
+        self.done: DoneCheck | None = None
 
     @classmethod
     def from_records(
@@ -555,7 +583,7 @@ class PromptSource:
         return count * self._variations
 
     def __iter__(self) -> Iterator[Row]:
-        return self.rows(IdSpace(self.legacy))
+        return self.rows(IdSpace(self.legacy, self.done))
 
     def rows(self, space: IdSpace) -> Iterator[Row]:
         """The rows, with ids taken from ``space`` (shared by the files of one job)."""
@@ -629,7 +657,7 @@ class PromptSource:
             elif isinstance(item, Mapping):
                 for key in item:
                     if key not in _KNOWN_KEYS:
-                        self._warn(f"{self.file}: unknown field {key!r} ignored")
+                        self._unknown_field(key, line)
                 yield line, None, dict(item), None
             else:
                 yield line, None, None, [f"not a prompt or a mapping (got {type(item).__name__})"]
@@ -683,7 +711,7 @@ class PromptSource:
                 if not _KNOWN_KEYS.issuperset(obj):
                     for key in obj:
                         if key not in _KNOWN_KEYS:
-                            self._warn(f"{self.file}: unknown field {key!r} ignored")
+                            self._unknown_field(key, line)
                 yield line, None, obj, None
         except _READ_ERRORS as exc:
             raise self._read_error(exc, line) from exc
@@ -752,7 +780,7 @@ class PromptSource:
             if name in _KNOWN_KEYS:
                 columns.append((index, name))
             elif name:
-                self._warn(f"{self.file}: unknown field {name!r} ignored")
+                self._unknown_field(name, line)
         return columns, len(cells)
 
     # -- building: ids, shard, seeds, validation, fingerprints, variations, dedupe -----
@@ -768,6 +796,7 @@ class PromptSource:
         primed = self._primed
         default_inputs = self._default_inputs
         legacy = space.legacy
+        is_done = space.done if simple else None
         dumps = orjson.dumps
         template_warned = False
 
@@ -793,14 +822,18 @@ class PromptSource:
                         for warning in self._template_warnings:
                             self._warn(f"{file}: {warning}")
                     seed = _seed_from(seed0, base_id) if fixed_seed is None else fixed_seed
-                    request = {**template, "prompt": prompt, "seed": seed}
-                    source = base_seed if fixed_seed is None else fixed_seed
                     if simple:
                         fp = fingerprint(digest, seed, 0)
+                        if is_done is not None and is_done(base_id, fp):
+                            yield SKIPPED
+                            continue
+                        request = {**template, "prompt": prompt, "seed": seed}
                         yield _row(
                             base_id, line, file, 0, request, None, prompt, None, fp, default_inputs
                         )
                     else:
+                        request = {**template, "prompt": prompt, "seed": seed}
+                        source = base_seed if fixed_seed is None else fixed_seed
                         duplicate = self._duplicate(base_id, digest, space)
                         yield from self._expand(
                             base_id,
@@ -872,6 +905,8 @@ class PromptSource:
             self._warn(f"{self.file}: {warning}")
         text = prompt if isinstance(prompt, str) else text
         request = checked.request
+        if request is not None and (why := self._offered_problem(request["model"])):
+            reasons.append(why)
         if reasons or request is None:
             why = "; ".join([*reasons, *checked.errors])
             yield from self._invalid(base_id, line, text, fields, why, space)
@@ -893,6 +928,14 @@ class PromptSource:
         yield from self._expand(
             row_id, line, text, request, source, None, duplicate, digest, inputs
         )
+
+    def _offered_problem(self, model: str) -> str | None:
+        """Why the endpoint cannot take ``model`` (see ``offer``), or ``None``."""
+        if self._offer is None:
+            return None
+        if model not in self._not_offered:
+            self._not_offered[model] = self._offer.problem(model, self._registry)
+        return self._not_offered[model]
 
     def _check_inputs(
         self, fields: dict[str, Any], body: dict[str, Any], reasons: list[str]
@@ -961,6 +1004,15 @@ class PromptSource:
             fp = fingerprint(digest, varied["seed"] if varied is not None else None, k)
             yield _row(f"{base_id}-v{k}", line, file, k, varied, error, prompt, dup, fp, inputs)
 
+    def _unknown_field(self, key: str, line: int) -> None:
+        """Warn once per field name, at its first line, with the likely intended one."""
+        if key in self._unknown_fields:
+            return
+        self._unknown_fields.add(key)
+        close = difflib.get_close_matches(key, sorted(_KNOWN_KEYS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        self._warn(f"{self.file}:{line}: unknown field {key!r} ignored{hint}")
+
     def _warn(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
@@ -973,7 +1025,12 @@ def _json_problem(raw: bytes, exc: orjson.JSONDecodeError) -> str:
         raw.decode("utf-8")
     except UnicodeDecodeError:
         return "not valid UTF-8"
-    return f"not a JSON object ({exc})"
+    # The parser counts lines within this one line of the file: give the column only.
+    reason = _PARSER_POSITION.sub("", str(exc))
+    return f"not a JSON object ({reason} at column {exc.pos + 1})"
+
+
+_PARSER_POSITION = re.compile(r":? line \d+ column \d+ \(char \d+\)")
 
 
 def _json_kind(value: Any) -> str:

@@ -31,9 +31,24 @@ import orjson
 
 from sfbatch.errors import ConfigError, OutDirInUseError
 
-__all__ = ["LOCK_NAME", "MIN_FREE_BYTES", "LockHolder", "RunLock", "check_out_dir"]
+__all__ = ["LOCK_NAME", "MIN_FREE_BYTES", "LockHolder", "RunLock", "check_out_dir", "lock_name"]
 
 LOCK_NAME = ".sfbatch.lock"
+
+
+def lock_name(shard: tuple[int, int] | None) -> str:
+    """The lock file of a run: one per DIR, or one per shard (``.sfbatch-0-of-4.lock``),
+    since the shards of a job may run in parallel in one DIR, each with its own manifest.
+
+    >>> lock_name(None), lock_name((0, 4))
+    ('.sfbatch.lock', '.sfbatch-0-of-4.lock')
+    """
+    if shard is None:
+        return LOCK_NAME
+    index, count = shard
+    return f".sfbatch-{index}-of-{count}.lock"
+
+
 # A few dozen images of headroom: less than this and the run would stop at once (exit 5).
 MIN_FREE_BYTES = 64 * 1024 * 1024
 

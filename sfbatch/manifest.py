@@ -35,6 +35,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, get_
 import orjson
 
 from sfbatch.errors import SfbatchError
+from sfbatch.inputs import InputRecord, input_records
 from sfbatch.models import ModelRegistry, effective_params
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class ManifestRecord(TypedDict):
     num_inference_steps: int | None
     guidance_scale: float | None
     prompt_enhancement: bool | None
+    inputs: NotRequired[list[InputRecord]]  # only for rows with input images
     requested_seed: int | None
     seed: int | None
     timings: Timings | None
@@ -117,6 +119,7 @@ class ManifestRecord(TypedDict):
     attempts: int
     latency_s: float
     trace_id: str | None
+    key_index: NotRequired[int]  # the key (its position in the key list) of the last request
     error: RecordError | None
     duplicate_of: str | None
     urls: NotRequired[list[str]]  # only in "generated" records
@@ -196,6 +199,10 @@ def build_record(
         "error": _record_error(error.to_record()) if isinstance(error, SfbatchError) else error,
         "duplicate_of": row.duplicate_of,
     }
+    if row.inputs:
+        record["inputs"] = input_records(row.inputs)
+    if item is not None and item.key_index is not None:
+        record["key_index"] = item.key_index  # the writer puts it after trace_id
     if generated_at is not None and generation is not None:
         record["urls"] = list(generation.urls)
         record["generated_at"] = generated_at

@@ -282,7 +282,8 @@ def _as_number(name: str, value: Any, errors: list[str]) -> float | None:
 
 def _check_range(name: str, value: float, lo: float, hi: float, errors: list[str]) -> None:
     if not lo <= value <= hi:
-        errors.append(f"{name} must be {_num(lo)}..{_num(hi)}, got {_num(value)}")
+        allowed = _num(lo) if lo == hi else f"{_num(lo)}..{_num(hi)}"
+        errors.append(f"{name} must be {allowed}, got {_num(value)}")
 
 
 def _num(value: float) -> str:

@@ -14,16 +14,25 @@ Stopping, in order of severity:
   second interrupt) the stages are cancelled; generated items not yet downloaded are
   written as ``generated`` records with their URLs, so the next run downloads them
   instead of paying again; outcome ``interrupted`` (exit 130).
-- 401/403/404 from the API: cancelled at once; outcome ``fatal`` (exit 3).
+- something outside the run must be fixed (:class:`~sfbatch.errors.RunBlockedError`:
+  the account's balance or verification (403) on the last key, a full disk, an outage
+  longer than ``outage_timeout_s``; with ``images_to``, an upload that failed after the
+  store's retries, its item kept ``generated``): like the quota, no new request,
+  in-flight work lands as ``ok`` or ``generated``; outcome ``blocked`` (exit 5).
+- 401/404 from the API: cancelled at once; outcome ``fatal`` (exit 3). So is an
+  ``images_to`` store that refuses a test write at start, before any request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import logging
 import queue
 import time
+import uuid
 from collections import Counter
 from collections.abc import (
     AsyncGenerator,
@@ -43,20 +52,29 @@ import aiohttp
 import orjson
 
 from sfbatch.client import Generation, SiliconFlowClient
+from sfbatch.concurrency import ConcurrencyWindow
 from sfbatch.config import RunConfig
-from sfbatch.downloader import Downloader, StoredImage, clean_tmp
+from sfbatch.downloader import TMP_DIR, Downloader, StoredImage, clean_tmp, disk_full
 from sfbatch.errors import (
+    DISK_FULL_ERRNOS,
+    DiskFullError,
+    DownloadError,
     ExpiredUrlError,
     FatalApiError,
     InputFileError,
+    ModelDisabledError,
+    OutageError,
     QuotaReachedError,
+    RunBlockedError,
     SfbatchError,
 )
 from sfbatch.figures import Reservoir
-from sfbatch.generator import DailyQuota, Generator, Stopped, WorkItem
+from sfbatch.generator import Generator, Stopped, WorkItem
 from sfbatch.identity import unused_stem
-from sfbatch.limiter import RateLimiter, batch_fit_problem
-from sfbatch.loader import JobRows, PromptSource, Row, image_shard_dir
+from sfbatch.keypool import KeyPool, ModelLimits, NoKeyLeftError
+from sfbatch.limiter import batch_fit_problem
+from sfbatch.loader import SKIPPED, JobRows, PromptSource, Row, image_shard_dir
+from sfbatch.lock import RunLock, check_out_dir, lock_name
 from sfbatch.manifest import (
     ManifestRecord,
     ManifestWriter,
@@ -68,17 +86,23 @@ from sfbatch.manifest import (
     now_iso,
 )
 from sfbatch.models import ModelRegistry
+from sfbatch.outage import OutageDetector
 from sfbatch.reasons import Reason, ReasonTally
-from sfbatch.resume import read_index
+from sfbatch.resume import DAMAGED, read_index
+from sfbatch.storage import ImageStore, StorageError, open_store
 
 __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
 
-Outcome = Literal["done", "quota", "interrupted", "fatal", "input_error"]
+Outcome = Literal["done", "quota", "interrupted", "fatal", "input_error", "blocked"]
+EXIT_BLOCKED = 5
 _YIELD_EVERY_ROWS = 256
 # Generation queue order: regenerations first, then new rows, then the workers' end.
 _REGENERATE, _NEW_ROW, _END = 0, 1, 2
 # A "generated" record's URLs are reused only while this much of their lifetime is left.
 _URL_MARGIN_S = 120.0
+_DAMAGED_LISTED = 100
+
+log = logging.getLogger("sfbatch")
 
 
 @dataclass
@@ -88,11 +112,16 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     counts: Counter[str] = field(default_factory=Counter)
     skipped: int = 0
+    # Of ``skipped``, by the status earlier runs recorded: "ok", "failed", "invalid", ...
+    skipped_as: Counter[str] = field(default_factory=Counter)
     rows_read: int = 0
     images: int = 0
     bytes: int = 0
     billed_images: int = 0
     regenerated: int = 0
+    new_rows: int = 0  # rows with no record of their id and fingerprint
+    remade_damaged: int = 0  # rows whose record `verify --repair` marked damaged
+    whole_input: bool = False  # the loader read every row (no limit, shard or stop)
     latency: Reservoir = field(default_factory=Reservoir)
     inference: Reservoir = field(default_factory=Reservoir)
     reasons: Counter[Reason] = field(default_factory=Counter)
@@ -128,6 +157,8 @@ class RunResult:
     def exit_code(self) -> int:
         if self.outcome == "fatal":
             return 3
+        if self.outcome == "blocked":
+            return EXIT_BLOCKED
         if self.outcome == "input_error":
             return 2
         if self.outcome == "quota":
@@ -167,29 +198,62 @@ class Pipeline:
         self._cancelled_by_us = False
         self.fatal_error: FatalApiError | None = None
         self.input_error: BaseException | None = None
+        self.blocked_error: RunBlockedError | None = None
+        self.store_error: StorageError | None = None
+        # model -> the server's message, once a 403 30003 said the account may not use it
+        self.disabled_models: dict[str, str] = {}
 
         # Every part, built here in one phase; run() closes what they hold open.
+        out = config.out_dir
+        # Before anything else (and any request): a writable DIR, and this run alone in it.
+        check_out_dir(out)
+        self._lock = RunLock(out, name=lock_name(config.output.shard))
+        self._lock.acquire()
+        try:
+            self._build(config, rows)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _build(self, config: RunConfig, rows: Iterable[Row] | AsyncIterable[Row]) -> None:
         out, limits, workers = config.out_dir, config.limits, config.workers
-        out.mkdir(parents=True, exist_ok=True)
-        clean_tmp(out)
+        if config.output.shard is None:  # parallel shards share DIR/.tmp: theirs stay
+            clean_tmp(out)
         manifest_path = out / config.manifest_name
         self._state = read_index([manifest_path], day_start=day_start_iso(limits.day_utc_offset_h))
+        if self._state.damaged:
+            places = ", ".join(f"{d.path}:{d.line}" for d in self._state.damaged[:10])
+            more = len(self._state.damaged) - 10
+            log.warning(
+                "%d manifest lines are not complete records (%s%s): their items are made again",
+                len(self._state.damaged),
+                places,
+                f" and {more} more" if more > 0 else "",
+            )
         if isinstance(rows, JobRows | PromptSource):
             rows.legacy = self._state  # rows made by an older sfbatch keep their ids
-        self._quota = (
-            None
-            if limits.ipd is None
-            else DailyQuota(
-                limit=limits.ipd,
-                used=self._state.billed_today,
-                utc_offset_h=limits.day_utc_offset_h,
+            # Rows done already come out of the loader as SKIPPED, before being built.
+            rows.done = self._state.done_check(
+                retry_failed=config.build.retry_failed, skipped_as=self.stats.skipped_as
             )
-        )
-        # Rows may set their own batch_size: size the limiter for the largest any model takes.
-        self._limiter = RateLimiter(
-            rpm=limits.rpm,
-            ipm=limits.ipm,
+        keys = config.api_keys or ("",)
+        billed_today = self._state.billed_today
+        # Rows may set their own batch_size: size the limiters for the largest any model takes.
+        self._pool = KeyPool(
+            keys=len(keys),
+            limits=ModelLimits(rpm=limits.rpm, ipm=limits.ipm, ipd=limits.ipd),
+            per_model={
+                model: ModelLimits(rpm=own.rpm, ipm=own.ipm, ipd=own.ipd)
+                for model, own in ((m, limits.for_model(m)) for m in limits.models)
+            },
             max_batch_size=max(rule.max_batch_size for rule in self.registry),
+            # The manifest knows what was billed today, not by which key or for which
+            # model: it is counted against key 0 of every model (never too much sent).
+            used_today=lambda key_index, model: billed_today if key_index == 0 else 0,
+            utc_offset_h=limits.day_utc_offset_h,
+        )
+        self._window = ConcurrencyWindow(
+            fixed=workers.concurrency, max_size=workers.max_concurrency
         )
         # New rows wait in the generation queue behind items sent back for regeneration
         # (their URLs expired). Those come from the downloaders, which must never wait on
@@ -203,32 +267,44 @@ class Pipeline:
             2 * workers.download_concurrency
         )
         self._api_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=workers.concurrency), raise_for_status=False
+            connector=aiohttp.TCPConnector(limit=workers.generation_workers),
+            raise_for_status=False,
         )
         self._dl_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=workers.download_concurrency)
         )
-        client = SiliconFlowClient(
-            base_url=config.base_url,
-            api_key=config.api_key,
-            session=self._api_session,
-            request_timeout_s=config.timeouts.request_timeout_s,
-            connect_timeout_s=config.timeouts.connect_timeout_s,
+        clients = [
+            SiliconFlowClient(
+                base_url=config.base_url,
+                api_key=key,
+                session=self._api_session,
+                request_timeout_s=config.timeouts.request_timeout_s,
+                connect_timeout_s=config.timeouts.connect_timeout_s,
+            )
+            for key in keys
+        ]
+        self._outage = OutageDetector(
+            probe=clients[0].probe, outage_timeout_s=config.timeouts.outage_timeout_s
         )
         self._generator = Generator(
-            client=client,
-            limiter=self._limiter,
+            clients=clients,
+            pool=self._pool,
             retry=config.retry,
-            quota=self._quota,
+            window=self._window,
+            outage=self._outage,
             stopping=lambda: self.stopping,
         )
+        # With images_to, a download lands in DIR/.tmp and is uploaded from there: an fsync
+        # of a file about to be deleted buys nothing (the store's PUT is the durable copy).
+        images_to = config.output.images_to
+        self._store: ImageStore | None = None if images_to is None else open_store(images_to)
         self._downloader = Downloader(
             out_dir=out,
             session=self._dl_session,
             timeout_s=config.timeouts.download_timeout_s,
             max_bytes=config.output.max_image_bytes,
             retry=config.retry,
-            fsync=config.output.fsync_images,
+            fsync=config.output.fsync_images and self._store is None,
         )
         self._writer = ManifestWriter(manifest_path)
 
@@ -249,8 +325,19 @@ class Pipeline:
             self._request_stop("interrupted", "interrupted twice: stopping now")
             self._cancel_stages()
 
+    def _block(self, exc: SfbatchError) -> None:
+        """Something outside the run must be fixed: send nothing more (exit 5)."""
+        if self._stop_reason != "blocked":
+            log.error("stopping: %s", exc)
+        if isinstance(exc, RunBlockedError) and self.blocked_error is None:
+            self.blocked_error = exc
+        self._request_stop("blocked", str(exc))
+
     def _request_stop(self, reason: Outcome, message: str) -> None:
-        if self._stop_reason is None or reason in ("fatal", "input_error"):
+        overrides = reason in ("fatal", "input_error") or (
+            reason == "blocked" and self._stop_reason == "quota"  # what to fix comes first
+        )
+        if self._stop_reason is None or overrides:
             self._stop_reason, self._stop_message = reason, message
 
     def _cancel_stages(self) -> None:
@@ -273,10 +360,35 @@ class Pipeline:
             "rate_limited": gen.rate_limited,
             "in_generation_queue": self._gen_queue.qsize(),
             "in_download_queue": self._dl_queue.qsize(),
-            "limiter": self._limiter.statistics(),
-            "quota_remaining": self._quota.remaining if self._quota else None,
+            "limiter": self._first_limiter_statistics(),
+            "quota_remaining": self._quota_remaining(),
+            "window": dataclasses.asdict(self._window.statistics()),
+            "keys": [dataclasses.asdict(key) for key in self._pool.statistics()],
+            "outage": dataclasses.asdict(self._outage.statistics()),
             "stopping": self._stop_reason,
         }
+
+    def _first_limiter_statistics(self) -> dict[str, Any]:
+        """The first (key, model) limiter's figures: what the progress line shows."""
+        first = next(iter(self._pool.statistics()), None)
+        if first is None:
+            return {}
+        return dict(self._pool.limiter(first.key_index, first.model).statistics())
+
+    def _quota_remaining(self) -> int | None:
+        ipd = self.config.limits.ipd
+        if ipd is None:
+            return None
+        keys = [k for k in self._pool.statistics() if k.set_aside is None]
+        if not keys:
+            return 0 if self._pool.statistics() else ipd
+        return sum(max(0, ipd - (k.images_today or 0)) for k in keys)
+
+    def _billed_today(self) -> int | None:
+        if self.config.limits.ipd is None:
+            return None
+        keys = self._pool.statistics()
+        return sum(k.images_today or 0 for k in keys) if keys else self._state.billed_today
 
     # -- run ----------------------------------------------------------------------
 
@@ -284,23 +396,51 @@ class Pipeline:
         """Run the job to its end; never raises for item-level failures. Call it once: it
         closes the manifest and the sessions the constructor opened."""
         try:
-            await self._run_stages()
+            if await self._open_store():
+                await self._run_stages()
         except* FatalApiError as group:
             fatal = group.exceptions[0]
             assert isinstance(fatal, FatalApiError)
             self.fatal_error = fatal
             self._request_stop("fatal", str(fatal))
+        except* RunBlockedError as group:
+            # e.g. the manifest could not be written (ENOSPC): what is written stays
+            blocked = group.exceptions[0]
+            assert isinstance(blocked, RunBlockedError)
+            self._block(blocked)
         except* InputFileError as group:
             # The file broke mid-way (corrupt gzip, no CSV header): what was made is kept.
             self.input_error = group.exceptions[0]
             self._request_stop("input_error", str(self.input_error))
         finally:
-            await self._save_undownloaded()
-            self._writer.close()
-            await self._api_session.close()
-            await self._dl_session.close()
-            clean_tmp(self.config.out_dir)
+            try:
+                with contextlib.suppress(RunBlockedError):
+                    await self._save_undownloaded()
+                with contextlib.suppress(OSError):  # a full disk: the lines are flushed
+                    self._writer.close()
+                await self._api_session.close()
+                await self._dl_session.close()
+                if self._store is not None:
+                    await self._store.aclose()
+                if self.config.output.shard is None:
+                    clean_tmp(self.config.out_dir)
+            finally:
+                self._lock.release()
         return self._finish()
+
+    async def _open_store(self) -> bool:
+        """Open the image store and prove it takes writes, before anything is paid for;
+        ``False`` (and the run stops, exit 3) when it refuses."""
+        if self._store is None:
+            return True
+        try:
+            await self._store.__aenter__()
+            await self._store.check_writable()
+        except StorageError as exc:
+            self.store_error = exc
+            self._request_stop("fatal", f"the image store refuses writes: {exc}")
+            return False
+        return True
 
     async def _run_stages(self) -> None:
         self._stages = asyncio.create_task(self._stages_body())
@@ -315,7 +455,7 @@ class Pipeline:
         workers = self.config.workers
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._load())
-            for _ in range(workers.concurrency):
+            for _ in range(workers.generation_workers):
                 tg.create_task(self._generate_worker())
             for _ in range(workers.download_concurrency):
                 tg.create_task(self._download_worker())
@@ -332,13 +472,22 @@ class Pipeline:
             stats.rows_read = n
             if self.stopping:
                 break
-            status = state.status(row.id, row.fingerprint)
+            if row is SKIPPED:
+                stats.skipped += 1  # the loader found it done (and matched it) already
+                continue
+            status = state.match(row.id, row.fingerprint)
+            if status is None:
+                stats.new_rows += 1
+            elif status == DAMAGED:
+                stats.remade_damaged += 1
             if status == "ok" or (status == "failed" and not self.config.build.retry_failed):
                 stats.skipped += 1
+                stats.skipped_as[status] += 1
                 continue
             if row.request is None:
                 if status == "invalid":
                     stats.skipped += 1
+                    stats.skipped_as[status] += 1
                 else:
                     await self._emit(row, "invalid", error=invalid_error(row.error or ""))
                 continue
@@ -351,6 +500,7 @@ class Pipeline:
             if row.duplicate_of is not None:
                 if status == "duplicate":
                     stats.skipped += 1
+                    stats.skipped_as[status] += 1
                 else:
                     await self._emit(row, "duplicate")
                 continue
@@ -359,14 +509,37 @@ class Pipeline:
                 self._attach_pending(item, state.generated_record(row.id, row.fingerprint))
             await self._room.acquire()
             self._gen_queue.put_nowait((_NEW_ROW, next(self._order), item))
+        self._report_found()
         # Only on the way out through the end of input or a stop (after an error the
         # TaskGroup cancels every task): once every item is finished none can come back
         # for regeneration, and the workers may go.
         await self._gen_queue.join()
-        for _ in range(self.config.workers.concurrency):
+        for _ in range(self.config.workers.generation_workers):
             self._gen_queue.put_nowait((_END, next(self._order), None))
         for _ in range(self.config.workers.download_concurrency):
             await self._dl_queue.put(None)
+
+    def _report_found(self) -> None:
+        """Once the input is read: what changed since the manifest was written."""
+        stats, state = self.stats, self._state
+        stats.whole_input = (
+            not self.stopping and self.config.limit is None and self.config.shard is None
+        )
+        if stats.remade_damaged:
+            log.warning(
+                "%d items are made again: their files were missing or damaged (verify --repair)",
+                stats.remade_damaged,
+            )
+        if not stats.whole_input or not state.records:
+            return
+        history = sum(state.counts(matched=False).values())
+        if stats.new_rows or history:
+            log.info(
+                "%d rows new or changed since the manifest was written; %d earlier records "
+                "are no longer in the input (kept as history)",
+                stats.new_rows,
+                history,
+            )
 
     def _attach_pending(self, item: WorkItem, record: dict[str, Any] | None) -> None:
         if not record:
@@ -400,17 +573,33 @@ class Pipeline:
         try:
             if self.stopping:
                 raise Stopped
+            if (disabled := self.disabled_models.get(item.model)) is not None and (
+                item.generation is None or item.expired
+            ):  # the model is disabled: recorded without sending
+                raise ModelDisabledError(disabled, model=item.model, trace_id=None)
             if item.generation is None or item.expired:
                 await self._generator.generate(item)
             await self._dl_queue.put(item)
             return True
-        except (Stopped, QuotaReachedError) as exc:
-            if isinstance(exc, QuotaReachedError):
+        except (Stopped, QuotaReachedError, RunBlockedError) as exc:
+            if isinstance(exc, RunBlockedError) or (
+                isinstance(exc, NoKeyLeftError) and exc.exit_code == EXIT_BLOCKED
+            ):
+                self._block(exc)
+            elif isinstance(exc, QuotaReachedError):
                 self._request_stop("quota", str(exc))
             await self._keep_paid(item)  # nothing was sent: the next run takes it
-        except (asyncio.CancelledError, FatalApiError):
+        except (asyncio.CancelledError, FatalApiError) as exc:
+            if isinstance(exc, FatalApiError):  # before any other worker sends again
+                self._request_stop("fatal", str(exc))
             await self._keep_paid(item)
             raise
+        except ModelDisabledError as exc:
+            model = exc.model or item.model
+            if model not in self.disabled_models:
+                self.disabled_models[model] = str(exc)
+                log.error("%s is disabled for this account: its rows fail (%s)", model, exc)
+            await self._emit(item.row, "failed", item=item, error=exc)
         except SfbatchError as exc:
             await self._emit(item.row, "failed", item=item, error=exc)
         return False
@@ -431,21 +620,73 @@ class Pipeline:
         generation = item.generation
         if generation is None:
             raise RuntimeError(f"{item.row.id} reached the downloaders without a generation")
-        try:
-            images = [
-                await self._downloader.fetch(url, self._stem(item.row, index))
-                for index, url in enumerate(generation.urls)
-            ]
-        except ExpiredUrlError as exc:
-            if item.regenerations >= self.config.retry.max_retries:
+        images: list[StoredImage] = []
+        while True:
+            outages = self._outage.statistics().outages
+            try:
+                for index in range(len(images), len(generation.urls)):
+                    stem = (
+                        self._stem(item.row, index)
+                        if self._store is None
+                        else f"{TMP_DIR}/up/{uuid.uuid4().hex}"  # uploaded by the store step
+                    )
+                    images.append(await self._downloader.fetch(generation.urls[index], stem))
+            except DiskFullError as exc:
+                self._block(exc)
+                await self._save_generated(item)  # paid for: the next run downloads it
+                return
+            except ExpiredUrlError as exc:
+                if item.regenerations >= self.config.retry.max_retries:
+                    await self._emit(item.row, "failed", item=item, error=exc)
+                else:
+                    self._regenerate(item)
+                return
+            except DownloadError as exc:
+                outage = self._outage.paused or self._outage.statistics().outages > outages
+                if exc.retryable and outage:
+                    # the service went down meanwhile: not the item's fault; again once it is back
+                    try:
+                        await self._outage.wait_ready()
+                    except OutageError as stop:
+                        self._block(stop)
+                        await self._save_generated(item)
+                        return
+                    continue
                 await self._emit(item.row, "failed", item=item, error=exc)
-            else:
-                self._regenerate(item)
+                return
+            except SfbatchError as exc:
+                await self._emit(item.row, "failed", item=item, error=exc)
+                return
+            if self._store is not None:
+                try:
+                    images = await self._store_images(item, images, self._store)
+                except StorageError as exc:
+                    self.store_error = self.store_error or exc
+                    self._block(exc)
+                    await self._save_generated(item)  # paid for: the next run uploads it
+                    return
+            await self._emit(item.row, "ok", item=item, images=images)
             return
-        except SfbatchError as exc:
-            await self._emit(item.row, "failed", item=item, error=exc)
-            return
-        await self._emit(item.row, "ok", item=item, images=images)
+
+    async def _store_images(
+        self, item: WorkItem, images: Sequence[StoredImage], store: ImageStore
+    ) -> list[StoredImage]:
+        """The store step: each image, downloaded to ``DIR/.tmp/up/`` (checked as always),
+        uploaded under ``images/SHARD/NAME.EXT``; its record ``path`` is the object URL."""
+        stored: list[StoredImage] = []
+        try:
+            for index, image in enumerate(images):
+                stem, ext = self._base_stem(item.row, index), image.path.rpartition(".")[2]
+                key = f"{stem}.{ext}"
+                if await store.head(key) is not None:  # never overwrite an earlier record's
+                    key = f"{stem}~{item.row.fingerprint[:8]}.{ext}"
+                local = self.config.out_dir / image.path
+                url = await store.put_file(local, key, remove_source=True)
+                stored.append(StoredImage(path=url, sha256=image.sha256, bytes=image.bytes))
+        finally:
+            for image in images:
+                (self.config.out_dir / image.path).unlink(missing_ok=True)
+        return stored
 
     def _regenerate(self, item: WorkItem) -> None:
         """Send ``item`` back to the generation workers (same seed), ahead of new rows: a
@@ -461,6 +702,10 @@ class Pipeline:
             await self._save_generated(item)
 
     def _stem(self, row: Row, index: int) -> str:
+        return unused_stem(self.config.out_dir, self._base_stem(row, index), row.fingerprint)
+
+    def _base_stem(self, row: Row, index: int) -> str:
+        """``images/SHARD/NAME`` of a row's image, before any ``~FP8`` is added."""
         name = self.config.output.name_template.format(id=row.id, index=index)
         # A prompt's variations share its shard directory.
         base_id = (
@@ -468,9 +713,7 @@ class Pipeline:
             if self.config.build.variations > 1
             else row.id
         )
-        return unused_stem(
-            self.config.out_dir, f"images/{image_shard_dir(base_id)}/{name}", row.fingerprint
-        )
+        return f"images/{image_shard_dir(base_id)}/{name}"
 
     # -- records -------------------------------------------------------------------
 
@@ -498,7 +741,12 @@ class Pipeline:
 
     def _write(self, record: ManifestRecord) -> None:
         assert self._writer is not None
-        self._writer.append(record)
+        try:
+            self._writer.append(record)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise disk_full(exc, self.config.out_dir) from exc
+            raise
         self._state.set_status(record["id"], record["fingerprint"], record["status"])
         stats = self.stats
         status = record["status"]
@@ -563,6 +811,7 @@ class Pipeline:
             "run": {
                 **dict(stats.counts),
                 "skipped": stats.skipped,
+                "skipped_as": dict(stats.skipped_as),
                 "rows_read": stats.rows_read,
                 "images": stats.images,
                 "bytes": stats.bytes,
@@ -580,11 +829,26 @@ class Pipeline:
             },
             "latency_s": stats.latency.percentiles(0.5, 0.95, 0.99),
             "inference_s": stats.inference.percentiles(0.5, 0.95, 0.99),
-            "manifest": dict(self._state.counts()),
+            # Counts of the current input's items; records of rows no longer in it apart.
+            "manifest": dict(self._state.counts(matched=True)),
+            "history": sum(self._state.counts(matched=False).values())
+            if stats.whole_input
+            else None,
+            "found": {
+                "new_or_changed": stats.new_rows if stats.whole_input else None,
+                "remade_damaged": stats.remade_damaged,
+                "damaged_lines": [
+                    f"{d.path.name}:{d.line}" for d in self._state.damaged[:_DAMAGED_LISTED]
+                ],
+                "damaged_line_count": len(self._state.damaged),
+            },
             "quota": {
                 "ipd": self.config.ipd,
-                "billed_today": self._quota.used if self._quota else None,
+                "billed_today": self._billed_today(),
             },
+            "window": dataclasses.asdict(self._window.statistics()),
+            "keys": [dataclasses.asdict(key) for key in self._pool.statistics()],
+            "outage": dataclasses.asdict(self._outage.statistics()),
         }
 
 
@@ -632,8 +896,9 @@ async def generate(
         print(results[0].summary["throughput"])
 
     Raises the :class:`~sfbatch.errors.FatalApiError` that stopped the job (bad key,
-    wrong base URL) or :class:`~sfbatch.errors.QuotaReachedError` once the daily
-    quota ends it early, after yielding every record written before.
+    wrong base URL), the :class:`~sfbatch.storage.StorageError` of an ``images_to``
+    store that refused or failed, or :class:`~sfbatch.errors.QuotaReachedError` once
+    the daily quota ends it early, after yielding every record written before.
     """
     registry = registry or ModelRegistry.load(config.models_file)
     source: Iterable[Row] | AsyncGenerator[Row, None]
@@ -670,6 +935,10 @@ async def generate(
         raise pipeline.fatal_error
     if pipeline.input_error is not None:
         raise pipeline.input_error
+    if pipeline.blocked_error is not None:
+        raise pipeline.blocked_error
+    if pipeline.store_error is not None:
+        raise pipeline.store_error
     if result.outcome == "quota":
         raise QuotaReachedError(result.message)
 

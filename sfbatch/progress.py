@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from sfbatch.figures import count as _count
 from sfbatch.figures import duration as _duration
@@ -79,6 +80,33 @@ def _rate(per_min: float) -> str:
     if per_min >= 10:
         return f"{per_min:,.0f}"
     return f"{per_min:.1f}".rstrip("0").rstrip(".")
+
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The embedded emulator's key (and the one its docs suggest exporting).
+_EMULATOR_KEY_PREFIX = "sk-emulator"
+
+
+def endpoint_name(base_url: str) -> str:
+    """Where requests go, as a user reads it: ``api.siliconflow.cn`` or
+    ``the emulator at 127.0.0.1:8765``."""
+    url = urlsplit(base_url)
+    if url.hostname in _LOOPBACK_HOSTS:
+        return f"the emulator at {url.netloc}"
+    return url.hostname or base_url
+
+
+def _warn_emulator_key(cfg: Any) -> None:
+    """A key left over from trying the emulator is no key for the real service."""
+    host = urlsplit(str(getattr(cfg, "base_url", ""))).hostname
+    key = str(getattr(cfg, "api_key", ""))
+    if host and key.startswith(_EMULATOR_KEY_PREFIX) and host not in _LOOPBACK_HOSTS:
+        log.warning(
+            "the API key looks like the emulator's (%s...) but requests go to %s: "
+            "unset SILICONFLOW_API_KEY or point --base-url at the emulator",
+            _EMULATOR_KEY_PREFIX,
+            host,
+        )
 
 
 def _status_interval_s() -> float:
@@ -301,6 +329,7 @@ class Progress:
     async def __aenter__(self) -> Progress:
         self.display = self._choose_display()
         self._warn_sources()
+        _warn_emulator_key(self._pipeline.config)
         if self.display != "off":
             log.info("%s", self._start_line())
             threading.Thread(target=self._count_rows, name="sfbatch-count", daemon=True).start()
@@ -352,10 +381,13 @@ class Progress:
         cfg = self._pipeline.config
         files = ", ".join(str(getattr(s, "file", s)) for s in self._sources) or "no input"
         limit = _configured_limit(cfg)
-        limits = f"{_rate(limit)} images/min" if limit is not None else "none per minute set"
+        limits = f"{_rate(limit)} images/min" if limit is not None else "no per-minute limit set"
         if getattr(cfg, "ipd", None) is not None:
             limits += f", {cfg.ipd:,} images a day"
-        return f"reading {files}; writing to {cfg.out_dir} (limit: {limits})"
+        return (
+            f"sending to {endpoint_name(str(getattr(cfg, 'base_url', '')))}; reading {files}; "
+            f"writing to {cfg.out_dir} (limit: {limits})"
+        )
 
     def _count_rows(self) -> None:
         total: int | None = 0

@@ -33,9 +33,17 @@ import orjson
 from sfbatch.identity import KeyTable, content_digest, content_of_record, fingerprint
 from sfbatch.manifest import FRONT_RE, STATUSES, billed_on_day
 
-__all__ = ["DamagedLine", "ResumeIndex", "item_key", "read_index"]
+__all__ = ["DAMAGED", "DAMAGED_CODE", "DamagedLine", "ResumeIndex", "item_key", "read_index"]
 
 _CODE: Final[dict[str, int]] = {name: code for code, name in enumerate(STATUSES, start=1)}
+#: The index's name for a ``failed`` record with error code ``damaged`` (written by
+#: ``sfbatch verify --repair`` for an ok item whose files are missing or damaged): it is
+#: made again even without ``--retry-failed``. Counted as ``failed``.
+DAMAGED: Final = "damaged"
+DAMAGED_CODE: Final = "damaged"
+_NAMES: Final = (*STATUSES, DAMAGED)
+_DAMAGED_BYTE: Final = bytes((len(STATUSES) + 1,))
+_DAMAGED_FIELD: Final = b'"code":"damaged"'
 _RECORD_START: Final = b'{"id":"'
 # A whole clean line: the front fields, then anything up to the closing brace.
 _WHOLE_LINE_RE: Final = re.compile(rb"^" + FRONT_RE.pattern + rb"[^\n]*\}\n", re.MULTILINE)
@@ -91,12 +99,50 @@ class ResumeIndex:
     _day_start: str = ""
 
     def status(self, row_id: str, fp: str) -> str | None:
-        """The latest status recorded for this id and fingerprint, or None."""
+        """The latest status recorded for this id and fingerprint (or :data:`DAMAGED`), or None."""
         key = item_key(row_id, fp)
         value = self.other.get(key)
         if value is not None:
-            return STATUSES[value[0] - 1]
+            return _NAMES[value[0] - 1]
         return "ok" if key in self.done else None
+
+    def match(self, row_id: str, fp: str) -> str | None:
+        """:meth:`status`, and mark the item as one the current input asks for.
+
+        Items never matched are *history* (rows edited away or removed); the run's counts
+        and exit code come from matched items only (:meth:`counts` with ``matched=True``).
+        """
+        key = item_key(row_id, fp)
+        bit = (key >> 20) & 0xFFFFF
+        value = None
+        if self._maybe_other[bit >> 3] & (1 << (bit & 7)):
+            value = self.other.mark(key)
+        done = self.done.mark(key) is not None
+        if value is not None:
+            return _NAMES[value[0] - 1]
+        return "ok" if done else None
+
+    def done_check(
+        self, *, retry_failed: bool, skipped_as: Counter[str] | None = None
+    ) -> Callable[[str, str], bool]:
+        """``is_done(id, fp)`` for the loader: :meth:`match`, then "skip this row?" (each
+        skip counted in ``skipped_as`` by the status found)."""
+        match = self.match
+        tally: Counter[str] = Counter() if skipped_as is None else skipped_as
+
+        def is_done(row_id: str, fp: str) -> bool:
+            status = match(row_id, fp)
+            if status == "ok" or (status == "failed" and not retry_failed):
+                tally[status] += 1
+                return True
+            return False
+
+        return is_done
+
+    def seal(self) -> None:
+        """Everything read so far is history until :meth:`match` finds it in the input."""
+        self.done.seal()
+        self.other.seal()
 
     def generated_record(self, row_id: str, fp: str) -> dict[str, Any] | None:
         """The record of an item paid for but not downloaded, if that is its latest status."""
@@ -124,15 +170,24 @@ class ResumeIndex:
         if self._maybe_other[bit >> 3] & (1 << (bit & 7)):
             self.other.discard(key)
 
-    def counts(self) -> Counter[str]:
-        """How many (id, fingerprint) items are in each latest status."""
+    def counts(self, matched: bool | None = None) -> Counter[str]:
+        """How many (id, fingerprint) items are in each latest status: all of them, or
+        only those the current input matched (``True``), or only history (``False``)."""
         counts: Counter[str] = Counter()
-        ok = self.done.size - sum(1 for key in self.other.iter_keys() if key in self.done)
+        done_size = self.done.size
+        if matched is not None:
+            done_size = self.done.matched_size()
+            if not matched:
+                done_size = self.done.size - done_size
+        in_both = sum(1 for key in self.other.iter_keys(matched) if key in self.done)
+        ok = done_size - in_both
         if ok:
             counts["ok"] = ok
-        for code, n in self.other.first_value_bytes().items():
+        for code, n in self.other.first_value_bytes(matched).items():
             if n and 1 <= code <= len(STATUSES):
-                counts[STATUSES[code - 1]] = n
+                counts[STATUSES[code - 1]] += n
+            elif n and code == _DAMAGED_BYTE[0]:
+                counts["failed"] += n
         return counts
 
     @property
@@ -183,6 +238,8 @@ class ResumeIndex:
             billed if isinstance(billed, int) else 0,
             fp,
         )
+        if status == "failed" and _is_damaged(record):
+            self._set(item_key(row_id, fp), _DAMAGED_BYTE)
         if status == "generated":
             self.generated[item_key(row_id, fp)] = record
         return True
@@ -217,6 +274,7 @@ def read_index(paths: Iterable[Path], *, day_start: str) -> ResumeIndex:
     index._day_start = day_start
     for path in paths:
         _read_one(index, path)
+    index.seal()
     return index
 
 
@@ -303,6 +361,7 @@ def _read_chunk(index: ResumeIndex, path: Path, buf: bytearray, end: int, line: 
             index._enter_other(key, code_of[status])
     index.done.put_all(done)
     _generated_in(index, buf, end)
+    _damaged_in(index, buf, end)
     return line + lines
 
 
@@ -316,11 +375,28 @@ def _generated_in(index: ResumeIndex, buf: bytearray, end: int) -> None:
         pos = buf.find(_GENERATED_FIELD, stop, end)
 
 
+def _damaged_in(index: ResumeIndex, buf: bytearray, end: int) -> None:
+    """Re-read in full every line of a clean chunk that may be a repair record (rare)."""
+    pos = buf.find(_DAMAGED_FIELD, 0, end)
+    while pos >= 0:
+        start = buf.rfind(b"\n", 0, pos) + 1
+        stop = buf.find(b"\n", pos, end) + 1
+        record = orjson.loads(bytes(buf[start:stop]))
+        if record.get("status") == "failed" and _is_damaged(record):
+            index._set(item_key(record["id"], record["fingerprint"]), _DAMAGED_BYTE)
+        pos = buf.find(_DAMAGED_FIELD, stop, end)
+
+
+def _is_damaged(record: dict[str, Any]) -> bool:
+    error = record.get("error")
+    return isinstance(error, dict) and error.get("code") == DAMAGED_CODE
+
+
 def _line(index: ResumeIndex, path: Path, number: int, raw: bytes) -> None:
     m = FRONT_RE.match(raw)
     if m is not None and raw.endswith(b"}\n") and raw.find(_RECORD_START, 1) < 0:
         status = m.group(2).decode()
-        if status != "generated" and status in _CODE:
+        if status != "generated" and status in _CODE and _DAMAGED_FIELD not in raw:
             index._add(
                 m.group(1).decode("utf-8", "surrogatepass"),
                 status,

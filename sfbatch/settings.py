@@ -100,6 +100,8 @@ class Spec:
     @property
     def text_kinds(self) -> tuple[type, ...]:
         """What a job file may hold for this field."""
+        if self.setting.parse is not None and self.kind is int:
+            return (str, int)  # a number, or a word its parse knows ("auto")
         if self.setting.parse is not None or self.kind is Path:
             return (str,)
         return (int, float) if self.kind is float else (self.kind,)

@@ -17,12 +17,15 @@ rows are pending and how many nights the daily quota needs for them::
 recorded size and sha256, and lists orphan files under ``DIR/images/`` and leftover
 ``DIR/.tmp/*.part`` files. Missing or mismatched images make it exit 1; orphans and
 leftovers alone are warnings (exit 0): they waste space but lose nothing, and a resumed
-run clears ``.tmp/`` itself.
+run clears ``.tmp/`` itself. Images stored as objects (``s3://`` paths, a run with
+``--images-to``) are checked with a HEAD (exists, size); ``deep=True`` (``--deep``)
+downloads them and checks the sha256 too. Orphan objects are not looked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import hashlib
 import itertools
@@ -39,7 +42,8 @@ from typing import Any
 
 import orjson
 
-from sfbatch.figures import human_bytes, percentile, percentiles
+from sfbatch.errors import ConfigError
+from sfbatch.figures import duration, human_bytes, percentile, percentiles, plural
 from sfbatch.manifest import (
     STATUSES,
     ImageEntry,
@@ -51,6 +55,7 @@ from sfbatch.manifest import (
     safe_relpath,
 )
 from sfbatch.reasons import Reason, message_class
+from sfbatch.storage import ImageStore, StorageError, is_s3_url, open_store, parse_s3_url
 
 __all__ = [
     "DONE_STATUSES",
@@ -61,6 +66,7 @@ __all__ = [
     "message_class",
     "percentile",
     "register",
+    "repair",
     "status_report",
     "verify",
 ]
@@ -76,6 +82,8 @@ DONE_STATUSES = frozenset({"ok", "failed", "invalid", "duplicate"})
 _REASON_STATUSES = ("failed", "invalid")
 # Gaps between finished records longer than this are idle time (e.g. between nightly runs).
 _IDLE_GAP_S = 600.0
+# Records spanning less than this give no hourly throughput (it would be noise).
+_MIN_RATE_SPAN_S = 60.0
 _HASH_CHUNK = 1 << 20
 _HASH_BATCH = 1024
 _LIST_LIMIT = 50
@@ -182,46 +190,47 @@ def _variations(latest: dict[str, ManifestRecord]) -> int:
 
 
 def _pending(input_path: Path, latest: dict[str, ManifestRecord]) -> dict[str, Any]:
-    """Input rows not yet done, and the images they still need.
+    """Input rows not yet done, the images they still need, and the history.
 
-    Cheap when the loader can count rows (plain .txt/.jsonl): rows minus done records,
-    images estimated at the mean batch size recorded. Otherwise every row is read and
-    looked up by id, which is exact.
+    Every row is read and matched to the latest record of its id *and* fingerprint (an
+    edited row is pending: its record is of what the row asked for before). Records no
+    row matches are *history*: rows edited away or removed from the input. The rows are
+    read with the default settings, so a job run with other ones (``--model``, a base
+    seed) should be counted with the run's own summary instead.
     """
-    done = sum(1 for record in latest.values() if record.get("status") in DONE_STATUSES)
+    from sfbatch.loader import PromptSource
+    from sfbatch.resume import DAMAGED_CODE
+
+    # A row without a batch size of its own takes the run's default, which only the
+    # records know: estimate it by the mean batch size recorded.
     sizes = [b for r in latest.values() if isinstance(b := r.get("batch_size"), int) and b > 0]
     per_row = sum(sizes) / len(sizes) if sizes else 1.0
-    try:
-        from sfbatch.loader import PromptSource
-    except ImportError:  # pragma: no cover - the loader ships with sfbatch
-        rows = _count_lines(input_path)
-        pending = max(0, rows - done)
-        return _pending_dict(rows, pending, math.ceil(pending * per_row), "lines")
-
     source = PromptSource(input_path, variations=_variations(latest))
-    rows_known = source.count_rows()
-    if rows_known is not None:
-        pending = max(0, rows_known - done)
-        return _pending_dict(rows_known, pending, math.ceil(pending * per_row), "count")
-    rows = pending = images = 0
+    rows = pending = images = matched = estimated = 0
     for row in source:
         rows += 1
         record = latest.get(row.id)
-        if record is None or record.get("status") not in DONE_STATUSES:
+        if record is not None and record.get("fingerprint") not in (None, row.fingerprint):
+            record = None  # a record of what this id asked for before the edit
+        matched += record is not None
+        error = record.get("error") if record is not None else None
+        repaired = isinstance(error, dict) and error.get("code") == DAMAGED_CODE
+        if record is None or record.get("status") not in DONE_STATUSES or repaired:
             pending += 1
             if row.request is not None:
                 batch = row.request.get("batch_size")
-                images += batch if isinstance(batch, int) and batch > 0 else 1
-    return _pending_dict(rows, pending, images, "scan")
+                if isinstance(batch, int) and batch > 1:
+                    images += batch
+                else:
+                    estimated += 1
+    images += math.ceil(estimated * per_row)
+    found = _pending_dict(rows, pending, images, "scan")
+    found["history"] = len(latest) - matched
+    return found
 
 
 def _pending_dict(rows: int, pending: int, images: int, method: str) -> dict[str, Any]:
     return {"input_rows": rows, "pending": pending, "pending_images": images, "method": method}
-
-
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
 
 
 def status_report(
@@ -298,6 +307,7 @@ def status_report(
         "errors": dict(errors.most_common()),
         "input_rows": pending["input_rows"] if pending else None,
         "pending": pending["pending"] if pending else None,
+        "history": pending["history"] if pending else None,
         "pending_images": pending["pending_images"] if pending else None,
         "pending_method": pending["method"] if pending else None,
         "images": images,
@@ -410,6 +420,57 @@ def _check(out_dir: Path, row_id: str, image: ImageEntry) -> FileProblem | int:
     return actual_size
 
 
+async def _check_object(
+    store: ImageStore, key: str, row_id: str, image: ImageEntry, *, deep: bool
+) -> FileProblem | int:
+    """An object's problem, or its size when it matches the record."""
+    where = store.url_for(key)
+    try:
+        size = await store.head(key)
+        if size is None:
+            return FileProblem(row_id, where, "missing")
+        expected_size = image.get("bytes")
+        if isinstance(expected_size, int) and size != expected_size:
+            return FileProblem(
+                row_id, where, "size", f"{size} bytes stored, {expected_size} recorded"
+            )
+        if not deep:
+            return size
+        digest = hashlib.sha256()
+        async for chunk in store.open(key):
+            digest.update(chunk)
+    except StorageError as exc:
+        return FileProblem(row_id, where, "unreadable", str(exc))
+    expected = image.get("sha256")
+    if digest.hexdigest() != expected:
+        return FileProblem(
+            row_id, where, "sha256", f"{digest.hexdigest()} stored, {expected} recorded"
+        )
+    return size
+
+
+async def _check_objects(
+    objects: list[tuple[str, ImageEntry]], *, deep: bool
+) -> list[FileProblem | int]:
+    """:func:`_check_object` for every ``s3://`` image, one store per bucket; the stores
+    bound the requests in flight, the batches the tasks."""
+    results: list[FileProblem | int] = []
+    stores: dict[str, ImageStore] = {}
+    try:
+        for batch in _batches(objects):
+            checks = []
+            for row_id, image in batch:
+                bucket, key = parse_s3_url(str(image.get("path")))
+                if bucket not in stores:
+                    stores[bucket] = await open_store(f"s3://{bucket}").__aenter__()
+                checks.append(_check_object(stores[bucket], key, row_id, image, deep=deep))
+            results += await asyncio.gather(*checks)
+    finally:
+        for store in stores.values():
+            await store.aclose()
+    return results
+
+
 def _batches(
     items: Iterable[tuple[str, ImageEntry]],
 ) -> Iterator[list[tuple[str, ImageEntry]]]:
@@ -430,39 +491,50 @@ def _walk_files(root: Path) -> Iterator[Path]:
             yield base / name
 
 
-def verify(out_dir: Path, *, workers: int | None = None) -> VerifyReport:
+def verify(out_dir: Path, *, workers: int | None = None, deep: bool = False) -> VerifyReport:
     """Check every image of the latest ``ok`` records against its size and sha256.
 
     Files are hashed in 1 MiB chunks on a thread pool (hashlib releases the GIL on
     large buffers, so hashing runs in parallel with the disk reads). Also lists files
     under ``images/`` no latest record refers to, and ``.tmp/*.part`` leftovers.
-    Raises :class:`NoManifestError` when ``out_dir`` has no manifest.
+    ``s3://`` images: HEAD and size, and with ``deep`` their sha256 (downloaded).
+    Raises :class:`NoManifestError` when ``out_dir`` has no manifest,
+    :class:`~sfbatch.storage.MissingExtraError` when objects need the ``s3`` extra.
     """
     started = time.monotonic()
     scan = _scan(out_dir)
     report = VerifyReport(out_dir=out_dir, manifests=[p.name for p in scan.paths])
     referenced: set[str] = set()
     to_check: list[tuple[str, ImageEntry]] = []
+    objects: list[tuple[str, ImageEntry]] = []
     for row_id, record in scan.latest.items():
         images = _images(record)
         for image in images:
-            rel = safe_relpath(image.get("path"))
+            rel = None if is_s3_url(image.get("path", "")) else safe_relpath(image.get("path"))
             if rel is not None:
                 referenced.add(rel.as_posix())
         if record.get("status") == "ok":
             report.records += 1
-            to_check.extend((row_id, image) for image in images)
+            for image in images:
+                stored = is_s3_url(image.get("path", ""))
+                (objects if stored else to_check).append((row_id, image))
+
+    def tally(result: FileProblem | int) -> None:
+        if isinstance(result, FileProblem):
+            bucket = report.missing if result.problem == "missing" else report.mismatched
+            bucket.append(result)
+        else:
+            report.files += 1
+            report.bytes += result
 
     pool_size = workers or min(8, (os.cpu_count() or 1) * 2)
     with concurrent.futures.ThreadPoolExecutor(max_workers=pool_size) as pool:
         for batch in _batches(to_check):
             for result in pool.map(lambda item: _check(out_dir, *item), batch):
-                if isinstance(result, FileProblem):
-                    bucket = report.missing if result.problem == "missing" else report.mismatched
-                    bucket.append(result)
-                else:
-                    report.files += 1
-                    report.bytes += result
+                tally(result)
+    if objects:
+        for result in asyncio.run(_check_objects(objects, deep=deep)):
+            tally(result)
 
     images_dir = out_dir / "images"
     report.orphans = sorted(
@@ -477,6 +549,60 @@ def verify(out_dir: Path, *, workers: int | None = None) -> VerifyReport:
         )
     report.elapsed_s = time.monotonic() - started
     return report
+
+
+def repair(out_dir: Path, report: VerifyReport) -> list[str]:
+    """Make the items of ``report``'s missing or mismatched images due again; their ids.
+
+    For each such item a ``failed`` record with error code ``damaged`` is appended to the
+    manifest its latest record is in (the manifest stays append-only): the next run makes
+    it again, even without ``--retry-failed``, and says how many it remakes. Holds the
+    directory's run lock while it writes, so it never interleaves with a run.
+    """
+    from sfbatch.lock import RunLock
+    from sfbatch.manifest import ManifestWriter, now_iso
+    from sfbatch.resume import DAMAGED_CODE
+
+    problems: dict[str, FileProblem] = {}
+    for problem in (*report.missing, *report.mismatched):
+        problems.setdefault(problem.id, problem)
+    if not problems:
+        return []
+    home: dict[str, tuple[Path, ManifestRecord]] = {}
+    for path in manifest_paths(out_dir):
+        for record in iter_records(path):
+            if record.get("id") in problems:
+                home[record["id"]] = (path, record)
+    repaired: list[str] = []
+    with RunLock(out_dir):
+        writers: dict[Path, ManifestWriter] = {}
+        try:
+            for row_id, (path, record) in home.items():
+                if record.get("status") != "ok" or not isinstance(record.get("fingerprint"), str):
+                    continue  # changed since verify read it, or too old to match a row
+                problem = problems[row_id]
+                detail = f"{problem.path}: {problem.problem} {problem.detail}".rstrip()
+                writer = writers.get(path) or writers.setdefault(path, ManifestWriter(path))
+                writer.append(
+                    {
+                        **record,
+                        "status": "failed",
+                        "finished_at": now_iso(),
+                        "billed_images": 0,
+                        "images": [],
+                        "attempts": 0,
+                        "error": {
+                            "status": None,
+                            "code": DAMAGED_CODE,
+                            "message": f"verify --repair: {detail}; made again by the next run",
+                        },
+                    }
+                )
+                repaired.append(row_id)
+        finally:
+            for writer in writers.values():
+                writer.close()
+    return repaired
 
 
 # -- output --------------------------------------------------------------------------
@@ -499,7 +625,7 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
     row(
         "ok",
         f"{counts.get('ok', 0):,}",
-        f"{report['images']:,} images, {human_bytes(report['bytes'])}",
+        f"{plural(report['images'], 'image')}, {human_bytes(report['bytes'])}",
     )
     for status in ("failed", "invalid"):
         row(status, f"{counts.get(status, 0):,}")
@@ -523,15 +649,27 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
         row(
             "pending",
             f"{report['pending']:,}",
-            f"of {report['input_rows']:,} input rows; ~{report['pending_images']:,} images",
+            f"of {plural(report['input_rows'], 'input row')}; "
+            f"~{plural(report['pending_images'], 'image')}",
+        )
+        row(
+            "history",
+            f"{report['history']:,}",
+            "records of rows no longer in the input (edited or removed; kept)",
         )
     tp = report["throughput"]
-    if tp["ok_per_hour"] is None:
+    span_s = tp["span_h"] * 3600
+    if tp["ok_per_hour"] is None and not counts.get("ok"):
         row("throughput", "-")
+    elif tp["ok_per_hour"] is None or span_s < _MIN_RATE_SPAN_S:
+        # An hourly rate from a few seconds of records says nothing about an hour.
+        row("throughput", "-", f"records span {duration(span_s)}: too short for an hourly rate")
     else:
-        note = f"ok/h over {tp['span_h']:g} h"
+        note = f"ok/h over {duration(span_s)}"
         if tp["ok_per_active_hour"] is not None and tp["active_h"] < tp["span_h"]:
-            note += f"; {tp['ok_per_active_hour']:,} ok/h over {tp['active_h']:g} h active"
+            note += (
+                f"; {tp['ok_per_active_hour']:,} ok/h over {duration(tp['active_h'] * 3600)} active"
+            )
         row("throughput", f"{tp['ok_per_hour']:,}", note)
     for key, label in (("latency_s", "latency"), ("inference_s", "inference")):
         p = report[key]
@@ -544,9 +682,7 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
     )
     row("billed total", f"{billed['total']:,}")
     quota = report["quota"]
-    if quota["ipd"] is None:
-        row("nights left", "?", "give --ipd N (or run with --ipd so summary.json records it)")
-    else:
+    if quota["ipd"] is not None:  # no daily quota: not a nightly build, nothing to count
         note = f"at {quota['ipd']:,} images/day ({quota['left_today']:,} left today)"
         row(
             "nights left",
@@ -555,8 +691,8 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
         )
 
     head = (
-        f"{report['out_dir']}: {report['ids']:,} items from {len(report['manifests'])} "
-        f"manifest{'s' if len(report['manifests']) != 1 else ''} ({report['lines']:,} records)"
+        f"{report['out_dir']}: {plural(report['ids'], 'item')} from "
+        f"{plural(len(report['manifests']), 'manifest')} ({plural(report['lines'], 'record')})"
     )
     label_w = max(len(r[0]) for r in rows)
     value_w = max(len(r[1]) for r in rows)
@@ -649,10 +785,22 @@ def register(subparsers: Any) -> None:
     check.add_argument("dir", type=Path, metavar="DIR")
     check.add_argument("--json", action="store_true", help="one JSON object instead of text")
     check.add_argument(
+        "--deep",
+        action="store_true",
+        help="also download every s3:// image and check its sha256 (default: HEAD and size; "
+        "files on disk are always hashed)",
+    )
+    check.add_argument(
         "--all",
         action="store_true",
         dest="show_all",
         help=f"list every problem (default: the first {_LIST_LIMIT} of each kind)",
+    )
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="make the items whose images are missing or damaged due again: appends a "
+        "failed record (error code 'damaged') for each, so the next run makes them again",
     )
     check.set_defaults(handler=verify_command)
 
@@ -682,12 +830,29 @@ def status_command(args: argparse.Namespace) -> int:
 
 def verify_command(args: argparse.Namespace) -> int:
     try:
-        report = verify(args.dir)
-    except NoManifestError as exc:
+        report = verify(args.dir, deep=args.deep)
+    except (NoManifestError, ConfigError) as exc:  # ConfigError: the s3 extra is missing
         print(f"sfbatch verify: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    repaired: list[str] | None = None
+    if args.repair:
+        from sfbatch.errors import SfbatchError
+
+        try:
+            repaired = repair(args.dir, report)
+        except (SfbatchError, OSError) as exc:
+            print(f"sfbatch verify --repair: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.json:
-        sys.stdout.write(orjson.dumps(report.as_dict()).decode() + "\n")
+        found = report.as_dict()
+        if repaired is not None:
+            found["repaired"] = repaired
+        sys.stdout.write(orjson.dumps(found).decode() + "\n")
     else:
         print(format_verify(report, show_all=args.show_all))
+        if repaired:
+            print(
+                f"repaired: {len(repaired):,} items are due again (failed, code 'damaged'); "
+                "the next run makes them again"
+            )
     return report.exit_code

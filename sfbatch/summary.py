@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sfbatch.figures import count, duration, human_bytes
+from sfbatch.figures import count, duration, human_bytes, plural
 from sfbatch.logs import json_logging
 from sfbatch.pipeline import RunResult
 
@@ -29,7 +29,8 @@ __all__ = ["print_summary"]
 log = logging.getLogger("sfbatch")
 
 _TOP_REASONS = 3
-_EXAMPLE_CHARS = 120
+# Long enough for a whole list of allowed sizes in a model-rule message.
+_EXAMPLE_CHARS = 400
 
 
 def print_summary(result: RunResult, config: Any) -> None:
@@ -39,8 +40,9 @@ def print_summary(result: RunResult, config: Any) -> None:
     manifest = out_dir / config.manifest_name
     headline = _headline(result, summary)
     reasons = _reasons(result)
+    images_to = getattr(getattr(config, "output", None), "images_to", None)
     files = (
-        f"images in {out_dir / 'images'}, manifest {manifest}, "
+        f"images in {images_to or out_dir / 'images'}, manifest {manifest}, "
         f"summary {out_dir / config.summary_name}"
     )
     hints = _next_steps(result, summary)
@@ -87,7 +89,7 @@ def _headline(result: RunResult, summary: dict[str, Any]) -> str:
     run = summary.get("run", {})
     elapsed = duration(float(summary.get("elapsed_s") or 0.0))
     made = (
-        f"{count(run.get('ok', 0))} ok ({count(run.get('images', 0))} images, "
+        f"{count(run.get('ok', 0))} ok ({plural(run.get('images', 0), 'image')}, "
         f"{human_bytes(run.get('bytes', 0))})"
     )
     if not run.get("ok"):
@@ -97,17 +99,32 @@ def _headline(result: RunResult, summary: dict[str, Any]) -> str:
         if run.get(key):
             parts.append(f"{count(run[key])} {key}")
     if run.get("duplicate"):
-        parts.append(f"{count(run['duplicate'])} duplicates")
-    if run.get("skipped"):
-        parts.append(f"{count(run['skipped'])} skipped as done before")
+        parts.append(plural(run["duplicate"], "duplicate"))
+    parts += _skipped(run)
     what = {
         "done": f"finished in {elapsed}",
         "quota": f"stopped at the daily quota after {elapsed}",
         "interrupted": f"interrupted after {elapsed}",
         "fatal": f"stopped after {elapsed}: {result.message or 'the API refused the job'}",
         "input_error": f"stopped after {elapsed}: {result.message}",
+        "blocked": f"stopped after {elapsed}: {result.message}",
     }.get(result.outcome, f"{result.outcome} after {elapsed}")
     return f"{what}: {', '.join(parts)}"
+
+
+def _skipped(run: dict[str, Any]) -> list[str]:
+    """Rows earlier runs finished, by how: a failed row is not "done"."""
+    skipped = int(run.get("skipped") or 0)
+    by_status = dict(run.get("skipped_as") or {})
+    if sum(by_status.values()) != skipped:  # a summary without the split
+        by_status = {"ok": skipped} if skipped else {}
+    words = {"ok": "done", "failed": "failed", "invalid": "invalid", "duplicate": "duplicates"}
+    order = [*words, *sorted(set(by_status) - set(words))]
+    return [
+        f"{count(by_status[status])} skipped as {words.get(status, status)} before"
+        for status in order
+        if by_status.get(status)
+    ]
 
 
 def _reasons(result: RunResult) -> list[str]:
@@ -116,7 +133,7 @@ def _reasons(result: RunResult) -> list[str]:
     for tally in tallies[:_TOP_REASONS]:
         reason = tally.reason
         if reason.status == "invalid":
-            text = f"{count(tally.count)} invalid rows"
+            text = plural(tally.count, "invalid row")
         else:
             text = f"{count(tally.count)} {reason.status}: {reason.label}"
         if tally.example:
@@ -141,16 +158,16 @@ def _next_steps(result: RunResult, summary: dict[str, Any]) -> list[str]:
         hints.append("the daily quota is used up: run the same command tomorrow to go on")
     elif result.outcome == "interrupted":
         hints.append("run the same command again to resume")
-    elif result.outcome in ("fatal", "input_error"):
+    elif result.outcome in ("fatal", "input_error", "blocked"):
         hints.append("fix that, then run the same command again to resume")
     if failed:
         hints.append(
-            f"{count(failed)} item{'s' if failed != 1 else ''} in the manifest failed: "
+            f"{plural(failed, 'item')} in the manifest failed: "
             "add --retry-failed to try failed items again"
         )
     if invalid:
         hints.append(
-            f"{count(invalid)} input row{'s' if invalid != 1 else ''} invalid: fix them "
+            f"{plural(invalid, 'input row')} invalid: fix {'it' if invalid == 1 else 'them'} "
             "(file:line is in each record's error) and run the same command again"
         )
     if not hints:

@@ -5,6 +5,12 @@ and reports counts and every problem with its file and line; also limits that ca
 (a batch larger than the images-per-minute limit, a daily quota smaller than one
 request) and a base URL or model that does not fit the endpoint. Exit 0 when all is
 well, 2 when anything would fail.
+
+Offline means offline: the request defaults are checked as flags (``jobfile.merge`` runs
+:func:`sfbatch.modelcheck.check_defaults`: a wrong one is exit 2 before any row is read)
+and every input image is opened and sniffed, but the endpoint's model list is not asked
+for; a model the rules place on the other platform (or withdrawn) is a warning here, and
+``run`` checks the list itself before its first request.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from sfbatch.config import BASE_URLS, RunConfig
+from sfbatch.figures import plural
 from sfbatch.jobfile import Job
 from sfbatch.limiter import batch_fit_problem
+from sfbatch.loader import JobRows
+from sfbatch.modelcheck import endpoint_family
 
 __all__ = ["validate_job"]
 
@@ -40,45 +49,50 @@ def _config_problems(config: RunConfig) -> list[str]:
     return problems
 
 
-def _endpoint_family(base_url: str) -> str | None:
-    host = urlsplit(base_url).hostname or ""
-    for family in BASE_URLS:
-        if host.endswith(f"siliconflow.{family}"):
-            return family
-    return None
-
-
 def validate_job(job: Job, *, out: TextIO) -> int:
     """Print a report of ``job`` to ``out``; return the number of problems found."""
     config = job.config
     problems = _config_problems(config)
-    family = _endpoint_family(config.base_url)
+    family = endpoint_family(config.base_url)
     counts: Counter[str] = Counter()
     models: Counter[str] = Counter()
     images = 0
     warnings: list[str] = []
 
-    def report(message: str | None) -> None:
-        counts["invalid"] += 1
-        if counts["invalid"] <= _MAX_LISTED:
+    # Rows are the file's lines: with variations one line gives several items, and a bad
+    # line is bad in each of them; it is listed and counted once.
+    invalid_lines: set[tuple[str, int]] = set()
+    valid_lines: set[tuple[str, int]] = set()
+
+    def report(where: tuple[str, int], message: str | None) -> None:
+        if where in invalid_lines:
+            return
+        invalid_lines.add(where)
+        if len(invalid_lines) <= _MAX_LISTED:
             print(message, file=out)
 
-    for path in job.inputs:
-        source = job.source(path)
-        for row in source:
-            if row.request is None:
-                report(row.error)
-                continue
-            batch = row.request.get("batch_size", 1)
-            unfit = batch_fit_problem(batch, config.limits.ipm)
-            if unfit is not None:
-                report(f"{row.file}:{row.line}: {unfit}")
-                continue
-            counts["valid"] += 1
-            counts["duplicate"] += row.duplicate_of is not None
-            models[row.request["model"]] += 1
-            images += batch
+    # One pass over the job's files with one id space, as ``run`` reads them: an id
+    # repeated across files is reported with both file:line places.
+    sources = [job.source(path) for path in job.inputs]
+    for row in JobRows(sources):
+        where = (row.file, row.line)
+        if row.request is None:
+            report(where, row.error)
+            continue
+        batch = row.request.get("batch_size", 1)
+        unfit = batch_fit_problem(batch, config.limits.ipm)
+        if unfit is not None:
+            report(where, f"{row.file}:{row.line}: {unfit}")
+            continue
+        valid_lines.add(where)
+        counts["items"] += 1
+        counts["duplicate"] += row.duplicate_of is not None
+        models[row.request["model"]] += 1
+        images += batch
+    for source in sources:
         warnings.extend(source.warnings)
+    counts["valid"] = len(valid_lines - invalid_lines)
+    counts["invalid"] = len(invalid_lines)
     for model in models:
         rule = job.registry.get(model)
         if rule is not None and family is not None and family not in rule.endpoints:
@@ -92,15 +106,18 @@ def validate_job(job: Job, *, out: TextIO) -> int:
         print(problem, file=out)
     for warning in warnings:
         print(f"warning: {warning}", file=out)
-    duplicates = f", {counts['duplicate']} duplicates" if counts["duplicate"] else ""
+    duplicates = f", {plural(counts['duplicate'], 'duplicate')}" if counts["duplicate"] else ""
+    variations = config.build.variations
+    items = f" ({plural(counts['items'], 'item')}, {variations} per row)" if variations > 1 else ""
     print(
-        f"{counts['valid'] + counts['invalid']} rows: {counts['valid']} valid, "
-        f"{counts['invalid']} invalid{duplicates}; {images} images to make",
+        f"{plural(counts['valid'] + counts['invalid'], 'row')}: {counts['valid']} valid, "
+        f"{counts['invalid']} invalid{duplicates}{items}; "
+        f"{plural(images, 'image')} to make",
         file=out,
     )
     ipd = config.limits.ipd
     if ipd:
-        print(f"at {ipd} images a day: about {-(-images // ipd)} day(s)", file=out)
+        print(f"at {ipd} images a day: about {plural(-(-images // ipd), 'day')}", file=out)
     for model, n in models.most_common():
         print(f"  {n:>8}  {model}", file=out)
     return counts["invalid"] + len(problems)

@@ -78,7 +78,7 @@ def test_flat_keywords_apply_over_a_given_part() -> None:
 
 def test_flat_reads_of_old_still_work() -> None:
     config = RunConfig(out_dir="o", api_key="k", rpm=7, backoff_cap_s=9)
-    assert (config.rpm, config.backoff_cap_s, config.cap_s, config.concurrency) == (7, 9, 9, 4)
+    assert (config.rpm, config.backoff_cap_s, config.cap_s, config.concurrency) == (7, 9, 9, None)
     with pytest.raises(AttributeError):
         _ = config.no_such_setting
 

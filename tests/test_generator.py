@@ -17,13 +17,11 @@ from sfbatch.client import SiliconFlowClient
 from sfbatch.emulator import Emulator, FaultConfig
 from sfbatch.errors import (
     BadRequestError,
-    DailyQuotaError,
     QuotaReachedError,
-    RateLimitError,
     ServerError,
 )
-from sfbatch.generator import DailyQuota, Generator, Stopped, WorkItem
-from sfbatch.limiter import RateLimiter
+from sfbatch.generator import Generator, Stopped, WorkItem
+from sfbatch.keypool import KeyPool, ModelLimits, NoKeyLeftError
 from sfbatch.loader import PromptSource
 from sfbatch.models import ModelRegistry
 from sfbatch.retry import RetryPolicy
@@ -55,16 +53,15 @@ async def generator(
     emu: Emulator,
     *,
     retry: RetryPolicy | None = None,
-    quota: DailyQuota | None = None,
+    ipd: int | None = None,
     sleep: Sleeps | None = None,
     stopping: Callable[[], bool] = lambda: False,
 ) -> AsyncIterator[Generator]:
     async with SiliconFlowClient(base_url=emu.base_url, api_key=emu.api_key) as client:
         yield Generator(
-            client=client,
-            limiter=RateLimiter(rpm=None, ipm=None, max_batch_size=4),
+            clients=[client],
+            pool=KeyPool(keys=1, limits=ModelLimits(ipd=ipd), max_batch_size=4),
             retry=retry or RetryPolicy(max_retries=3, base_s=0.5, cap_s=2.0),
-            quota=quota,
             rng=random.Random(1),
             sleep=sleep or Sleeps(),
             stopping=stopping,
@@ -143,39 +140,44 @@ async def test_a_429_slows_the_limiter_and_is_not_counted_against_max_retries() 
     assert gen.requests == 3
 
 
-async def test_a_429_naming_the_daily_limit_is_raised_as_quota_reached() -> None:
+async def test_a_429_naming_the_daily_limit_sets_the_key_aside_and_ends_in_quota() -> None:
     async with Emulator(ipd=1) as emu, generator(emu) as gen:
         await gen.generate(item("first"))
         work = item("second")
-        with pytest.raises(DailyQuotaError) as caught:
+        with pytest.raises(NoKeyLeftError) as caught:
             await gen.generate(work)
-    assert isinstance(caught.value, QuotaReachedError) and isinstance(caught.value, RateLimitError)
+        assert emu.stats()["generation_requests"] == 2  # the key is not tried again
+    assert isinstance(caught.value, QuotaReachedError) and caught.value.exit_code == 4
     assert work.billed_images == 0 and gen.rate_limited == 0
+    assert [k.set_aside for k in gen.pool.statistics()] == ["daily_quota"]
+
+
+def images_today(gen: Generator) -> int | None:
+    (key,) = gen.pool.statistics()
+    return key.images_today
 
 
 async def test_our_daily_quota_refuses_before_sending_and_gives_back_unbilled_images() -> None:
-    quota = DailyQuota(limit=3, used=0, utc_offset_h=8.0)
     async with Emulator(faults=FaultConfig(p_503=1.0)) as emu:
-        async with generator(emu, quota=quota, retry=RetryPolicy(max_retries=0)) as gen:
+        async with generator(emu, ipd=3, retry=RetryPolicy(max_retries=0)) as gen:
             with pytest.raises(ServerError):
                 await gen.generate(item(batch_size=2))
-            assert (quota.used, quota.remaining) == (0, 3)  # not billed: given back
+            assert images_today(gen) == 0  # not billed: given back
             emu.set_faults(FaultConfig())
             await gen.generate(item(batch_size=2))
-            assert (quota.used, quota.remaining) == (2, 1)
+            assert images_today(gen) == 2
             with pytest.raises(QuotaReachedError):
                 await gen.generate(item(batch_size=2))
         assert emu.stats()["generation_requests"] == 2
 
 
 async def test_nothing_is_sent_once_the_run_is_stopping() -> None:
-    quota = DailyQuota(limit=10, used=0, utc_offset_h=8.0)
-    async with Emulator() as emu, generator(emu, quota=quota, stopping=lambda: True) as gen:
+    async with Emulator() as emu, generator(emu, ipd=10, stopping=lambda: True) as gen:
         work = item()
         with pytest.raises(Stopped):
             await gen.generate(work)
         assert emu.stats()["generation_requests"] == 0
-    assert (work.attempts, gen.requests, quota.remaining) == (0, 0, 10)
+    assert (work.attempts, gen.requests, gen.pool.statistics()) == (0, 0, [])
 
 
 async def test_an_expired_item_is_generated_again_with_the_same_seed() -> None:

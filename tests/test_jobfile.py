@@ -27,13 +27,34 @@ _SPECIAL: dict[str, Any] = {
     "api.base_url": "http://127.0.0.1:1/v1",
     "build.file_naming": "{index}-{id}",
     "build.shard": "1/3",
+    "output.images_to": "s3://bucket/run-1",
     "request.batch_size": 2,
     "request.image_size": "512x512",
+    "request.image": "https://example.com/cat.png",
 }
 _GENERIC: dict[type, Any] = {int: 3, float: 5.5, str: "some text", Path: "things"}
+# The request defaults are checked against their model's rules (flags are checked as
+# flags), and a model takes guidance_scale or cfg, never both: two passes, each leaving
+# one out, the second with a model of the models file that takes cfg.
+CFG_MODEL = "Acme/Sample-Cfg"
+MODELS += f"""
+[models."{CFG_MODEL}"]
+max_pixels = 4194304
+steps = [1, 100]
+guidance_field = "cfg"
+guidance = [0.1, 20.0]
+image_fields = ["image"]
+"""
+PASSES = pytest.mark.parametrize("left_out", ["request.cfg", "request.guidance_scale"])
 
 
-def sample(spec: Spec) -> Any:
+def settable(left_out: str) -> list[Spec]:
+    return [spec for spec in SPECS if spec.id != left_out]
+
+
+def sample(spec: Spec, left_out: str = "request.cfg") -> Any:
+    if spec.id == "request.model" and left_out == "request.guidance_scale":
+        return CFG_MODEL
     if spec.id in _SPECIAL:
         return _SPECIAL[spec.id]
     if spec.kind is bool:
@@ -46,8 +67,8 @@ def read(config: RunConfig, spec: Spec) -> Any:
     return getattr(holder, spec.name)
 
 
-def expected(spec: Spec, base: Path) -> Any:
-    value = sample(spec)
+def expected(spec: Spec, base: Path, left_out: str) -> Any:
+    value = sample(spec, left_out)
     if spec.setting.parse is not None:
         return spec.setting.parse(value)
     return base / value if spec.kind is Path else value
@@ -62,32 +83,35 @@ def write_job(path: Path, lines: dict[str, list[str]]) -> Path:
     return path
 
 
-def test_every_setting_can_come_from_a_job_file(tmp_path: Path) -> None:
+@PASSES
+def test_every_setting_can_come_from_a_job_file(tmp_path: Path, left_out: str) -> None:
     tables: dict[str, list[str]] = {"job": ['inputs = ["p.txt"]']}
-    for spec in SPECS:
-        tables.setdefault(spec.section, []).append(f"{spec.key} = {toml(sample(spec))}")
+    for spec in settable(left_out):
+        value = toml(sample(spec, left_out))
+        tables.setdefault(spec.section, []).append(f"{spec.key} = {value}")
     (tmp_path / "things").write_text(MODELS)  # the models file
     config = merge(load(write_job(tmp_path / "job.toml", tables)), Overrides(), NO_ENV).config
-    for spec in SPECS:
-        assert read(config, spec) == expected(spec, tmp_path), spec.id
+    for spec in settable(left_out):
+        assert read(config, spec) == expected(spec, tmp_path, left_out), spec.id
 
 
+@PASSES
 def test_every_setting_can_come_from_a_flag(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left_out: str
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SILICONFLOW_BASE_URL", raising=False)
     Path("things").write_text(MODELS)
     argv = ["run", "p.txt"]
-    for spec in SPECS:
-        value = sample(spec)
+    for spec in settable(left_out):
+        value = sample(spec, left_out)
         if spec.kind is bool:
             argv.append(f"--{spec.flag}" if value else f"--no-{spec.flag}")
         else:
             argv += [f"--{spec.flag}", str(value)]
     config = cli.job_from_args(cli.build_parser().parse_args(argv)).config
-    for spec in SPECS:
-        assert read(config, spec) == expected(spec, Path()), spec.id
+    for spec in settable(left_out):
+        assert read(config, spec) == expected(spec, Path(), left_out), spec.id
 
 
 def test_the_example_jobs_load_with_paths_relative_to_the_file() -> None:

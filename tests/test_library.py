@@ -88,6 +88,7 @@ def test_the_public_surface_is_pinned() -> None:
         "DailyQuotaError",
         "DiskFullError",
         "DownloadError",
+        "Emulator",
         "EndpointNotFoundError",
         "ExpiredUrlError",
         "FatalApiError",

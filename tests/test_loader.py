@@ -273,7 +273,7 @@ def test_unknown_key_warns_once_and_is_ignored(tmp_path: Path) -> None:
     got = list(src)
     assert all(r.valid for r in got)
     assert got[0].request is not None and "sead" not in got[0].request
-    assert src.warnings == [f"{p}: unknown field 'sead' ignored"]
+    assert src.warnings == [f"{p}:1: unknown field 'sead' ignored (did you mean 'seed'?)"]
 
 
 @pytest.mark.parametrize(
@@ -402,7 +402,7 @@ def test_csv_row_problems(tmp_path: Path) -> None:
     assert got[1].error == f"{p}:3: row has 5 fields, the header has 3"
     assert got[2].error == f"{p}:4: not valid UTF-8"
     assert got[3].error == f"{p}:5: missing prompt"
-    assert src.warnings == [f"{p}: unknown field 'notes' ignored"]
+    assert src.warnings == [f"{p}:1: unknown field 'notes' ignored"]
 
 
 def test_csv_malformed_row_does_not_stop_the_file(tmp_path: Path) -> None:

@@ -131,14 +131,15 @@ def test_status_lines_and_a_summary_saying_where_and_how_to_go_on(tmp_path: Path
     # the summary, after the last status line
     summary = done.stderr[done.stderr.index("sfbatch: finished in") :]
     assert "40 ok (40 images" in summary and "1 invalid" in summary
-    assert re.search(r"why: +1 invalid rows, e\.g\. \S*p\.jsonl:41: ", summary), summary
+    assert re.search(r"why: +1 invalid row, e\.g\. \S*p\.jsonl:41: ", summary), summary
     assert f"manifest {out / 'manifest.jsonl'}" in summary
     assert "run the same command again" in summary
     assert "sk-" not in done.stderr  # no API key, ever
 
-    again = run_cli(job, out)  # a resumed run: everything was done before
+    again = run_cli(job, out)  # a resumed run: everything was finished before
     assert again.returncode == 1
-    assert "nothing made, 41 skipped as done before" in again.stderr
+    # The invalid row was not "done": it is skipped as what it was.
+    assert "nothing made, 40 skipped as done before, 1 skipped as invalid before" in again.stderr
 
 
 def test_json_log_format_is_one_object_per_line(tmp_path: Path) -> None:

@@ -65,8 +65,9 @@ def test_field_order_is_the_documented_contract() -> None:
         *("id", "status", "finished_at", "billed_images", "fingerprint"),
         *("line", "file", "variation"),
         *("prompt", "negative_prompt", "model", "image_size", "batch_size"),
-        *("num_inference_steps", "guidance_scale", "prompt_enhancement", "requested_seed"),
-        *("seed", "timings", "images", "attempts", "latency_s", "trace_id", "error"),
+        *("num_inference_steps", "guidance_scale", "prompt_enhancement", "inputs"),
+        "requested_seed",
+        *("seed", "timings", "images", "attempts", "latency_s", "trace_id", "key_index", "error"),
         *("duplicate_of", "urls", "generated_at"),
     ) == FIELD_ORDER
 

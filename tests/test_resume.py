@@ -277,3 +277,50 @@ async def test_an_id_made_again_for_another_request_never_overwrites_its_files(
     )
     assert (out / first["images"][0]["path"]).read_bytes() == before
     assert (out / second["images"][0]["path"]).read_bytes() != before
+
+
+def test_matched_items_are_counted_apart_from_history(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.jsonl"
+    other = "fedcba9876543210"
+    with ManifestWriter(path) as w:
+        for i in range(3000):  # enough to put several entries in one bucket
+            w.append(rec(f"r{i}", "ok" if i % 3 else "failed"))
+        w.append(rec("r1", "failed", fp=other))
+    index = read_index([path], day_start="")
+    assert index.counts(matched=True) == {}
+    assert index.counts(matched=False) == {"ok": 2000, "failed": 1001}
+    for i in range(0, 3000, 2):
+        assert index.match(f"r{i}", FP) == ("ok" if i % 3 else "failed")
+        assert index.match(f"r{i}", FP) == ("ok" if i % 3 else "failed")  # once is enough
+    assert index.match("r1", "1111111111111111") is None
+    assert index.counts(matched=True) == {"ok": 1000, "failed": 500}
+    assert index.counts(matched=False) == {"ok": 1000, "failed": 501}
+    assert index.counts() == {"ok": 2000, "failed": 1001}
+    # Records written by the run are of the input's rows; a failed item moved to ok stays matched.
+    index.set_status("r0", FP, "ok")
+    index.set_status("new", FP, "invalid")
+    assert index.counts(matched=True) == {"ok": 1001, "failed": 499, "invalid": 1}
+    assert index.status("r2", FP) == "ok" and index.status("r3", FP) == "failed"
+
+
+def test_a_repair_record_makes_an_item_due_and_counts_as_failed(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.jsonl"
+    damaged = {"status": None, "code": "damaged", "message": "x"}
+    with ManifestWriter(path) as w:
+        w.append(rec("a", "ok"))
+        w.append(rec("b", "ok"))
+        w.append(rec("b", "failed", error=damaged))
+        w.append(rec("c", "failed", error={"status": 500, "code": 1, "message": "no"}))
+    for reader in (read_index, _read_by_lines):
+        index = reader([path], day_start="")
+        assert [index.status(x, FP) for x in "abc"] == ["ok", "damaged", "failed"]
+        assert index.counts() == {"ok": 1, "failed": 2}
+
+
+def _read_by_lines(paths: list[Path], *, day_start: str) -> ResumeIndex:
+    """The index read line by line (the path taken when a chunk holds an odd line)."""
+    odd = tmp = paths[0].with_suffix(".odd.jsonl")
+    tmp.write_bytes(b"not json\n" + paths[0].read_bytes())
+    index = read_index([odd], day_start=day_start)
+    assert index.damaged_lines == [1]
+    return index

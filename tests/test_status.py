@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from sfbatch.cli import main
+from sfbatch.loader import PromptSource
 from sfbatch.manifest import ManifestWriter, day_start_iso
 from sfbatch.status import (
     NoManifestError,
@@ -229,19 +230,26 @@ def test_pending_and_nights_left_from_the_input(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(1, 11)))  # 10 rows
     out = tmp_path / "out"
+    rows = list(PromptSource(prompts))
     write(
         out / "manifest.jsonl",
         [
-            record("000000001", "ok", billed=1),
-            record("000000002", "ok", billed=1),
-            record("000000003", "failed", error=err(400, 1, "x")),
-            record("000000004", "invalid", error=err(None, "invalid", "x")),
-            record("000000005", "generated", billed=1),  # not done: still to download
+            record(rows[0].id, "ok", billed=1, fingerprint=rows[0].fingerprint),
+            record(rows[1].id, "ok", billed=1, fingerprint=rows[1].fingerprint),
+            record(rows[2].id, "failed", error=err(400, 1, "x"), fingerprint=rows[2].fingerprint),
+            record(rows[3].id, "invalid", error=err(None, "invalid", "x")),
+            # not done: still to download
+            record(rows[4].id, "generated", billed=1, fingerprint=rows[4].fingerprint),
+            # history: a row edited (same id, another fingerprint) and a row removed
+            record(rows[5].id, "ok", fingerprint="0123456789abcdef"),
+            record("000000042", "ok"),
         ],
     )
     report = status_report(out, input_path=prompts, ipd=4, now=NOW)
     assert report["input_rows"] == 10
     assert report["pending"] == 6  # 10 rows - 4 done
+    assert report["history"] == 2
+    assert "history" in format_status(report)
     assert report["pending_images"] == 6
     assert report["quota"] == {"ipd": 4, "ipd_from": "--ipd", "left_today": 1, "nights_left": 2}
 
@@ -257,7 +265,8 @@ def test_pending_images_follow_the_batch_size(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\nb\nc\nd\ne\n")
     out = tmp_path / "out"
-    write(out / "manifest.jsonl", [record("000000001", "ok", batch_size=4, billed=4)])
+    first = next(iter(PromptSource(prompts)))
+    write(out / "manifest.jsonl", [record(first.id, "ok", batch_size=4, billed=4)])
     report = status_report(out, input_path=prompts, ipd=3, now=NOW)
     assert report["pending"] == 4 and report["pending_images"] == 16
     assert report["quota"]["nights_left"] == 6  # ceil(16 / 3)
@@ -274,6 +283,7 @@ def test_pending_by_id_when_rows_cannot_be_counted_cheaply(tmp_path: Path) -> No
     report = status_report(out, input_path=prompts, ipd=2, now=NOW)
     assert report["pending_method"] == "scan"
     assert report["input_rows"] == 3 and report["pending"] == 2  # beta, gamma
+    assert report["history"] == 1  # nonsense
     assert report["pending_images"] == 4  # 3 + 1
     assert report["quota"]["nights_left"] == 2
 
