@@ -19,6 +19,8 @@ import binascii
 import hashlib
 from typing import Literal, TypedDict
 
+from sfbatch.downloader import sniff_image_type
+
 __all__ = ["MAX_INPUT_BYTES", "ReceivedImage", "decode_input", "sniff_format"]
 
 #: The largest decoded input image the emulator takes (the service's cap is not documented).
@@ -36,12 +38,13 @@ class ReceivedImage(TypedDict):
 
 
 def sniff_format(data: bytes) -> Literal["png", "jpeg", "webp"] | None:
-    """The image type by its magic bytes, or ``None``."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
+    """The image type the service takes (PNG, JPEG, WebP) by its magic bytes, or ``None``."""
+    kind = sniff_image_type(data)
+    if kind == "jpg":
         return "jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    if kind == "png":
+        return "png"
+    if kind == "webp":
         return "webp"
     return None
 
