@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -41,6 +42,7 @@ __all__ = [
     "content_of_request",
     "content_prefix",
     "fingerprint",
+    "item_key",
     "unused_stem",
 ]
 
@@ -80,7 +82,7 @@ def content_of_record(record: Mapping[str, Any]) -> Content | None:
     digests = tuple(str(i.get("sha256")) for i in record.get("inputs") or () if i.get("sha256"))
     try:
         return _content(record, prompt, record.get("negative_prompt"), digests)
-    except (TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -131,6 +133,25 @@ def fingerprint(digest: bytes, seed: int | None, variation: int) -> str:
     """16 hex digits over a content digest, the requested seed and the variation."""
     tail = b"-" if seed is None else seed.to_bytes(8, "big")
     return hashlib.blake2b(digest + tail + variation.to_bytes(4, "big"), digest_size=8).hexdigest()
+
+
+def item_key(row_id: str | bytes, fp: str | bytes) -> int:
+    """The resume key of (id, fingerprint): the fingerprint's 64 bits xor the id's CRC-32
+    shifted into the 54 bits a :class:`KeyTable` keeps. Stable across processes
+    (``manifest.idx`` keeps these keys on disk).
+
+    The fingerprint already separates items of different requests; the id's CRC separates
+    rows asking the same (repeats with a fixed seed: ``abc``, ``abc-2``), and a CRC-32
+    tells apart any two ids that differ in at most 32 bits' span. A fingerprint that is
+    not hex (a hand-edited record) gives way to the id's blake2b.
+    """
+    if isinstance(row_id, str):
+        row_id = row_id.encode("utf-8", "surrogatepass")
+    try:
+        bits = int(fp, 16)
+    except ValueError:
+        return int.from_bytes(hashlib.blake2b(row_id, digest_size=8).digest(), "little")
+    return bits ^ (zlib.crc32(row_id) << 22)
 
 
 def content_id(digest: bytes, occurrence: int) -> str:
@@ -315,3 +336,56 @@ class KeyTable:
     def nbytes(self) -> int:
         """Bytes held by the entries (not counting reserved room)."""
         return sum(self._used)
+
+    def bump(self, key: int) -> int:
+        """Add one to the key's one-byte counter (a new key starts at 1); the new count.
+
+        The counter stops at 255. One lookup where ``get`` then ``put`` would take two
+        (the loader's repeat counter calls this for every row).
+        """
+        key &= _MASK64
+        index = key & (self._BUCKETS - 1)
+        tag = ((key >> self._BITS) & 0xFF_FFFF_FFFF).to_bytes(5, "big")
+        bucket = self._buckets[index]
+        end = self._used[index]
+        if bucket is None:
+            bucket = self._buckets[index] = bytearray(self._reserve)
+        else:
+            pos = self._find(bucket, tag, end)
+            if pos >= 0:
+                count = min(bucket[pos + 5] + 1, 255)
+                bucket[pos + 5] = count
+                return count
+        if end + 6 > len(bucket):
+            bucket.extend(bytes(len(bucket) // 8 + 48))
+        bucket[end : end + 6] = tag + b"\x01"
+        self._used[index] = end + 6
+        self.size += 1
+        return 1
+
+    # -- bulk save and load (manifest.idx) ----------------------------------------
+
+    def bucket_lengths(self) -> array[int]:
+        """Each bucket's used bytes, in bucket order (what :meth:`load` takes back)."""
+        return array("Q", self._used)
+
+    def bucket_bytes(self) -> Iterator[bytes]:
+        """The used bytes of every non-empty bucket, in bucket order (a copy of one at a time)."""
+        for bucket, end in zip(self._buckets, self._used, strict=True):
+            if bucket is not None and end:
+                with memoryview(bucket) as view:
+                    chunk = bytes(view[:end])
+                yield chunk
+
+    def load(self, lengths: array[int], read: Callable[[int], bytearray]) -> None:
+        """Fill an empty table from :meth:`bucket_lengths` and ``read(n)`` of each bucket's bytes.
+
+        No per-key work: each bucket is one ``read``, so millions of keys load at I/O speed.
+        """
+        if self.size or len(lengths) != self._BUCKETS or any(n % self._width for n in lengths):
+            raise ValueError("not an empty table, or lengths of another table")
+        for index, end in enumerate(lengths):
+            if end:
+                self._buckets[index] = read(end)
+                self._used[index] = end
+        self.size = sum(lengths) // self._width

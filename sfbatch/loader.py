@@ -246,14 +246,9 @@ class IdSpace:
         return None if first == row_id else first
 
     def _bump(self, key: int) -> int:
-        found = self._repeats.get(key)
-        count = 1 if found is None else found[0] + 1
-        if count >= 255:
-            count = self._many.get(key, 254) + 1
-            self._many[key] = count
-            self._repeats.put(key, b"\xff")
-        else:
-            self._repeats.put(key, bytes((count,)))
+        count = self._repeats.bump(key)
+        if count == 255:  # the byte is full: the dict counts on
+            count = self._many[key] = self._many.get(key, 254) + 1
         return count
 
     def _is_issued_content_id(self, row_id: str) -> bool:

@@ -35,8 +35,10 @@ from typing import IO, TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, get_
 import orjson
 
 from sfbatch.errors import SfbatchError
+from sfbatch.identity import item_key
 from sfbatch.inputs import InputRecord, input_records
 from sfbatch.models import ModelRegistry, effective_params
+from sfbatch.sideindex import SideWriter
 
 if TYPE_CHECKING:
     from sfbatch.downloader import StoredImage
@@ -47,7 +49,9 @@ __all__ = [
     "FIELD_ORDER",
     "FRONT_FIELDS",
     "FRONT_RE",
+    "REPAIRED_CODE",
     "STATUSES",
+    "STATUS_CODES",
     "ImageEntry",
     "ManifestRecord",
     "ManifestWriter",
@@ -63,10 +67,16 @@ __all__ = [
     "manifest_paths",
     "now_iso",
     "safe_relpath",
+    "status_code",
 ]
 
 Status = Literal["ok", "failed", "invalid", "generated", "duplicate"]
 STATUSES: tuple[Status, ...] = get_args(Status)
+#: Each status's byte in the resume index and in ``manifest.idx`` (1, 2, ...) ...
+STATUS_CODES: dict[str, int] = {name: code for code, name in enumerate(STATUSES, start=1)}
+#: ... and the byte of a ``failed`` record of ``sfbatch verify --repair`` (error code
+#: ``damaged``): made again even without ``--retry-failed``.
+REPAIRED_CODE = len(STATUSES) + 1
 
 
 class ImageEntry(TypedDict):
@@ -140,6 +150,17 @@ _FSYNC_EVERY_S = 1.0
 def now_iso() -> str:
     """Current UTC time as ``2026-11-24T13:00:00.123Z`` (sorts as it compares)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def status_code(record: Mapping[str, Any]) -> int:
+    """The record's status byte (:data:`STATUS_CODES`, or :data:`REPAIRED_CODE`); 0 if none."""
+    status = record.get("status")
+    code = STATUS_CODES.get(status, 0) if isinstance(status, str) else 0
+    if status == "failed":
+        error = record.get("error")
+        if isinstance(error, dict) and error.get("code") == "damaged":
+            return REPAIRED_CODE
+    return code
 
 
 def day_start_iso(utc_offset_h: float, now: float | None = None) -> str:
@@ -249,6 +270,8 @@ class ManifestWriter:
     Opening cuts off a torn last line left by a crash, so the next record starts on a
     line of its own. Lines are flushed to the OS at once (they survive ``kill -9``) and
     fsynced at most once a second and on :meth:`close` (they survive power loss then).
+    At each fsync tick and on close, the records since the last are described in the
+    side file ``manifest.idx`` (:class:`~sfbatch.sideindex.SideWriter`), after their lines.
     """
 
     def __init__(self, path: Path) -> None:
@@ -257,6 +280,7 @@ class ManifestWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         _cut_torn_tail(path)
         self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115  (closed in close())
+        self._side = SideWriter(path, self._file.seek(0, os.SEEK_END))
         self._last_fsync = time.monotonic()
 
     def append(self, record: ManifestRecord) -> None:
@@ -264,13 +288,33 @@ class ManifestWriter:
         ordered = {key: record[key] for key in FIELD_ORDER if key in record}  # type: ignore[literal-required]
         if len(ordered) < len(record):  # keys the type does not know keep their place after
             ordered.update(record)
-        self._file.write(orjson.dumps(ordered) + b"\n")
+        line = orjson.dumps(ordered) + b"\n"
+        self._file.write(line)
         self._file.flush()
         self.records_written += 1
+        if self._side.enabled:
+            self._describe(ordered, len(line))
         now = time.monotonic()
         if now - self._last_fsync >= _FSYNC_EVERY_S:
             os.fsync(self._file.fileno())
             self._last_fsync = now
+            self._side.flush()
+
+    def _describe(self, record: dict[str, Any], line_bytes: int) -> None:
+        """Tell the side file about a record just written."""
+        row_id, fp, billed = (
+            record.get("id"),
+            record.get("fingerprint"),
+            record.get("billed_images"),
+        )
+        code = status_code(record)
+        if not isinstance(row_id, str) or not isinstance(fp, str) or not code:
+            # Not a record resume keys by (id, fingerprint): the side file stops before it.
+            self._side.flush()
+            self._side.close()
+            return
+        is_billed = isinstance(billed, int) and billed > 0
+        self._side.add(item_key(row_id, fp), code, line_bytes, record, is_billed)
 
     def close(self) -> None:
         if self._file.closed:
@@ -278,6 +322,8 @@ class ManifestWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        self._side.flush()
+        self._side.close()
 
     def __enter__(self) -> ManifestWriter:
         return self

@@ -88,7 +88,7 @@ from sfbatch.manifest import (
 from sfbatch.models import ModelRegistry
 from sfbatch.outage import OutageDetector
 from sfbatch.reasons import Reason, ReasonTally
-from sfbatch.resume import DAMAGED, read_index
+from sfbatch.resume import DAMAGED, read_index, refresh_side
 from sfbatch.storage import ImageStore, StorageError, open_store
 
 __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
@@ -221,6 +221,7 @@ class Pipeline:
             clean_tmp(out)
         manifest_path = out / config.manifest_name
         self._state = read_index([manifest_path], day_start=day_start_iso(limits.day_utc_offset_h))
+        refresh_side(self._state, manifest_path)  # before the writer appends to it
         if self._state.damaged:
             places = ", ".join(f"{d.path}:{d.line}" for d in self._state.damaged[:10])
             more = len(self._state.damaged) - 10
@@ -237,7 +238,6 @@ class Pipeline:
                 retry_failed=config.build.retry_failed, skipped_as=self.stats.skipped_as
             )
         keys = config.api_keys or ("",)
-        billed_today = self._state.billed_today
         # Rows may set their own batch_size: size the limiters for the largest any model takes.
         self._pool = KeyPool(
             keys=len(keys),
@@ -247,9 +247,7 @@ class Pipeline:
                 for model, own in ((m, limits.for_model(m)) for m in limits.models)
             },
             max_batch_size=max(rule.max_batch_size for rule in self.registry),
-            # The manifest knows what was billed today, not by which key or for which
-            # model: it is counted against key 0 of every model (never too much sent).
-            used_today=lambda key_index, model: billed_today if key_index == 0 else 0,
+            used_today=self._state.billed_today_for,
             utc_offset_h=limits.day_utc_offset_h,
         )
         self._window = ConcurrencyWindow(

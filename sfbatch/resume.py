@@ -17,53 +17,84 @@ is not. :func:`read_index` reads manifests of millions of lines flat and fast:
 - records written before fingerprints existed (line ids ``000000042``) get the
   fingerprint of the fields they stored; a row whose content matches one adopts its
   line id and seed (:meth:`ResumeIndex.adopt`), so upgrading pays nothing again.
+- the side file ``manifest.idx`` (:mod:`sfbatch.sideindex`, a cache) says all this for
+  the manifest bytes it covers: only the rest is read as above. After a resume that read
+  much of a manifest as text, :func:`refresh_side` writes it afresh (a snapshot of the
+  tables, loaded back with no per-key work).
 """
 
 from __future__ import annotations
 
 import re
+import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
-from sfbatch.identity import KeyTable, content_digest, content_of_record, fingerprint
-from sfbatch.manifest import FRONT_RE, STATUSES, billed_on_day
+from sfbatch import sideindex
+from sfbatch.identity import KeyTable, content_digest, content_of_record, fingerprint, item_key
+from sfbatch.manifest import FRONT_RE, REPAIRED_CODE, STATUS_CODES, STATUSES
 
-__all__ = ["DAMAGED", "DAMAGED_CODE", "DamagedLine", "ResumeIndex", "item_key", "read_index"]
+__all__ = [
+    "DAMAGED",
+    "DAMAGED_CODE",
+    "Billed",
+    "DamagedLine",
+    "ResumeIndex",
+    "SourceRead",
+    "item_key",
+    "read_index",
+    "refresh_side",
+]
 
-_CODE: Final[dict[str, int]] = {name: code for code, name in enumerate(STATUSES, start=1)}
+_CODE: Final = STATUS_CODES
 #: The index's name for a ``failed`` record with error code ``damaged`` (written by
 #: ``sfbatch verify --repair`` for an ok item whose files are missing or damaged): it is
 #: made again even without ``--retry-failed``. Counted as ``failed``.
 DAMAGED: Final = "damaged"
 DAMAGED_CODE: Final = "damaged"
 _NAMES: Final = (*STATUSES, DAMAGED)
-_DAMAGED_BYTE: Final = bytes((len(STATUSES) + 1,))
+_DAMAGED_BYTE: Final = bytes((REPAIRED_CODE,))
 _DAMAGED_FIELD: Final = b'"code":"damaged"'
 _RECORD_START: Final = b'{"id":"'
 # A whole clean line: the front fields, then anything up to the closing brace.
 _WHOLE_LINE_RE: Final = re.compile(rb"^" + FRONT_RE.pattern + rb"[^\n]*\}\n", re.MULTILINE)
-_MASK64: Final = (1 << 64) - 1
+#: Billed lines older than this before now can no longer fall on the account's current day.
+_BILLING_HORIZON_S: Final = 48 * 3600.0
+#: Records read as text (not from ``manifest.idx``) above which :func:`refresh_side`
+#: rewrites the side file.
+_REFRESH_RECORDS: Final = 20_000
 
 
-def item_key(row_id: str, fp: str) -> int:
-    """The index key of (id, fingerprint): the id's hash mixed with the fingerprint's bits.
+class Billed(NamedTuple):
+    """Where recent billed images go: the minute they finished in, the key, the model."""
 
-    ``hash(bytes)`` is salted per process, which is fine: the index lives in one process.
-    """
-    return _key(row_id.encode("utf-8", "surrogatepass"), fp)
+    minute: str  # finished_at cut to the minute, then ":00.000Z"
+    key_index: int
+    model: str
 
 
-def _key(row_id: bytes, fp: str | bytes) -> int:
-    try:
-        bits = int(fp, 16)
-    except ValueError:
-        bits = 0
-    return (hash(row_id) ^ bits) & _MASK64
+def _minute(finished_at: str) -> str:
+    # day_start_iso is a whole minute: a minute compares with it as its records do
+    return finished_at[:16] + ":00.000Z" if len(finished_at) >= 16 else finished_at
+
+
+@dataclass
+class SourceRead:
+    """How one manifest was read: from its side file up to ``side_end``, then as text."""
+
+    side_end: int = 0
+    end: int = 0  # after the last complete line
+    lines: int = 0
+    side_records: int = 0
+    snapshot_records: int = 0  # of side_records: loaded with no per-key work
+    text_records: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +121,12 @@ class ResumeIndex:
     #: record of the item makes its entry stale: :meth:`generated_record` checks).
     generated: dict[int, dict[str, Any]] = field(default_factory=dict)
     billed_today: int = 0
+    #: Today's billed images by (key index, model): what each key's daily quota has used.
+    billed_by: Counter[tuple[int, str]] = field(default_factory=Counter)
+    #: Images billed since the billing horizon, by minute, key and model (kept for
+    #: :func:`refresh_side`: a few thousand entries at most).
+    billing: Counter[Billed] = field(default_factory=Counter)
+    sources: dict[Path, SourceRead] = field(default_factory=dict)
     records: int = 0
     legacy_records: int = 0
     damaged: list[DamagedLine] = field(default_factory=list)
@@ -97,6 +134,12 @@ class ResumeIndex:
     _legacy_content: dict[bytes, list[int]] = field(default_factory=dict)
     _claimed: set[str] = field(default_factory=set)
     _day_start: str = ""
+    _horizon: str = ""
+
+    def billed_today_for(self, key_index: int, model: str) -> int:
+        """Images billed today to key ``key_index`` for ``model`` (records without a
+        ``key_index`` were made by key 0)."""
+        return self.billed_by.get((key_index, model), 0)
 
     def status(self, row_id: str, fp: str) -> str | None:
         """The latest status recorded for this id and fingerprint (or :data:`DAMAGED`), or None."""
@@ -216,28 +259,39 @@ class ResumeIndex:
 
     # -- reading -----------------------------------------------------------------
 
-    def _add(self, row_id: str, status: str, finished: str, billed: int, fp: str) -> None:
+    def _add(self, row_id: str, status: str, fp: str) -> None:
         self.records += 1
-        self.billed_today += billed_on_day(billed, finished, self._day_start)
         self.set_status(row_id, fp, status)
+
+    def _bill(self, record: dict[str, Any]) -> None:
+        """Keep a record's billing if it is recent (see :class:`Billed`)."""
+        billed, finished = record.get("billed_images"), record.get("finished_at")
+        if not (isinstance(billed, int) and billed > 0 and isinstance(finished, str)):
+            return
+        if finished >= self._horizon:
+            key_index = record.get("key_index")
+            model = str(record.get("model") or "")
+            kept = key_index if isinstance(key_index, int) else 0
+            self.billing[Billed(_minute(finished), kept, model)] += billed
+
+    def _settle_billing(self) -> None:
+        self.billed_today = 0
+        self.billed_by.clear()
+        for (minute, key_index, model), images in self.billing.items():
+            if minute >= self._day_start:
+                self.billed_today += images
+                self.billed_by[key_index, model] += images
 
     def _add_parsed(self, record: dict[str, Any]) -> bool:
         """Add a fully parsed record; False if it is not one."""
         row_id, status = record.get("id"), record.get("status")
         if not isinstance(row_id, str) or status not in _CODE:
             return False
-        finished = record.get("finished_at")
-        billed = record.get("billed_images")
         fp = record.get("fingerprint")
         if not isinstance(fp, str):
             fp = self._legacy_fingerprint(row_id, record)
-        self._add(
-            row_id,
-            str(status),
-            finished if isinstance(finished, str) else "",
-            billed if isinstance(billed, int) else 0,
-            fp,
-        )
+        self._add(row_id, str(status), fp)
+        self._bill(record)
         if status == "failed" and _is_damaged(record):
             self._set(item_key(row_id, fp), _DAMAGED_BYTE)
         if status == "generated":
@@ -262,20 +316,85 @@ class ResumeIndex:
         return fingerprint(digest, seed if isinstance(seed, int) else None, k)
 
 
-def read_index(paths: Iterable[Path], *, day_start: str) -> ResumeIndex:
-    """Read manifests back for resume (later lines win).
+def read_index(paths: Iterable[Path], *, day_start: str, use_side: bool = True) -> ResumeIndex:
+    """Read manifests back for resume (later lines win), each from its side file
+    (``manifest.idx``) as far as that covers it (``use_side=False``: all as text).
 
     ``day_start`` (from :func:`~sfbatch.manifest.day_start_iso`) bounds "today" for the
     daily quota: records finished since then add their ``billed_images`` to
-    ``billed_today`` (every line counts, not only the latest of an item).
+    ``billed_today`` and ``billed_by`` (every line counts, not only the latest of an item).
     """
     paths = list(paths)
     index = ResumeIndex(done=KeyTable(expected=_estimate_records(paths)))
     index._day_start = day_start
+    horizon = datetime.fromtimestamp(time.time() - _BILLING_HORIZON_S, UTC)
+    index._horizon = min(day_start, horizon.strftime("%Y-%m-%dT%H:%M:%S.000Z"))
     for path in paths:
-        _read_one(index, path)
+        source = index.sources[path] = SourceRead()
+        if use_side:
+            _read_side(index, path, source)
+        records = index.records
+        _read_one(index, path, source)
+        source.text_records = index.records - records
+    index._settle_billing()
     index.seal()
     return index
+
+
+def _read_side(index: ResumeIndex, path: Path, source: SourceRead) -> None:
+    """Take what ``path``'s side file covers; ``source.side_end`` is where it stops."""
+    for block in sideindex.read_blocks(path, extras_since=index._horizon):
+        if block.snapshot is not None:
+            index.done, index.other = block.snapshot.done, block.snapshot.other
+            index._maybe_other = block.snapshot.maybe_other
+            source.snapshot_records = block.records
+        else:
+            done: list[tuple[int, bytes]] = []
+            for key, code in zip(block.keys, block.codes, strict=True):
+                if code == _OK[0]:
+                    index._leave_other(key)
+                    done.append((key, b""))
+                else:
+                    index._enter_other(key, bytes((code,)))
+            index.done.put_all(done)
+        index.records += block.records
+        source.side_records += block.records
+        if block.extras is not None:
+            for record in block.extras.generated:
+                index._add_generated(record)
+            index.damaged.extend(DamagedLine(path, n, why) for n, why in block.extras.damaged)
+            for finished, images, key_index, model in block.extras.billed:
+                if finished >= index._horizon:
+                    index.billing[Billed(_minute(finished), key_index, model)] += images
+        source.side_end = source.end = block.end
+        source.lines = block.line0 + block.lines
+
+
+def refresh_side(index: ResumeIndex, path: Path, *, min_records: int = _REFRESH_RECORDS) -> bool:
+    """Rewrite ``path``'s side file as one snapshot of ``index`` (read from ``path`` alone)
+    when more than ``min_records`` records were read one by one (as text, or from the
+    writer's entries blocks), or the side file stops short of the manifest's last complete
+    line. Not for manifests with records older than fingerprints (their line ids need
+    the text). True if it was written.
+    """
+    source = index.sources.get(path)
+    if source is None or len(index.sources) != 1 or index.legacy_records or not source.end:
+        return False
+    one_by_one = source.text_records + source.side_records - source.snapshot_records
+    if one_by_one <= min_records and source.side_end == source.end:
+        return False
+    generated = [
+        record
+        for record in index.generated.values()
+        if index.status(record["id"], record["fingerprint"]) == "generated"
+    ]
+    damaged = [(d.line, d.reason) for d in index.damaged if d.path == path]
+    billed = [(b.minute, n, b.key_index, b.model) for b, n in index.billing.items()]
+    extras = sideindex.Extras(generated, damaged, billed)
+    snapshot = sideindex.Snapshot(index.done, index.other, index._maybe_other)
+    return sideindex.write_snapshot(
+        path, snapshot, end=source.end, lines=source.lines, records=index.records, extras=extras
+    )
 
 
 _CHUNK_BYTES: Final = 1 << 20
@@ -300,8 +419,9 @@ def _estimate_records(paths: list[Path]) -> int:
     return total * sample_lines // sample_bytes if sample_lines else 0
 
 
-def _read_one(index: ResumeIndex, path: Path) -> None:
-    """Read one manifest in chunks of whole lines; a chunk of clean records is one regex pass.
+def _read_one(index: ResumeIndex, path: Path, source: SourceRead) -> None:
+    """Read one manifest from ``source.end`` in chunks of whole lines; a chunk of clean
+    records is one regex pass.
 
     One buffer is reused for every chunk: fresh 1 MB buffers between the table's small
     allocations would strand heap memory (RSS) for the whole run.
@@ -312,8 +432,9 @@ def _read_one(index: ResumeIndex, path: Path) -> None:
         return
     buf = bytearray(_CHUNK_BYTES)
     filled = 0
-    line = 0  # lines before this chunk
+    line = source.lines  # lines before this chunk
     with f:
+        f.seek(source.end)
         while True:
             with memoryview(buf) as view:
                 n = f.readinto(view[filled:])
@@ -326,6 +447,8 @@ def _read_one(index: ResumeIndex, path: Path) -> None:
                     buf.extend(bytes(len(buf)))  # a line longer than the buffer
                 continue
             line = _read_chunk(index, path, buf, cut, line)
+            source.end += cut
+            source.lines = line
             buf[: filled - cut] = buf[cut:filled]
             filled -= cut
 
@@ -341,17 +464,15 @@ def _read_chunk(index: ResumeIndex, path: Path, buf: bytearray, end: int, line: 
             _line(index, path, number, raw + b"\n")
         return line + lines
     index.records += lines
-    day_start = index._day_start.encode()
-    index.billed_today += sum(
-        int(count)
-        for _, _, finished, count, _ in matches
-        if count != b"0" and finished >= day_start
-    )
+    horizon = index._horizon.encode()
+    if any(count != b"0" and finished >= horizon for _, _, finished, count, _ in matches):
+        _billing_in(index, buf, end, horizon)
     done: list[tuple[int, bytes]] = []
     maybe_other = index._maybe_other
     code_of = _CODE_OF
+    crc32 = zlib.crc32
     for row_id, status, _, _, fp in matches:
-        key = (hash(row_id) ^ int(fp, 16)) & _MASK64
+        key = int(fp, 16) ^ (crc32(row_id) << 22)  # item_key(), inlined (FRONT_RE: fp is hex)
         if status == b"ok":
             bit = (key >> 20) & 0xFFFFF
             if maybe_other[bit >> 3] & (1 << (bit & 7)):
@@ -363,6 +484,14 @@ def _read_chunk(index: ResumeIndex, path: Path, buf: bytearray, end: int, line: 
     _generated_in(index, buf, end)
     _damaged_in(index, buf, end)
     return line + lines
+
+
+def _billing_in(index: ResumeIndex, buf: bytearray, end: int, horizon: bytes) -> None:
+    """Keep the billing of every recent billed line of a clean chunk (parsed in full)."""
+    for m in FRONT_RE.finditer(buf, 0, end):
+        if m.group(4) != b"0" and m.group(3) >= horizon:
+            stop = buf.find(b"\n", m.end(), end) + 1
+            index._bill(orjson.loads(bytes(buf[m.start() : stop])))
 
 
 def _generated_in(index: ResumeIndex, buf: bytearray, end: int) -> None:
@@ -396,14 +525,9 @@ def _line(index: ResumeIndex, path: Path, number: int, raw: bytes) -> None:
     m = FRONT_RE.match(raw)
     if m is not None and raw.endswith(b"}\n") and raw.find(_RECORD_START, 1) < 0:
         status = m.group(2).decode()
-        if status != "generated" and status in _CODE and _DAMAGED_FIELD not in raw:
-            index._add(
-                m.group(1).decode("utf-8", "surrogatepass"),
-                status,
-                m.group(3).decode(),
-                int(m.group(4)),
-                m.group(5).decode(),
-            )
+        recent = m.group(4) != b"0" and m.group(3) >= index._horizon.encode()
+        if status != "generated" and status in _CODE and _DAMAGED_FIELD not in raw and not recent:
+            index._add(m.group(1).decode("utf-8", "surrogatepass"), status, m.group(5).decode())
             return
     _slow_line(index, path, number, raw)
 

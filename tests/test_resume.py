@@ -324,3 +324,12 @@ def _read_by_lines(paths: list[Path], *, day_start: str) -> ResumeIndex:
     index = read_index([odd], day_start=day_start)
     assert index.damaged_lines == [1]
     return index
+
+
+def test_a_prompt_repeated_past_the_counters_byte_keeps_numbering(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("same\n" * 300 + "other\n")
+    ids = [row.id for row in PromptSource(prompts, registry=REG)]
+    base = ids[0]
+    assert ids[:300] == [base] + [f"{base}-{n}" for n in range(2, 301)]
+    assert len(set(ids)) == 301
