@@ -12,7 +12,8 @@ full parse of the same manifest in the same run.
    realistic records), resumed by ``python -m sfbatch run`` against the emulator: the
    time from spawning the process to the emulator's first generation request (polled
    every 5 ms), for the manifest (a) with the side file the writer left, (b) after a
-   resume compacted it, (c) without a side file. Beside it: the naive full parse of the
+   resume compacted it, (c) the same plus the resume cursor (``manifest.cursor``) an
+   earlier resume left, (d) without either. Beside it: the naive full parse of the
    same manifest in a child (seconds in the child, and spawn to exit).
 
     python3 benchmarks/bench_resume.py [--records N] [--rows N] [--dir /tmp]
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -202,21 +204,39 @@ def measure(records: int, rows: int, base: Path, log: Any = print) -> dict[str, 
             res["prepare"] = _json_child("prepare", man, prompts=str(prompts))
             res["resume_manifest_mb"] = man.stat().st_size / 1e6
             log(f"  {rows:,}-row file, manifest {res['resume_manifest_mb']:,.0f} MB written")
+            # The side file is bound to the manifest's inode (a copy is another file): each
+            # case runs on the one manifest, cut back to its size after, with its side file.
+            sides = tmp / "sides"
+            sides.mkdir()
+            shutil.copy(base_dir / "manifest.idx", sides / "writer.idx")
+            _json_child("first", man)  # what a resume leaves: one snapshot block
+            shutil.copy(base_dir / "manifest.idx", sides / "compacted.idx")
+            size = man.stat().st_size
+            cursor = base_dir / "manifest.cursor"
+
+            def reset(case: str) -> None:
+                os.truncate(man, size)
+                shutil.rmtree(base_dir / "images", ignore_errors=True)
+                for suffix in (".idx", ".cursor"):
+                    made = base_dir / f"manifest{suffix}"
+                    made.unlink(missing_ok=True)
+                    saved = sides / f"{case}{suffix}"
+                    if saved.exists():
+                        shutil.copy(saved, made)
+
             with EmulatorProcess(image_px=64) as emu:
+                # A resume that gets to the last row leaves a cursor past the done rows.
+                first_request_s(emu, prompts, base_dir)
+                shutil.copy(cursor, sides / "cursor.cursor")
+                shutil.copy(sides / "compacted.idx", sides / "cursor.idx")
                 cases: dict[str, list[dict[str, Any]]] = {}
-                for round_ in range(2):
-                    for case in ("writer", "compacted", "none"):
-                        out = tmp / f"out-{case}-{round_}"
-                        out.mkdir()
-                        shutil.copy(man, out / "manifest.jsonl")
-                        if case != "none":
-                            shutil.copy(base_dir / "manifest.idx", out / "manifest.idx")
-                        if case == "compacted":  # what a resume leaves: one snapshot
-                            _json_child("first", out / "manifest.jsonl")
-                        r = first_request_s(emu, prompts, out)
+                for _ in range(2):
+                    for case in ("writer", "compacted", "cursor", "none"):
+                        reset(case)
+                        r = first_request_s(emu, prompts, base_dir)
                         cases.setdefault(case, []).append(r)
-                        shutil.rmtree(out)
-                        log(f"  first request, side file {case}: {r['first_request_s']:.2f} s")
+                        log(f"  first request, {case}: {r['first_request_s']:.2f} s")
+                    reset("none")
                     n = _json_child("naive", man)
                     cases.setdefault("naive", []).append(n)
                     log(f"  naive parse: {n['seconds']:.2f} s in the child, {n['elapsed_s']:.2f} s")
@@ -251,6 +271,7 @@ def report(r: dict[str, Any]) -> str:
         rows = [
             ["side file as the writer left it (entries blocks)", both("writer") + " s"],
             ["side file compacted by an earlier resume (snapshot)", both("compacted") + " s"],
+            ["... and the cursor an earlier resume left (jump)", both("cursor") + " s"],
             ["no side file (text parse, then one is written)", both("none") + " s"],
             [
                 "naive full parse: in the child / spawn to exit",

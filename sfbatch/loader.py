@@ -71,9 +71,12 @@ __all__ = [
     "SKIPPED",
     "IdSpace",
     "JobRows",
+    "Jump",
     "LegacyIds",
     "PromptSource",
+    "ResumeCursor",
     "Row",
+    "SkippedRows",
     "derive_seed",
     "image_shard_dir",
     "shard_of",
@@ -191,6 +194,39 @@ SKIPPED: Final = _row("", 0, "", 0, None, "done already", None)
 DoneCheck = Callable[[str, str], bool]
 
 
+@dataclass(frozen=True, slots=True)
+class SkippedRows:
+    """``count`` rows at the start of a file found done in bulk (see :class:`ResumeCursor`):
+    the loader yields this once instead of ``count`` :data:`SKIPPED`, building none of them."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Jump:
+    """Where a file's done prefix ends: ``rows`` rows in ``lines`` lines, ``offset`` bytes,
+    and the content-id repeat counts (:class:`IdSpace`) as they were after them."""
+
+    rows: int
+    lines: int
+    offset: int
+    repeats: KeyTable
+    many: dict[int, int]
+
+
+class ResumeCursor(Protocol):
+    """Remembers, across runs, how far a plain ``.txt`` file's rows were all done already
+    (:class:`sfbatch.resume.Cursor`), so a resume jumps past them instead of rebuilding
+    each row's id and fingerprint. ``identity`` says everything the rows' ids and
+    fingerprints depend on besides the file's bytes (which the cursor checks)."""
+
+    def jump(self, path: str, identity: bytes) -> Jump | None: ...
+
+    def reached(self, path: str, identity: bytes, rows: int, lines: int, space: IdSpace) -> None:
+        """The first ``rows`` rows (``lines`` lines) were all skipped as done."""
+        ...
+
+
 class LegacyIds(Protocol):
     """What the resume index knows of records written before ids came from content."""
 
@@ -213,9 +249,15 @@ class IdSpace:
     (5-6 bytes per distinct content, in a :class:`~sfbatch.identity.KeyTable`).
     """
 
-    def __init__(self, legacy: LegacyIds | None = None, done: DoneCheck | None = None) -> None:
+    def __init__(
+        self,
+        legacy: LegacyIds | None = None,
+        done: DoneCheck | None = None,
+        cursor: ResumeCursor | None = None,
+    ) -> None:
         self.legacy = legacy
         self.done = done
+        self.cursor = cursor
         self._explicit: dict[str, str] = {}
         self._repeats = KeyTable(value_size=1)
         self._many: dict[int, int] = {}  # repeats beyond 254
@@ -244,6 +286,33 @@ class IdSpace:
         """With dedupe: the first id given this content, or None if ``row_id`` is the first."""
         first = self._first.setdefault(digest, row_id)
         return None if first == row_id else first
+
+    @property
+    def fresh(self) -> bool:
+        """No id handed out yet (a resume cursor applies only to a job's first file)."""
+        return not (self._repeats.size or self._explicit or self._first)
+
+    @property
+    def repeats(self) -> tuple[KeyTable, dict[int, int]]:
+        """The content-id repeat counts (what a :class:`Jump` restores)."""
+        return self._repeats, self._many
+
+    def restore(self, jump: Jump) -> None:
+        self._repeats, self._many = jump.repeats, dict(jump.many)
+
+    def unbump(self, digest: bytes) -> None:
+        """Take back the last :meth:`content_id` of this digest (no explicit ids taken)."""
+        key = int.from_bytes(digest[: CONTENT_ID_HEX // 2], "big")
+        count = self._many.pop(key, 0) - 1 if key in self._many else 0
+        if count >= 255:
+            self._many[key] = count
+            return
+        found = self._repeats.get(key)
+        left = (found[0] if found is not None else 0) - 1 if count <= 0 else count
+        if left <= 0:
+            self._repeats.discard(key)
+        else:
+            self._repeats.put(key, bytes((min(left, 255),)))
 
     def _bump(self, key: int) -> int:
         count = self._repeats.bump(key)
@@ -277,9 +346,10 @@ class JobRows:
         self.sources = list(sources)
         self.legacy: LegacyIds | None = None
         self.done: DoneCheck | None = None
+        self.cursor: ResumeCursor | None = None
 
     def __iter__(self) -> Iterator[Row]:
-        space = IdSpace(self.legacy, self.done)
+        space = IdSpace(self.legacy, self.done, self.cursor)
         for source in self.sources:
             yield from source.rows(space)
 
@@ -522,6 +592,8 @@ class PromptSource:
         #: Set by the pipeline from the resume index: a row found done is yielded as
         #: :data:`SKIPPED` (where its id and fingerprint are known early: plain rows).
         self.done: DoneCheck | None = None
+        #: Set by the pipeline: jumps past a plain ``.txt`` file's done prefix.
+        self.cursor: ResumeCursor | None = None
 
     @classmethod
     def from_records(
@@ -578,25 +650,62 @@ class PromptSource:
         return count * self._variations
 
     def __iter__(self) -> Iterator[Row]:
-        return self.rows(IdSpace(self.legacy, self.done))
+        return self.rows(IdSpace(self.legacy, self.done, self.cursor))
 
     def rows(self, space: IdSpace) -> Iterator[Row]:
         """The rows, with ids taken from ``space`` (shared by the files of one job)."""
         if self._limit == 0:
             return
+        identity = self._cursor_identity(space)
+        jump = None
+        if identity is not None and space.cursor is not None:
+            jump = space.cursor.jump(self.file, identity)
         with contextlib.ExitStack() as stack:
             if self._records is not None:
                 parsed = self._parse_records(self._records)
             else:
-                parsed = self._open(stack)
+                parsed = self._open(stack, jump)
             if self._limit is not None:
                 # islice stops without reading past the limit (matters for stdin).
                 parsed = itertools.islice(parsed, self._limit)
-            yield from self._build(parsed, space)
+            if jump is not None:
+                space.restore(jump)
+                yield SkippedRows(jump.rows)  # type: ignore[misc]
+            if jump is None:
+                yield from self._build(parsed, space, identity)
+            else:
+                yield from self._build(parsed, space, identity, jump.rows, jump.lines)
+
+    def _cursor_identity(self, space: IdSpace) -> bytes | None:
+        """What the rows' ids and fingerprints depend on besides the file's bytes (which
+        the cursor checks), when a resume cursor can apply: a plain ``.txt`` file, the
+        job's first, rows made from the defaults alone."""
+        if (
+            space.cursor is None
+            or not space.fresh
+            or self._is_stdin
+            or self._gz
+            or self._records is not None
+            or self._fmt != ".txt"
+            or self._variations != 1
+            or self._dedupe
+            or self._shard is not None
+            or self._limit is not None
+            or self._template is None
+        ):
+            return None
+        parts = [
+            self.file,
+            os.path.abspath(self.file),
+            self._primed.copy().hexdigest(),
+            self._base_seed,
+            self._fixed_seed,
+        ]
+        return hashlib.blake2b(orjson.dumps(parts), digest_size=16).digest()
 
     # -- opening ---------------------------------------------------------------
 
-    def _open(self, stack: contextlib.ExitStack) -> Iterator[_Parsed]:
+    def _open(self, stack: contextlib.ExitStack, jump: Jump | None = None) -> Iterator[_Parsed]:
         if self._is_stdin:
             stream = self._stdin if self._stdin is not None else sys.stdin.buffer
             self._raw = None
@@ -611,6 +720,10 @@ class PromptSource:
         except OSError as exc:
             raise InputFileError(f"{self.file}: cannot open: {exc.strerror or exc}") from exc
         self._raw = raw
+        if jump is not None:  # a plain .txt: go on after its done prefix
+            raw.seek(jump.offset)
+            stack.callback(self._closing, raw)
+            return self._parse_txt(iter(raw), jump.lines)
         binary: IO[bytes] | gzip.GzipFile = raw
         if self._gz:
             binary = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
@@ -668,8 +781,7 @@ class PromptSource:
 
     # -- parsing: bytes -> (line, prompt | fields, problems) -------------------------
 
-    def _parse_txt(self, lines: Iterator[bytes]) -> Iterator[_Parsed]:
-        line = 0
+    def _parse_txt(self, lines: Iterator[bytes], line: int = 0) -> Iterator[_Parsed]:
         try:
             for raw in lines:
                 line += 1
@@ -780,7 +892,18 @@ class PromptSource:
 
     # -- building: ids, shard, seeds, validation, fingerprints, variations, dedupe -----
 
-    def _build(self, parsed: Iterator[_Parsed], space: IdSpace) -> Iterator[Row]:
+    def _build(
+        self,
+        parsed: Iterator[_Parsed],
+        space: IdSpace,
+        identity: bytes | None = None,
+        skipped: int = 0,
+        last_line: int = 0,
+    ) -> Iterator[Row]:
+        """Rows from parsed lines. With a cursor ``identity``, the rows skipped as done
+        from the start (``skipped`` of them, to ``last_line``, jumped already) are told
+        to the cursor at the first row that is not, or at the end."""
+        cursor = space.cursor if identity is not None else None
         file = self.file
         shard = self._shard
         template = self._template
@@ -796,6 +919,9 @@ class PromptSource:
         template_warned = False
 
         for line, text, fields, problems in parsed:
+            if cursor is not None and (fields is not None or problems is not None):
+                cursor.reached(file, identity, skipped, last_line, space)  # type: ignore[arg-type]
+                cursor = None
             if fields is None:
                 if problems is not None:
                     yield from self._invalid("", line, None, {}, "; ".join(problems), space)
@@ -820,8 +946,15 @@ class PromptSource:
                     if simple:
                         fp = fingerprint(digest, seed, 0)
                         if is_done is not None and is_done(base_id, fp):
+                            skipped += 1
+                            last_line = line
                             yield SKIPPED
                             continue
+                        if cursor is not None:  # the prefix ends before this row
+                            space.unbump(digest)
+                            cursor.reached(file, identity, skipped, last_line, space)  # type: ignore[arg-type]
+                            space.content_id(digest)
+                            cursor = None
                         request = {**template, "prompt": prompt, "seed": seed}
                         yield _row(
                             base_id, line, file, 0, request, None, prompt, None, fp, default_inputs
@@ -859,6 +992,8 @@ class PromptSource:
                     else:
                         base_id = row_id
             yield from self._slow(base_id, line, text, fields, reasons, space)
+        if cursor is not None:  # every row was done
+            cursor.reached(file, identity, skipped, last_line, space)  # type: ignore[arg-type]
 
     def _adopt(
         self, legacy: LegacyIds, line: int, digest: bytes, base_id: str, seed: int | None

@@ -73,7 +73,7 @@ from sfbatch.generator import Generator, Stopped, WorkItem
 from sfbatch.identity import unused_stem
 from sfbatch.keypool import KeyPool, ModelLimits, NoKeyLeftError
 from sfbatch.limiter import batch_fit_problem
-from sfbatch.loader import SKIPPED, JobRows, PromptSource, Row, image_shard_dir
+from sfbatch.loader import SKIPPED, JobRows, PromptSource, Row, SkippedRows, image_shard_dir
 from sfbatch.lock import RunLock, check_out_dir, lock_name
 from sfbatch.manifest import (
     ManifestRecord,
@@ -88,7 +88,7 @@ from sfbatch.manifest import (
 from sfbatch.models import ModelRegistry
 from sfbatch.outage import OutageDetector
 from sfbatch.reasons import Reason, ReasonTally
-from sfbatch.resume import DAMAGED, read_index, refresh_side
+from sfbatch.resume import DAMAGED, Cursor, read_index, refresh_side
 from sfbatch.storage import ImageStore, StorageError, open_store
 
 __all__ = ["Outcome", "Pipeline", "RunResult", "RunStats", "generate"]
@@ -237,6 +237,8 @@ class Pipeline:
             rows.done = self._state.done_check(
                 retry_failed=config.build.retry_failed, skipped_as=self.stats.skipped_as
             )
+            if config.output.shard is None:  # jump past a done prefix (loader.SkippedRows)
+                rows.cursor = Cursor(self._state, manifest_path, self.stats.skipped_as)
         keys = config.api_keys or ("",)
         # Rows may set their own batch_size: size the limiters for the largest any model takes.
         self._pool = KeyPool(
@@ -466,8 +468,15 @@ class Pipeline:
 
     async def _load(self) -> None:
         state, stats = self._state, self.stats
+        jumped = 0
         async for n, row in _numbered(self._rows):
-            stats.rows_read = n
+            if isinstance(row, SkippedRows):  # done rows the loader jumped past, all ok
+                jumped += row.count - 1
+                stats.rows_read = n + jumped
+                stats.skipped += row.count
+                stats.skipped_as["ok"] += row.count
+                continue
+            stats.rows_read = n + jumped
             if self.stopping:
                 break
             if row is SKIPPED:

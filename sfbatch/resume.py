@@ -25,9 +25,15 @@ is not. :func:`read_index` reads manifests of millions of lines flat and fast:
 
 from __future__ import annotations
 
+import hashlib
+import io
+import itertools
+import os
 import re
+import struct
 import time
 import zlib
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -39,15 +45,18 @@ import orjson
 
 from sfbatch import sideindex
 from sfbatch.identity import KeyTable, content_digest, content_of_record, fingerprint, item_key
+from sfbatch.loader import IdSpace, Jump
 from sfbatch.manifest import FRONT_RE, REPAIRED_CODE, STATUS_CODES, STATUSES
 
 __all__ = [
     "DAMAGED",
     "DAMAGED_CODE",
     "Billed",
+    "Cursor",
     "DamagedLine",
     "ResumeIndex",
     "SourceRead",
+    "cursor_path",
     "item_key",
     "read_index",
     "refresh_side",
@@ -95,6 +104,8 @@ class SourceRead:
     side_records: int = 0
     snapshot_records: int = 0  # of side_records: loaded with no per-key work
     text_records: int = 0
+    #: Where the last block or chunk holding a record not ``ok`` (or a damaged line) ends.
+    not_ok_end: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +146,9 @@ class ResumeIndex:
     _claimed: set[str] = field(default_factory=set)
     _day_start: str = ""
     _horizon: str = ""
+    #: Items matched in bulk (all ``ok``): the done prefix a resume cursor jumped past.
+    premarked: int = 0
+    _not_ok_seen: int = 0
 
     def billed_today_for(self, key_index: int, model: str) -> int:
         """Images billed today to key ``key_index`` for ``model`` (records without a
@@ -204,6 +218,7 @@ class ResumeIndex:
             self._enter_other(key, code)
 
     def _enter_other(self, key: int, code: bytes) -> None:
+        self._not_ok_seen += 1
         bit = (key >> 20) & 0xFFFFF
         self._maybe_other[bit >> 3] |= 1 << (bit & 7)
         self.other.put(key, code)
@@ -224,6 +239,8 @@ class ResumeIndex:
                 done_size = self.done.size - done_size
         in_both = sum(1 for key in self.other.iter_keys(matched) if key in self.done)
         ok = done_size - in_both
+        if matched is not None and self.premarked:  # matched in bulk, all ok
+            ok = ok + self.premarked if matched else max(0, ok - self.premarked)
         if ok:
             counts["ok"] = ok
         for code, n in self.other.first_value_bytes(matched).items():
@@ -348,7 +365,11 @@ def _read_side(index: ResumeIndex, path: Path, source: SourceRead) -> None:
             index.done, index.other = block.snapshot.done, block.snapshot.other
             index._maybe_other = block.snapshot.maybe_other
             source.snapshot_records = block.records
+            if block.snapshot.other.size:
+                source.not_ok_end = block.end
         else:
+            if block.codes.count(_OK) != len(block.codes):
+                source.not_ok_end = block.end
             done: list[tuple[int, bytes]] = []
             for key, code in zip(block.keys, block.codes, strict=True):
                 if code == _OK[0]:
@@ -363,6 +384,8 @@ def _read_side(index: ResumeIndex, path: Path, source: SourceRead) -> None:
             for record in block.extras.generated:
                 index._add_generated(record)
             index.damaged.extend(DamagedLine(path, n, why) for n, why in block.extras.damaged)
+            if block.extras.damaged:
+                source.not_ok_end = block.end
             for finished, images, key_index, model in block.extras.billed:
                 if finished >= index._horizon:
                     index.billing[Billed(_minute(finished), key_index, model)] += images
@@ -446,9 +469,12 @@ def _read_one(index: ResumeIndex, path: Path, source: SourceRead) -> None:
                 if filled == len(buf):
                     buf.extend(bytes(len(buf)))  # a line longer than the buffer
                 continue
+            seen = index._not_ok_seen, len(index.damaged)
             line = _read_chunk(index, path, buf, cut, line)
             source.end += cut
             source.lines = line
+            if (index._not_ok_seen, len(index.damaged)) != seen:
+                source.not_ok_end = source.end
             buf[: filled - cut] = buf[cut:filled]
             filled -= cut
 
@@ -550,3 +576,162 @@ def _slow_line(index: ResumeIndex, path: Path, number: int, raw: bytes) -> None:
             return
         if isinstance(glued, dict):
             index._add_parsed(glued)
+
+
+# -- the resume cursor ---------------------------------------------------------------
+
+_CURSOR_MAGIC: Final = b"SFBCUR\x00\x01"
+_CURSOR_HEAD: Final = struct.Struct("<8sI")  # magic, header JSON bytes
+#: Fewer done rows at the start of a file than this are not worth a cursor file.
+_CURSOR_MIN_ROWS: Final = 10_000
+
+
+def cursor_path(manifest: Path) -> Path:
+    """``manifest.jsonl`` -> ``manifest.cursor``."""
+    return manifest.with_suffix(".cursor")
+
+
+class Cursor:
+    """How far the rows of a job's first ``.txt`` file were all ``ok`` already, kept in
+    ``manifest.cursor`` (a cache like ``manifest.idx``: safe to delete), so the next resume
+    jumps there instead of rebuilding each done row's id and fingerprint
+    (:class:`sfbatch.loader.ResumeCursor`).
+
+    It holds the rows, lines and bytes of that done prefix, a blake2b of those bytes,
+    what else the rows' ids depend on (``identity``: the defaults, the base seed...), the
+    content-id repeat counts after them, and where the manifest ended when the run that
+    wrote it read it. It is used only if all of that still holds and no record after that
+    point is anything but ``ok`` (so no done prefix row can have become undone); the items
+    jumped past count as matched (``ResumeIndex.premarked``).
+    """
+
+    def __init__(
+        self,
+        index: ResumeIndex,
+        manifest: Path,
+        skipped_as: Counter[str],
+        *,
+        min_rows: int | None = None,
+    ) -> None:
+        self.path = cursor_path(manifest)
+        self._index = index
+        self._manifest = manifest
+        self._skipped_as = skipped_as
+        self._min_rows = _CURSOR_MIN_ROWS if min_rows is None else min_rows
+        self._source = index.sources.get(manifest, SourceRead())
+
+    def jump(self, path: str, identity: bytes) -> Jump | None:
+        if self._index.legacy_records:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                return self._read(f, path, identity)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            return None
+
+    def _read(self, f: io.BufferedReader, path: str, identity: bytes) -> Jump | None:
+        magic, size = _CURSOR_HEAD.unpack(f.read(_CURSOR_HEAD.size))
+        head_raw = f.read(size)
+        if magic != _CURSOR_MAGIC or len(head_raw) != size:
+            return None
+        head = orjson.loads(head_raw)
+        if head["file"] != path or head["identity"] != identity.hex():
+            return None
+        end = int(head["manifest_end"])
+        source = self._source
+        st = self._manifest.stat()
+        if [st.st_dev, st.st_ino] != head["manifest"] or end > source.end:
+            return None
+        if source.not_ok_end > end:
+            return None  # a record since may have undone a row of the prefix
+        with open(self._manifest, "rb") as text:
+            if end and sideindex.tail_crc(text, 0, end) != head["manifest_tail"]:
+                return None
+        offset, lines = int(head["offset"]), int(head["lines"])
+        if _prefix_digest(path, lines) != (offset, head["input"]):
+            return None
+        crc = zlib.crc32(head_raw)
+        raw = f.read(8 * (1 << 14))
+        lengths = array("Q")
+        lengths.frombytes(raw)
+        crc = zlib.crc32(raw, crc)
+        short = False
+
+        def read(n: int) -> bytearray:
+            nonlocal crc, short
+            buf = bytearray(n)
+            short = short or f.readinto(buf) != n
+            crc = zlib.crc32(buf, crc)
+            return buf
+
+        repeats = KeyTable(value_size=1)
+        repeats.load(lengths, read)
+        tail = f.read(4)
+        if short or len(tail) != 4 or int.from_bytes(tail, "little") != crc:
+            return None
+        rows = int(head["rows"])
+        self._index.premarked += rows
+        many = {int(k): int(v) for k, v in head["many"]}
+        return Jump(rows, lines, offset, repeats, many)
+
+    def reached(self, path: str, identity: bytes, rows: int, lines: int, space: IdSpace) -> None:
+        if rows < self._min_rows or any(n for s, n in self._skipped_as.items() if s != "ok"):
+            return
+        if self._index.legacy_records or not self._source.end:
+            return
+        try:
+            with open(self._manifest, "rb") as text:
+                tail = sideindex.tail_crc(text, 0, self._source.end)
+            st = self._manifest.stat()
+            offset, digest = _prefix_digest(path, lines)
+            repeats, many = space.repeats
+            head = orjson.dumps(
+                {
+                    "file": path,
+                    "identity": identity.hex(),
+                    "rows": rows,
+                    "lines": lines,
+                    "offset": offset,
+                    "input": digest,
+                    "manifest": [st.st_dev, st.st_ino],
+                    "manifest_end": self._source.end,
+                    "manifest_tail": tail,
+                    "many": sorted(many.items()),
+                }
+            )
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(_CURSOR_HEAD.pack(_CURSOR_MAGIC, len(head)) + head)
+                crc = zlib.crc32(head)
+                for part in itertools.chain(
+                    (repeats.bucket_lengths().tobytes(),), repeats.bucket_bytes()
+                ):
+                    crc = zlib.crc32(part, crc)
+                    f.write(part)
+                f.write(crc.to_bytes(4, "little"))
+            os.replace(tmp, self.path)
+        except (OSError, ValueError):
+            return  # a cache: the next resume takes the long way
+
+
+def _prefix_digest(path: str, lines: int) -> tuple[int, str]:
+    """The byte offset after ``lines`` lines of ``path``, and blake2b of the bytes before it."""
+    h = hashlib.blake2b(digest_size=16)
+    offset = 0
+    left = lines
+    with open(path, "rb") as f:
+        while left:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                raise ValueError("the file has fewer lines than the cursor says")
+            n = chunk.count(b"\n")
+            if n >= left:
+                cut = -1
+                for _ in range(left):
+                    cut = chunk.index(b"\n", cut + 1)
+                chunk = chunk[: cut + 1]
+                n = left
+            h.update(chunk)
+            offset += len(chunk)
+            left -= n
+    return offset, h.hexdigest()

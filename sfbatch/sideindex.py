@@ -53,6 +53,7 @@ __all__ = [
     "Snapshot",
     "read_blocks",
     "side_path",
+    "tail_crc",
     "write_snapshot",
 ]
 
@@ -143,8 +144,8 @@ def _identity(manifest: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _sample_crc(f: IO[bytes], start: int, end: int) -> int | None:
-    """CRC-32 of the manifest's last bytes before ``end`` (None unless they end a line)."""
+def tail_crc(f: IO[bytes], start: int, end: int) -> int | None:
+    """CRC-32 of a manifest's last bytes before ``end`` (None unless they end a line)."""
     begin = max(start, end - _SAMPLE_BYTES)
     f.seek(begin)
     sample = f.read(end - begin)
@@ -225,7 +226,7 @@ def _read_block(
         return None
     if kind == SNAPSHOT and start != 0:
         return None
-    if _sample_crc(text, start, end) != sample:
+    if tail_crc(text, start, end) != sample:
         return None
     crc = zlib.crc32(raw)
     block = Block(kind, start, end, line0, lines, records, finished.rstrip(b"\0").decode())
@@ -338,7 +339,7 @@ def write_snapshot(
         return False
     try:
         with open(manifest, "rb") as text:
-            sample = _sample_crc(text, 0, end)
+            sample = tail_crc(text, 0, end)
         if sample is None:
             return False
         path = side_path(manifest)
@@ -463,7 +464,7 @@ class SideWriter:
             return
         try:
             with open(self._manifest, "rb") as text:
-                sample = _sample_crc(text, self._start, self._end)
+                sample = tail_crc(text, self._start, self._end)
             if sample is None:
                 raise OSError("the manifest does not end where its records do")
             lines = len(self._codes)

@@ -20,7 +20,7 @@ from sfbatch.loader import PromptSource
 from sfbatch.manifest import ManifestWriter, iter_records, now_iso
 from sfbatch.models import ModelRegistry
 from sfbatch.pipeline import Pipeline
-from sfbatch.resume import ResumeIndex, read_index, refresh_side
+from sfbatch.resume import Cursor, ResumeIndex, read_index, refresh_side
 from sfbatch.sideindex import read_blocks, side_path
 
 REG = ModelRegistry.builtin()
@@ -287,3 +287,99 @@ async def test_kill_9_mid_run_then_resume_keeps_side_file_and_manifest_in_step(
     assert requests - 120 <= 2 * (6 + 8 + 4)  # at most what was in flight at each kill
     index = read_index([manifest], day_start=TODAY)
     assert index.sources[manifest].text_records == 0 and index.counts() == {"ok": 120}
+
+
+# -- the resume cursor: jumping past a file's done prefix ----------------------------
+
+
+async def run_file(
+    emu: Emulator, out: Path, src: Path, **overrides: Any
+) -> tuple[Any, dict[str, Any]]:
+    cfg = config_for(emu, out, **overrides)
+    source = PromptSource(src, defaults=cfg.defaults, registry=REG, base_seed=cfg.build.base_seed)
+    result = await Pipeline(cfg, source, registry=REG).run()
+    assert result.exit_code == 0, result.message
+    return result, result.summary
+
+
+def outcome(out: Path) -> list[tuple[str, str, str, int]]:
+    """Every record of the manifest past its first run: id, fingerprint, status, line."""
+    return sorted(
+        (r["id"], r["fingerprint"], r["status"], r["line"])
+        for r in iter_records(out / "manifest.jsonl")
+    )
+
+
+@pytest.fixture
+def small_cursor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sfbatch.resume._CURSOR_MIN_ROWS", 5)
+
+
+@pytest.mark.usefixtures("small_cursor")
+@pytest.mark.parametrize("edit", ["append", "change_prefix", "repair", "seed", "none"])
+async def test_a_cursor_jump_makes_exactly_what_the_long_way_makes(
+    tmp_path: Path, edit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two output dirs resumed alike, one with its cursor, one without: same records."""
+    jumps: list[tuple[str, int | None]] = []
+    jump = Cursor.jump
+
+    def spy(self: Cursor, path: str, identity: bytes) -> Any:
+        found = jump(self, path, identity)
+        jumps.append((Path(path).stem, found.rows if found else None))
+        return found
+
+    monkeypatch.setattr(Cursor, "jump", spy)
+    lines = [f"a lighthouse, study {i % 9}\n" for i in range(30)]  # repeats across the cut
+    first, second = lines[:20], lines[20:]
+    results: dict[str, Any] = {}
+    async with Emulator(host="127.0.0.1", port=0) as emu:
+        for name in ("cursor", "long"):
+            src = tmp_path / f"{name}.txt"
+            out = tmp_path / name
+            src.write_text("".join(first))
+            await run_file(emu, out, src)  # all 20 made
+            src.write_text("".join(first) + "a new row\n")
+            await run_file(emu, out, src)  # 20 done, then a new row: the cursor is written
+            has_cursor = (out / "manifest.cursor").exists()
+            assert has_cursor
+            if name == "long":
+                (out / "manifest.cursor").unlink()
+            overrides: dict[str, Any] = {}
+            text = "".join(first) + "a new row\n"
+            if edit == "append":
+                text += "".join(second)
+            elif edit == "change_prefix":
+                text = text.replace("study 3\n", "study 3, at night\n", 1)
+            elif edit == "repair":  # a done row of the prefix is marked damaged
+                record = next(r for r in iter_records(out / "manifest.jsonl") if r["line"] == 4)
+                with ManifestWriter(out / "manifest.jsonl") as w:
+                    w.append({**record, "status": "failed", "error": {"status": None, "code": "damaged", "message": "x"}})  # type: ignore[typeddict-item]  # fmt: skip
+            elif edit == "seed":
+                overrides["base_seed"] = 7
+            src.write_text(text)
+            before = emu.stats()["generation_requests"]
+            result, summary = await run_file(emu, out, src, **overrides)
+            results[name] = (
+                emu.stats()["generation_requests"] - before,
+                [(i, f, s, n) for i, f, s, n in outcome(out)],
+                summary["manifest"],
+                summary["history"],
+                summary["found"]["new_or_changed"],
+                summary["run"]["skipped_as"],
+                result.summary["run"]["rows_read"] if "rows_read" in result.summary["run"] else None,
+            )
+    assert results["cursor"] == results["long"]
+    # Run 2 wrote the cursor (20 done rows, then a new one); run 3 jumped where it holds.
+    holds = edit in ("append", "none")
+    assert jumps == [
+        ("cursor", None),
+        ("cursor", None),
+        ("cursor", 20 if holds else None),
+        ("long", None),
+        ("long", None),
+        ("long", None),
+    ]
+    made = results["cursor"][0]
+    expected = {"append": 10, "change_prefix": 1, "repair": 1, "seed": 21, "none": 0}
+    assert made == expected[edit]
