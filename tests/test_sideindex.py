@@ -353,8 +353,9 @@ async def test_a_cursor_jump_makes_exactly_what_the_long_way_makes(
                 text = text.replace("study 3\n", "study 3, at night\n", 1)
             elif edit == "repair":  # a done row of the prefix is marked damaged
                 record = next(r for r in iter_records(out / "manifest.jsonl") if r["line"] == 4)
+                damaged = {"status": None, "code": "damaged", "message": "x"}
                 with ManifestWriter(out / "manifest.jsonl") as w:
-                    w.append({**record, "status": "failed", "error": {"status": None, "code": "damaged", "message": "x"}})  # type: ignore[typeddict-item]  # fmt: skip
+                    w.append({**record, "status": "failed", "error": damaged})  # type: ignore[typeddict-item]
             elif edit == "seed":
                 overrides["base_seed"] = 7
             src.write_text(text)
@@ -367,7 +368,7 @@ async def test_a_cursor_jump_makes_exactly_what_the_long_way_makes(
                 summary["history"],
                 summary["found"]["new_or_changed"],
                 summary["run"]["skipped_as"],
-                result.summary["run"]["rows_read"] if "rows_read" in result.summary["run"] else None,
+                result.summary["run"].get("rows_read"),
             )
     assert results["cursor"] == results["long"]
     # Run 2 wrote the cursor (20 done rows, then a new one); run 3 jumped where it holds.
