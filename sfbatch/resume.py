@@ -619,6 +619,7 @@ class Cursor:
         self._skipped_as = skipped_as
         self._min_rows = _CURSOR_MIN_ROWS if min_rows is None else min_rows
         self._source = index.sources.get(manifest, SourceRead())
+        self._jumped = 0
 
     def jump(self, path: str, identity: bytes) -> Jump | None:
         if self._index.legacy_records:
@@ -670,13 +671,15 @@ class Cursor:
         if short or len(tail) != 4 or int.from_bytes(tail, "little") != crc:
             return None
         rows = int(head["rows"])
-        self._index.premarked += rows
+        self._index.premarked = self._jumped = rows  # one cursor, for the job's first file
         many = {int(k): int(v) for k, v in head["many"]}
         return Jump(rows, lines, offset, repeats, many)
 
     def reached(self, path: str, identity: bytes, rows: int, lines: int, space: IdSpace) -> None:
         if rows < self._min_rows or any(n for s, n in self._skipped_as.items() if s != "ok"):
             return
+        if rows <= self._jumped:
+            return  # no further than the cursor it jumped with (which still holds)
         if self._index.legacy_records or not self._source.end:
             return
         try:
