@@ -333,3 +333,20 @@ def test_a_prompt_repeated_past_the_counters_byte_keeps_numbering(tmp_path: Path
     base = ids[0]
     assert ids[:300] == [base] + [f"{base}-{n}" for n in range(2, 301)]
     assert len(set(ids)) == 301
+
+
+def test_unbump_takes_back_the_last_content_id_at_any_count() -> None:
+    from sfbatch.loader import IdSpace
+
+    digest = bytes(range(16))
+    for times in (1, 2, 3, 254, 255, 256, 300):
+        space = IdSpace()
+        ids = [space.content_id(digest) for _ in range(times)]
+        space.unbump(digest)
+        again = space.content_id(digest)
+        assert again == ids[-1], times
+        assert space.content_id(digest) != again
+    fresh = IdSpace()
+    fresh.content_id(digest)
+    fresh.unbump(digest)
+    assert fresh.fresh

@@ -384,3 +384,23 @@ async def test_a_cursor_jump_makes_exactly_what_the_long_way_makes(
     made = results["cursor"][0]
     expected = {"append": 10, "change_prefix": 1, "repair": 1, "seed": 21, "none": 0}
     assert made == expected[edit]
+
+
+def test_bench_resume_smoke_runs_and_reports_every_case(tmp_path: Path) -> None:
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = REPO / "benchmarks" / "bench_resume.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--dir", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("resume with manifest.idx", "the cursor an earlier resume left", "naive"):
+        assert row in proc.stdout
+    assert not list(tmp_path.iterdir())  # its files are gone
