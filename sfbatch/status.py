@@ -389,6 +389,26 @@ class VerifyReport:
         }
 
 
+def _size_mismatch(
+    row_id: str, where: str, image: ImageEntry, size: int, place: str
+) -> FileProblem | None:
+    """A "size" problem when ``size`` (the image as found ``place``) is not the recorded one."""
+    expected = image.get("bytes")
+    if isinstance(expected, int) and size != expected:
+        return FileProblem(row_id, where, "size", f"{size} bytes {place}, {expected} recorded")
+    return None
+
+
+def _sha256_mismatch(
+    row_id: str, where: str, image: ImageEntry, digest: str, place: str
+) -> FileProblem | None:
+    """A "sha256" problem when ``digest`` (the image as found ``place``) is not the recorded one."""
+    expected = image.get("sha256")
+    if digest != expected:
+        return FileProblem(row_id, where, "sha256", f"{digest} {place}, {expected} recorded")
+    return None
+
+
 def _check(out_dir: Path, row_id: str, image: ImageEntry) -> FileProblem | int:
     """The file's problem, or its size when it matches the record."""
     path = image.get("path")
@@ -400,11 +420,8 @@ def _check(out_dir: Path, row_id: str, image: ImageEntry) -> FileProblem | int:
     try:
         with open(full, "rb") as f:
             actual_size = os.fstat(f.fileno()).st_size
-            expected_size = image.get("bytes")
-            if isinstance(expected_size, int) and actual_size != expected_size:
-                return FileProblem(
-                    row_id, rel, "size", f"{actual_size} bytes on disk, {expected_size} recorded"
-                )
+            if problem := _size_mismatch(row_id, rel, image, actual_size, "on disk"):
+                return problem
             digest = hashlib.sha256()
             while chunk := f.read(_HASH_CHUNK):
                 digest.update(chunk)
@@ -412,12 +429,7 @@ def _check(out_dir: Path, row_id: str, image: ImageEntry) -> FileProblem | int:
         return FileProblem(row_id, rel, "missing")
     except OSError as exc:
         return FileProblem(row_id, rel, "unreadable", exc.strerror or str(exc))
-    expected = image.get("sha256")
-    if digest.hexdigest() != expected:
-        return FileProblem(
-            row_id, rel, "sha256", f"{digest.hexdigest()} on disk, {expected} recorded"
-        )
-    return actual_size
+    return _sha256_mismatch(row_id, rel, image, digest.hexdigest(), "on disk") or actual_size
 
 
 async def _check_object(
@@ -429,11 +441,8 @@ async def _check_object(
         size = await store.head(key)
         if size is None:
             return FileProblem(row_id, where, "missing")
-        expected_size = image.get("bytes")
-        if isinstance(expected_size, int) and size != expected_size:
-            return FileProblem(
-                row_id, where, "size", f"{size} bytes stored, {expected_size} recorded"
-            )
+        if problem := _size_mismatch(row_id, where, image, size, "stored"):
+            return problem
         if not deep:
             return size
         digest = hashlib.sha256()
@@ -441,12 +450,7 @@ async def _check_object(
             digest.update(chunk)
     except StorageError as exc:
         return FileProblem(row_id, where, "unreadable", str(exc))
-    expected = image.get("sha256")
-    if digest.hexdigest() != expected:
-        return FileProblem(
-            row_id, where, "sha256", f"{digest.hexdigest()} stored, {expected} recorded"
-        )
-    return size
+    return _sha256_mismatch(row_id, where, image, digest.hexdigest(), "stored") or size
 
 
 async def _check_objects(

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from sfbatch.emulator.limits import Limits
 from sfbatch.emulator.server import AccountBlock, Emulator, EmulatorConfig, FaultConfig
@@ -27,6 +29,55 @@ _FAULT_FLAGS = {
 }
 
 
+@dataclass(frozen=True)
+class _Flag:
+    """A flag whose value is one :class:`EmulatorConfig` field, as given."""
+
+    flag: str
+    field: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+
+
+_AS_GIVEN: Final = (
+    _Flag("--host", "host", str, "127.0.0.1", "address to bind (default %(default)s)"),
+    _Flag("--port", "port", int, 8765, "port, 0 for any (default %(default)s)"),
+    _Flag("--rpm", "rpm", int, None, "requests per minute per key and model"),
+    _Flag("--ipm", "ipm", int, None, "images per minute per key and model"),
+    _Flag("--rpd", "rpd", int, None, "requests per day per key and model"),
+    _Flag("--ipd", "ipd", int, None, "images per day per key and model"),
+    _Flag(
+        "--retry-after",
+        "retry_after_s",
+        float,
+        None,
+        "send Retry-After on 429: this many seconds, or 0 for the computed wait",
+        "SECONDS",
+    ),
+    _Flag(
+        "--day-utc-offset",
+        "day_utc_offset_h",
+        float,
+        8.0,
+        "time zone of the IPD day (default UTC+%(default)s)",
+        "HOURS",
+    ),
+    _Flag("--latency", "latency_s", float, 0.0, "mean inference time", "SECONDS"),
+    _Flag(
+        "--latency-jitter",
+        "latency_jitter_s",
+        float,
+        0.0,
+        "uniform ± jitter around --latency",
+        "SECONDS",
+    ),
+    _Flag("--url-ttl", "url_ttl_s", float, 3600.0, "image URL lifetime", "SECONDS"),
+    _Flag("--models-file", "models_file", Path, None, "TOML of extra or overriding model rules"),
+)
+
+
 def register(subparsers: Any) -> None:
     """Add the ``emulator`` subcommand to the ``sfbatch`` parser."""
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -37,18 +88,16 @@ def register(subparsers: Any) -> None:
             "GET /_stats and POST /_control, with limits, latency and faults."
         ),
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    p.add_argument("--port", type=int, default=8765, help="port, 0 for any (default %(default)s)")
+    for f in _AS_GIVEN:
+        p.add_argument(
+            f.flag, dest=f.field, type=f.type, default=f.default, metavar=f.metavar, help=f.help
+        )
     p.add_argument(
         "--key",
         action="append",
         metavar="KEY",
         help="an accepted API key (repeatable; default sk-emulator); --key '' accepts any",
     )
-    p.add_argument("--rpm", type=int, help="requests per minute per key and model")
-    p.add_argument("--ipm", type=int, help="images per minute per key and model")
-    p.add_argument("--rpd", type=int, help="requests per day per key and model")
-    p.add_argument("--ipd", type=int, help="images per day per key and model")
     p.add_argument(
         "--model-limit",
         action="append",
@@ -98,37 +147,11 @@ def register(subparsers: Any) -> None:
         '{"outage": false} ends it)',
     )
     p.add_argument(
-        "--retry-after",
-        type=float,
-        metavar="SECONDS",
-        help="send Retry-After on 429: this many seconds, or 0 for the computed wait",
-    )
-    p.add_argument(
-        "--day-utc-offset",
-        type=float,
-        default=8.0,
-        metavar="HOURS",
-        help="time zone of the IPD day (default UTC+%(default)s)",
-    )
-    p.add_argument(
-        "--latency", type=float, default=0.0, metavar="SECONDS", help="mean inference time"
-    )
-    p.add_argument(
-        "--latency-jitter",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="uniform ± jitter around --latency",
-    )
-    p.add_argument(
         "--image-px",
         type=int,
         default=64,
         metavar="PX",
         help="side of the square images served; 0 serves the requested size (default %(default)s)",
-    )
-    p.add_argument(
-        "--url-ttl", type=float, default=3600.0, metavar="SECONDS", help="image URL lifetime"
     )
     for flag in _FAULT_FLAGS:
         name = flag.removeprefix("fault_").replace("_", "-")
@@ -146,7 +169,6 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of server-picked seeds, latency, faults"
     )
-    p.add_argument("--models-file", type=Path, help="TOML of extra or overriding model rules")
     p.set_defaults(handler=run)
 
 
@@ -195,13 +217,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         **{field: getattr(args, flag) for flag, field in _FAULT_FLAGS.items()},
     )
     return EmulatorConfig(
-        host=args.host,
-        port=args.port,
+        **{f.field: getattr(args, f.field) for f in _AS_GIVEN},
         api_keys=frozenset(k for k in keys if k),
-        rpm=args.rpm,
-        ipm=args.ipm,
-        ipd=args.ipd,
-        rpd=args.rpd,
         model_limits=dict(_named_limits("--model-limit", text) for text in args.model_limit),
         key_limits=dict(_named_limits("--key-limit", text) for text in args.key_limit),
         profile=args.profile,
@@ -210,15 +227,9 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         account_block=block,
         disabled_models=disabled,
         outage=args.outage,
-        retry_after_s=args.retry_after,
-        day_utc_offset_h=args.day_utc_offset,
-        latency_s=args.latency,
-        latency_jitter_s=args.latency_jitter,
         image_px=args.image_px or None,
-        url_ttl_s=args.url_ttl,
         faults=faults,
         seed=args.seed,
-        models_file=args.models_file,
     )
 
 
