@@ -41,6 +41,7 @@ from typing import IO, Any, Literal
 
 import orjson
 
+from sfbatch.commands import add_command, flag_type
 from sfbatch.errors import ConfigError, SfbatchError
 from sfbatch.manifest import STATUSES, manifest_paths
 from sfbatch.storage import (
@@ -814,30 +815,15 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def register(subparsers: Any) -> None:
     """Add the ``export`` subcommand to the ``sfbatch`` parser."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "export",
-        help="export a build's images as webdataset shards, parquet or an imagefolder",
-        description=(
-            "Export the ok images of DIR (the latest record per id, across manifest.jsonl and "
-            "the shards' manifests) to DEST, a directory or s3://bucket/prefix. Incremental: "
-            "a rerun after the build grew writes only new shards."
-        ),
-    )
+    p = add_command(subparsers, "export", run_export)
     p.add_argument("dir", type=Path, metavar="DIR", help="the run's output directory")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--to", required=True, dest="dest", metavar="DEST", help="directory or s3://")
     p.add_argument(
         "--shard-size",
-        type=_size_arg,
+        type=flag_type(parse_size, ValueError),
         default=1 << 30,
         metavar="SIZE",
         help="about this much per shard, e.g. 500MB, 1GiB (default 1 GiB)",
@@ -852,11 +838,16 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="parquet: store each image's path instead of its bytes",
     )
-    p.set_defaults(handler=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """The ``export`` subcommand: 0 done, 1 an image or store failed, 2 usage, 3 store refused."""
+    """export a build's images as webdataset shards, parquet or an imagefolder
+
+    Export the ok images of DIR (the latest record per id, across manifest.jsonl and the
+    shards' manifests) to DEST, a directory or s3://bucket/prefix. Incremental: a rerun
+    after the build grew writes only new shards.
+    """
+    # Exit 0 done, 1 an image or store failed, 2 usage, 3 store refused.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = ExportConfig(

@@ -47,6 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from sfbatch.commands import add_command
 from sfbatch.errors import ConfigError
 from sfbatch.manifest import (
     STATUSES,
@@ -641,14 +642,7 @@ PILLOW_HINT = "pip install 'sfbatch[gallery]', or from a checkout: pip install '
 
 def register(subparsers: Any) -> None:
     """Add ``gallery`` to the ``sfbatch`` command."""
-    parser = subparsers.add_parser(
-        "gallery",
-        help="write static HTML pages of thumbnails to DIR/gallery/",
-        description="Write DIR/gallery/index.html and page-NNNN.html: thumbnails with prompt, "
-        "seed, model, size and inference time; failed and invalid items with their reason; "
-        "filters by status and model. Works from file://. Thumbnails need Pillow "
-        f"({PILLOW_HINT}) and are reused when newer than their image.",
-    )
+    parser = add_command(subparsers, "gallery", gallery_command, pillow_hint=PILLOW_HINT)
     parser.add_argument("dir", type=Path, metavar="DIR")
     parser.add_argument(
         "--page-size",
@@ -673,10 +667,16 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="show s3:// images through presigned URLs (valid 7 days) instead of linking them",
     )
-    parser.set_defaults(handler=gallery_command)
 
 
 def gallery_command(args: argparse.Namespace) -> int:
+    """write static HTML pages of thumbnails to DIR/gallery/
+
+    Write DIR/gallery/index.html and page-NNNN.html: thumbnails with prompt, seed, model,
+    size and inference time; failed and invalid items with their reason; filters by status
+    and model. Works from file://. Thumbnails need Pillow ({pillow_hint}) and are reused
+    when newer than their image.
+    """
     if args.page_size < 1 or args.thumb_px < 1:
         print("sfbatch gallery: --page-size and --thumb-px must be 1 or more", file=sys.stderr)
         return EXIT_USAGE

@@ -42,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from sfbatch.commands import add_command
 from sfbatch.errors import ConfigError
 from sfbatch.figures import duration, human_bytes, percentile, percentiles, plural
 from sfbatch.manifest import (
@@ -755,13 +756,7 @@ def format_verify(report: VerifyReport, *, show_all: bool = False) -> str:
 
 def register(subparsers: Any) -> None:
     """Add ``status`` and ``verify`` to the ``sfbatch`` command."""
-    status = subparsers.add_parser(
-        "status",
-        help="summarise an output directory from its manifests",
-        description="Counts by status (failures by reason), images and bytes, throughput, "
-        "latency percentiles, billed images, and with --input the pending rows and the "
-        "nights the daily quota needs for them. Reads DIR/manifest*.jsonl only.",
-    )
+    status = add_command(subparsers, "status", status_command)
     status.add_argument("dir", type=Path, metavar="DIR")
     status.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     status.add_argument(
@@ -777,15 +772,8 @@ def register(subparsers: Any) -> None:
         dest="tz_offset_h",
         help="UTC offset in hours of the account's day (default 8)",
     )
-    status.set_defaults(handler=status_command)
 
-    check = subparsers.add_parser(
-        "verify",
-        help="check every image against the manifest's sha256 and size",
-        description="Exit 0 when every image of the latest ok records is present and matches; "
-        "1 when any is missing or mismatched; 2 when DIR has no manifest. Orphan files under "
-        "DIR/images/ and leftover DIR/.tmp/*.part files are reported as warnings (exit 0).",
-    )
+    check = add_command(subparsers, "verify", verify_command)
     check.add_argument("dir", type=Path, metavar="DIR")
     check.add_argument("--json", action="store_true", help="one JSON object instead of text")
     check.add_argument(
@@ -806,10 +794,15 @@ def register(subparsers: Any) -> None:
         help="make the items whose images are missing or damaged due again: appends a "
         "failed record (error code 'damaged') for each, so the next run makes them again",
     )
-    check.set_defaults(handler=verify_command)
 
 
 def status_command(args: argparse.Namespace) -> int:
+    """summarise an output directory from its manifests
+
+    Counts by status (failures by reason), images and bytes, throughput, latency
+    percentiles, billed images, and with --input the pending rows and the nights the daily
+    quota needs for them. Reads DIR/manifest*.jsonl only.
+    """
     from sfbatch.errors import SfbatchError
 
     if args.ipd is not None and args.ipd < 1:
@@ -833,6 +826,12 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def verify_command(args: argparse.Namespace) -> int:
+    """check every image against the manifest's sha256 and size
+
+    Exit 0 when every image of the latest ok records is present and matches; 1 when any is
+    missing or mismatched; 2 when DIR has no manifest. Orphan files under DIR/images/ and
+    leftover DIR/.tmp/*.part files are reported as warnings (exit 0).
+    """
     try:
         report = verify(args.dir, deep=args.deep)
     except (NoManifestError, ConfigError) as exc:  # ConfigError: the s3 extra is missing

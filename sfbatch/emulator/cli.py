@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
+from sfbatch.commands import add_command
 from sfbatch.emulator.limits import Limits
 from sfbatch.emulator.server import AccountBlock, Emulator, EmulatorConfig, FaultConfig
 
@@ -80,14 +81,7 @@ _AS_GIVEN: Final = (
 
 def register(subparsers: Any) -> None:
     """Add the ``emulator`` subcommand to the ``sfbatch`` parser."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "emulator",
-        help="run a local SiliconFlow API emulator",
-        description=(
-            "Serve POST /v1/images/generations, GET /v1/models, image URLs, "
-            "GET /_stats and POST /_control, with limits, latency and faults."
-        ),
-    )
+    p = add_command(subparsers, "emulator", run)
     for f in _AS_GIVEN:
         p.add_argument(
             f.flag, dest=f.field, type=f.type, default=f.default, metavar=f.metavar, help=f.help
@@ -169,7 +163,6 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of server-picked seeds, latency, faults"
     )
-    p.set_defaults(handler=run)
 
 
 def _named_limits(flag: str, text: str) -> tuple[str, Limits]:
@@ -245,7 +238,12 @@ async def _serve(config: EmulatorConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until Ctrl-C or SIGTERM; exit 0 then, 2 on a bad flag."""
+    """run a local SiliconFlow API emulator
+
+    Serve POST /v1/images/generations, GET /v1/models, image URLs, GET /_stats and
+    POST /_control, with limits, latency and faults.
+    """
+    # Serve until Ctrl-C or SIGTERM; exit 0 then, 2 on a bad flag.
     try:
         config = config_from_args(args)
     except ValueError as exc:
