@@ -1,8 +1,8 @@
 """The ``sfbatch`` command: argument parsing and exit codes.
 
-Each subcommand's work lives in its own module, which exposes
-``register(subparsers) -> None``; the parser it adds sets ``handler``, a callable
-``(argparse.Namespace) -> int`` returning the exit code. ``run`` lives here.
+Each subcommand's work lives in its own module, which declares its ``COMMANDS``
+(:class:`sfbatch.commands.Command`: name, handler, flags); the handler, a callable
+``(argparse.Namespace) -> int``, returns the exit code. ``run`` lives here.
 
 Exit codes: 0 all ok; 1 finished with failed or invalid items; 2 usage, config or
 input file error (also a model the endpoint does not offer, found before any request);
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sfbatch import jobfile
-from sfbatch.commands import add_command, flag_type
+from sfbatch.commands import Command, add_command, flag_type
 from sfbatch.config import BASE_URLS, DEFAULT_KEY_ENV, RunConfig
 from sfbatch.errors import ConfigError, FatalApiError, SfbatchError
 from sfbatch.jobfile import Job
@@ -177,7 +177,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
 
 
 def _add_run(subparsers: Any) -> None:
-    parser = add_command(subparsers, "run", run_command)
+    parser = add_command(subparsers, Command("run", run_command))
     add_config_flags(parser)
     parser.add_argument(
         "--key-env",
@@ -195,7 +195,7 @@ def _add_run(subparsers: Any) -> None:
 
 
 def _add_validate(subparsers: Any) -> None:
-    add_config_flags(add_command(subparsers, "validate", validate_command))
+    add_config_flags(add_command(subparsers, Command("validate", validate_command)))
 
 
 def validate_command(args: argparse.Namespace) -> int:
@@ -243,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(subparsers)
     _add_validate(subparsers)
-    for module in (status, gallery, emulator_cli):
-        module.register(subparsers)
-    importlib.import_module("sfbatch.export").register(subparsers)
+    export = importlib.import_module("sfbatch.export")
+    for module in (status, gallery, emulator_cli, export):
+        for command in module.COMMANDS:
+            add_command(subparsers, command)
     return parser
 
 

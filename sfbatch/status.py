@@ -38,11 +38,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
-from sfbatch.commands import add_command
+from sfbatch.commands import Command, flag
 from sfbatch.errors import ConfigError
 from sfbatch.figures import duration, human_bytes, percentile, percentiles, plural
 from sfbatch.manifest import (
@@ -59,6 +59,7 @@ from sfbatch.reasons import Reason, message_class
 from sfbatch.storage import ImageStore, StorageError, is_s3_url, open_store, parse_s3_url
 
 __all__ = [
+    "COMMANDS",
     "DONE_STATUSES",
     "FileProblem",
     "NoManifestError",
@@ -66,7 +67,6 @@ __all__ = [
     "human_bytes",
     "message_class",
     "percentile",
-    "register",
     "repair",
     "status_report",
     "verify",
@@ -754,48 +754,6 @@ def format_verify(report: VerifyReport, *, show_all: bool = False) -> str:
 # -- CLI -----------------------------------------------------------------------------
 
 
-def register(subparsers: Any) -> None:
-    """Add ``status`` and ``verify`` to the ``sfbatch`` command."""
-    status = add_command(subparsers, "status", status_command)
-    status.add_argument("dir", type=Path, metavar="DIR")
-    status.add_argument("--json", action="store_true", help="one JSON object instead of the table")
-    status.add_argument(
-        "--input", type=Path, metavar="PROMPTS", help="the prompt file, to count pending rows"
-    )
-    status.add_argument(
-        "--ipd", type=int, help="images per day (default: quota.ipd of DIR/summary.json)"
-    )
-    status.add_argument(
-        "--tz-offset",
-        type=float,
-        default=_DEFAULT_TZ_OFFSET_H,
-        dest="tz_offset_h",
-        help="UTC offset in hours of the account's day (default 8)",
-    )
-
-    check = add_command(subparsers, "verify", verify_command)
-    check.add_argument("dir", type=Path, metavar="DIR")
-    check.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    check.add_argument(
-        "--deep",
-        action="store_true",
-        help="also download every s3:// image and check its sha256 (default: HEAD and size; "
-        "files on disk are always hashed)",
-    )
-    check.add_argument(
-        "--all",
-        action="store_true",
-        dest="show_all",
-        help=f"list every problem (default: the first {_LIST_LIMIT} of each kind)",
-    )
-    check.add_argument(
-        "--repair",
-        action="store_true",
-        help="make the items whose images are missing or damaged due again: appends a "
-        "failed record (error code 'damaged') for each, so the next run makes them again",
-    )
-
-
 def status_command(args: argparse.Namespace) -> int:
     """summarise an output directory from its manifests
 
@@ -859,3 +817,52 @@ def verify_command(args: argparse.Namespace) -> int:
                 "the next run makes them again"
             )
     return report.exit_code
+
+
+_DIR: Final = flag("dir", type=Path, metavar="DIR")
+
+COMMANDS: Final = (
+    Command(
+        "status",
+        status_command,
+        (
+            _DIR,
+            flag("--json", "one JSON object instead of the table", action="store_true"),
+            flag("--input", "the prompt file, to count pending rows", type=Path, metavar="PROMPTS"),
+            flag("--ipd", "images per day (default: quota.ipd of DIR/summary.json)", type=int),
+            flag(
+                "--tz-offset",
+                "UTC offset in hours of the account's day (default 8)",
+                type=float,
+                default=_DEFAULT_TZ_OFFSET_H,
+                dest="tz_offset_h",
+            ),
+        ),
+    ),
+    Command(
+        "verify",
+        verify_command,
+        (
+            _DIR,
+            flag("--json", "one JSON object instead of text", action="store_true"),
+            flag(
+                "--deep",
+                "also download every s3:// image and check its sha256 (default: HEAD and size; "
+                "files on disk are always hashed)",
+                action="store_true",
+            ),
+            flag(
+                "--all",
+                f"list every problem (default: the first {_LIST_LIMIT} of each kind)",
+                action="store_true",
+                dest="show_all",
+            ),
+            flag(
+                "--repair",
+                "make the items whose images are missing or damaged due again: appends a "
+                "failed record (error code 'damaged') for each, so the next run makes them again",
+                action="store_true",
+            ),
+        ),
+    ),
+)
