@@ -60,6 +60,24 @@ async def start_sfbatch(
     )
 
 
+def manifest_record(
+    row_id: str,
+    status: str,
+    *,
+    finished_at: str = "2026-11-24T10:00:00.000Z",
+    billed: int = 0,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A manifest line's fields as the resume reader and ``latest_records`` need them."""
+    return {
+        "id": row_id,
+        "status": status,
+        "finished_at": finished_at,
+        "billed_images": billed,
+        **extra,
+    }
+
+
 async def run_sfbatch(
     *args: str, env: dict[str, str] | None = None, cwd: Path = REPO, deadline_s: float = 120
 ) -> tuple[int, str, str]:
