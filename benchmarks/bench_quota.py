@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import itertools
 import math
-import selectors
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -46,32 +45,9 @@ from sfbatch.emulator import Emulator, EmulatorConfig
 from sfbatch.emulator import limits as emulator_limits
 from sfbatch.errors import DailyQuotaError, RateLimitError
 from sfbatch.keypool import KeyPool, ModelLimits, NoKeyLeftError
+from sfbatch.testing.virtual_time import VirtualTimeLoop
 
 MODEL = "Kwai-Kolors/Kolors"
-
-
-class _FastForwardSelector(selectors.DefaultSelector):
-    def __init__(self, loop: VirtualTimeLoop) -> None:
-        super().__init__()
-        self._loop = loop
-
-    def select(self, timeout: float | None = None) -> list[Any]:
-        ready: list[Any] = super().select(0)
-        if ready or timeout is None:
-            return ready if ready or timeout is not None else super().select(None)
-        self._loop.now_s += max(timeout, 1e-9)
-        return []
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """``time()`` moves only when every task waits for a timer (then straight to it)."""
-
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-        super().__init__(_FastForwardSelector(self))
-
-    def time(self) -> float:
-        return self.now_s
 
 
 def loop_time() -> float:

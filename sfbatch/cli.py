@@ -1,8 +1,8 @@
 """The ``sfbatch`` command: argument parsing and exit codes.
 
-Each subcommand's work lives in its own module, which exposes
-``register(subparsers) -> None``; the parser it adds sets ``handler``, a callable
-``(argparse.Namespace) -> int`` returning the exit code. ``run`` lives here.
+Each subcommand's work lives in its own module, which declares its ``COMMANDS``
+(:class:`sfbatch.commands.Command`: name, handler, flags); the handler, a callable
+``(argparse.Namespace) -> int``, returns the exit code. ``run`` lives here.
 
 Exit codes: 0 all ok; 1 finished with failed or invalid items; 2 usage, config or
 input file error (also a model the endpoint does not offer, found before any request);
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sfbatch import jobfile
+from sfbatch.commands import Command, add_command, flag_type
 from sfbatch.config import BASE_URLS, DEFAULT_KEY_ENV, RunConfig
 from sfbatch.errors import ConfigError, FatalApiError, SfbatchError
 from sfbatch.jobfile import Job
@@ -61,14 +62,7 @@ def _flag_type(spec: Spec) -> Callable[[str], Any]:
     if parse is None:
         converter: Callable[[str], Any] = spec.kind
         return converter
-
-    def parse_flag(text: str) -> Any:
-        try:
-            return parse(text)
-        except ConfigError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse_flag
+    return flag_type(parse, ConfigError)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -183,13 +177,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
 
 
 def _add_run(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "run",
-        help="generate images for a prompt file or job file",
-        description="Generate images for every row of PROMPTS (or the job file's inputs), "
-        "resuming from DIR/manifest.jsonl. The API key comes from $SILICONFLOW_API_KEY "
-        "(or --key-env NAME). Every job-file key is in README.md's job-file table.",
-    )
+    parser = add_command(subparsers, Command("run", run_command))
     add_config_flags(parser)
     parser.add_argument(
         "--key-env",
@@ -204,20 +192,17 @@ def _add_run(subparsers: Any) -> None:
         help="run against an embedded emulator (what the demo job does when no API key is set)",
     )
     add_output_flags(parser)
-    parser.set_defaults(handler=run_command)
 
 
 def _add_validate(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "validate",
-        help="check a prompt file or job offline: rows, model rules, limits, base URL",
-        description="Check everything `sfbatch run` would check, without sending a request.",
-    )
-    add_config_flags(parser)
-    parser.set_defaults(handler=validate_command)
+    add_config_flags(add_command(subparsers, Command("validate", validate_command)))
 
 
 def validate_command(args: argparse.Namespace) -> int:
+    """check a prompt file or job offline: rows, model rules, limits, base URL
+
+    Check everything `sfbatch run` would check, without sending a request.
+    """
     from sfbatch.validate import validate_job
 
     if getattr(args, "job.out") is None:
@@ -258,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(subparsers)
     _add_validate(subparsers)
-    for module in (status, gallery, emulator_cli):
-        module.register(subparsers)
-    importlib.import_module("sfbatch.export").register(subparsers)
+    export = importlib.import_module("sfbatch.export")
+    for module in (status, gallery, emulator_cli, export):
+        for command in module.COMMANDS:
+            add_command(subparsers, command)
     return parser
 
 
@@ -272,6 +258,12 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """generate images for a prompt file or job file
+
+    Generate images for every row of PROMPTS (or the job file's inputs), resuming from
+    DIR/manifest.jsonl. The API key comes from $SILICONFLOW_API_KEY (or --key-env NAME).
+    Every job-file key is in README.md's job-file table.
+    """
     setup_logging(args)
     try:
         job = job_from_args(args)

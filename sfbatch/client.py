@@ -25,12 +25,12 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 import orjson
 
+from sfbatch.aio import AsyncResource
 from sfbatch.errors import (
     DAILY_LIMITS,
     AccountBlockedError,
@@ -91,7 +91,7 @@ class Generation:
     latency_s: float
 
 
-class SiliconFlowClient:
+class SiliconFlowClient(AsyncResource):
     """An async client for the images endpoint; create and use it inside a running loop.
 
     Pass ``session`` to share one; otherwise the client owns a session it closes on exit.
@@ -123,26 +123,19 @@ class SiliconFlowClient:
     def __repr__(self) -> str:
         return f"SiliconFlowClient(base_url={self.base_url!r})"
 
-    async def __aenter__(self) -> SiliconFlowClient:
+    async def _open(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections),
                 timeout=self._timeout,
             )
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
+
+    close = aclose  # the name callers used before the shared AsyncResource
 
     @property
     def session(self) -> aiohttp.ClientSession:

@@ -37,10 +37,11 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Literal
+from typing import IO, Any, Final, Literal
 
 import orjson
 
+from sfbatch.commands import Command, flag, flag_type, given
 from sfbatch.errors import ConfigError, SfbatchError
 from sfbatch.manifest import STATUSES, manifest_paths
 from sfbatch.storage import (
@@ -55,6 +56,7 @@ from sfbatch.storage import (
 )
 
 __all__ = [
+    "COMMANDS",
     "FORMATS",
     "STATE_DIR",
     "ExportConfig",
@@ -63,7 +65,6 @@ __all__ = [
     "export",
     "latest_index",
     "parse_size",
-    "register",
 ]
 
 Format = Literal["webdataset", "parquet", "imagefolder"]
@@ -814,59 +815,17 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``export`` subcommand to the ``sfbatch`` parser."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "export",
-        help="export a build's images as webdataset shards, parquet or an imagefolder",
-        description=(
-            "Export the ok images of DIR (the latest record per id, across manifest.jsonl and "
-            "the shards' manifests) to DEST, a directory or s3://bucket/prefix. Incremental: "
-            "a rerun after the build grew writes only new shards."
-        ),
-    )
-    p.add_argument("dir", type=Path, metavar="DIR", help="the run's output directory")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--to", required=True, dest="dest", metavar="DEST", help="directory or s3://")
-    p.add_argument(
-        "--shard-size",
-        type=_size_arg,
-        default=1 << 30,
-        metavar="SIZE",
-        help="about this much per shard, e.g. 500MB, 1GiB (default 1 GiB)",
-    )
-    p.add_argument(
-        "--include-failed",
-        action="store_true",
-        help="also write a table of failed records (failures/NNNNNN.parquet or .jsonl)",
-    )
-    p.add_argument(
-        "--no-bytes",
-        action="store_true",
-        help="parquet: store each image's path instead of its bytes",
-    )
-    p.set_defaults(handler=run_export)
-
-
 def run_export(args: argparse.Namespace) -> int:
-    """The ``export`` subcommand: 0 done, 1 an image or store failed, 2 usage, 3 store refused."""
+    """export a build's images as webdataset shards, parquet or an imagefolder
+
+    Export the ok images of DIR (the latest record per id, across manifest.jsonl and the
+    shards' manifests) to DEST, a directory or s3://bucket/prefix. Incremental: a rerun
+    after the build grew writes only new shards.
+    """
+    # Exit 0 done, 1 an image or store failed, 2 usage, 3 store refused.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = ExportConfig(
-            source_dir=args.dir,
-            dest=str(args.dest),
-            format=args.format,
-            shard_size_bytes=args.shard_size,
-            include_failed=args.include_failed,
-            include_bytes=not args.no_bytes,
-        )
+        config = ExportConfig(source_dir=args.dir, **given(args, _FLAGS))
         if not args.dir.is_dir():
             raise ConfigError(f"{args.dir} is not a directory")
         result = asyncio.run(export(config))
@@ -888,3 +847,33 @@ def run_export(args: argparse.Namespace) -> int:
         + (f"; {result.failures} failures listed" if config.include_failed else "")
     )
     return 0
+
+
+#: The flags of ``sfbatch export``: DIR, then each an :class:`ExportConfig` field.
+_FLAGS: Final = (
+    flag("dir", "the run's output directory", type=Path, metavar="DIR"),
+    flag("--format", field="format", required=True, choices=FORMATS),
+    flag("--to", "directory or s3://", field="dest", required=True, metavar="DEST"),
+    flag(
+        "--shard-size",
+        "about this much per shard, e.g. 500MB, 1GiB (default 1 GiB)",
+        field="shard_size_bytes",
+        type=flag_type(parse_size, ValueError),
+        default=1 << 30,
+        metavar="SIZE",
+    ),
+    flag(
+        "--include-failed",
+        "also write a table of failed records (failures/NNNNNN.parquet or .jsonl)",
+        field="include_failed",
+        action="store_true",
+    ),
+    flag(
+        "--no-bytes",
+        "parquet: store each image's path instead of its bytes",
+        field="include_bytes",
+        action="store_false",
+    ),
+)
+
+COMMANDS: Final = (Command("export", run_export, _FLAGS),)

@@ -44,9 +44,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
+from sfbatch.commands import Command, flag, given
 from sfbatch.errors import ConfigError
 from sfbatch.manifest import (
     STATUSES,
@@ -59,7 +60,7 @@ from sfbatch.reasons import Reason
 from sfbatch.status import NoManifestError
 from sfbatch.storage import ImageStore, StoreConfig, is_s3_url, open_store, parse_s3_url
 
-__all__ = ["GalleryResult", "build_gallery", "register"]
+__all__ = ["COMMANDS", "GalleryResult", "build_gallery"]
 
 log = logging.getLogger("sfbatch")
 
@@ -639,44 +640,14 @@ async def _presign_all(urls: list[str], expires_s: int) -> dict[str, str]:
 PILLOW_HINT = "pip install 'sfbatch[gallery]', or from a checkout: pip install '.[gallery]'"
 
 
-def register(subparsers: Any) -> None:
-    """Add ``gallery`` to the ``sfbatch`` command."""
-    parser = subparsers.add_parser(
-        "gallery",
-        help="write static HTML pages of thumbnails to DIR/gallery/",
-        description="Write DIR/gallery/index.html and page-NNNN.html: thumbnails with prompt, "
-        "seed, model, size and inference time; failed and invalid items with their reason; "
-        "filters by status and model. Works from file://. Thumbnails need Pillow "
-        f"({PILLOW_HINT}) and are reused when newer than their image.",
-    )
-    parser.add_argument("dir", type=Path, metavar="DIR")
-    parser.add_argument(
-        "--page-size",
-        type=int,
-        default=DEFAULT_PAGE_SIZE,
-        help=f"cards per page (default {DEFAULT_PAGE_SIZE})",
-    )
-    parser.add_argument(
-        "--thumb-px",
-        type=int,
-        default=DEFAULT_THUMB_PX,
-        help=f"thumbnail size in pixels, long side (default {DEFAULT_THUMB_PX})",
-    )
-    parser.add_argument(
-        "--no-thumbs",
-        action="store_false",
-        dest="thumbs",
-        help="make no thumbnails: the pages show the full images, scaled down",
-    )
-    parser.add_argument(
-        "--presign",
-        action="store_true",
-        help="show s3:// images through presigned URLs (valid 7 days) instead of linking them",
-    )
-    parser.set_defaults(handler=gallery_command)
-
-
 def gallery_command(args: argparse.Namespace) -> int:
+    """write static HTML pages of thumbnails to DIR/gallery/
+
+    Write DIR/gallery/index.html and page-NNNN.html: thumbnails with prompt, seed, model,
+    size and inference time; failed and invalid items with their reason; filters by status
+    and model. Works from file://. Thumbnails need Pillow ({pillow_hint}) and are reused
+    when newer than their image.
+    """
     if args.page_size < 1 or args.thumb_px < 1:
         print("sfbatch gallery: --page-size and --thumb-px must be 1 or more", file=sys.stderr)
         return EXIT_USAGE
@@ -689,14 +660,7 @@ def gallery_command(args: argparse.Namespace) -> int:
             print(f"thumbnails: {done:,}/{total:,}", file=sys.stderr)
 
     try:
-        result = build_gallery(
-            args.dir,
-            page_size=args.page_size,
-            thumb_px=args.thumb_px,
-            thumbs=args.thumbs,
-            progress=progress,
-            presign=args.presign,
-        )
+        result = build_gallery(args.dir, progress=progress, **given(args, _FLAGS))
     except (NoManifestError, ConfigError) as exc:  # ConfigError: the s3 extra is missing
         print(f"sfbatch gallery: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -715,3 +679,37 @@ def gallery_command(args: argparse.Namespace) -> int:
         f"(read {result.read_s:.1f} s; {thumbs}; html {result.html_s:.1f} s)"
     )
     return EXIT_OK
+
+
+#: The flags of ``sfbatch gallery``: DIR, then each a :func:`build_gallery` argument.
+_FLAGS: Final = (
+    flag("dir", type=Path, metavar="DIR"),
+    flag(
+        "--page-size",
+        f"cards per page (default {DEFAULT_PAGE_SIZE})",
+        field="page_size",
+        type=int,
+        default=DEFAULT_PAGE_SIZE,
+    ),
+    flag(
+        "--thumb-px",
+        f"thumbnail size in pixels, long side (default {DEFAULT_THUMB_PX})",
+        field="thumb_px",
+        type=int,
+        default=DEFAULT_THUMB_PX,
+    ),
+    flag(
+        "--no-thumbs",
+        "make no thumbnails: the pages show the full images, scaled down",
+        field="thumbs",
+        action="store_false",
+    ),
+    flag(
+        "--presign",
+        "show s3:// images through presigned URLs (valid 7 days) instead of linking them",
+        field="presign",
+        action="store_true",
+    ),
+)
+
+COMMANDS: Final = (Command("gallery", gallery_command, _FLAGS, {"pillow_hint": PILLOW_HINT}),)

@@ -220,14 +220,21 @@ class KeyTable:
                 return pos
             end = pos + 4  # look again for a match starting before pos
 
-    def get(self, key: int) -> bytes | None:
-        """The key's value (``b""`` for a table without values), or None if absent."""
+    def _locate(self, key: int) -> tuple[int, bytearray, int] | None:
+        """The key's bucket index, bucket and entry offset, or None if absent."""
         index, tag = self._split(key)
         bucket = self._buckets[index]
         if bucket is None:
             return None
         pos = self._find(bucket, tag, self._used[index])
-        return None if pos < 0 else bytes(bucket[pos + 5 : pos + self._width])
+        return None if pos < 0 else (index, bucket, pos)
+
+    def get(self, key: int) -> bytes | None:
+        """The key's value (``b""`` for a table without values), or None if absent."""
+        if (found := self._locate(key)) is None:
+            return None
+        _, bucket, pos = found
+        return bytes(bucket[pos + 5 : pos + self._width])
 
     def __contains__(self, key: int) -> bool:
         return self.get(key) is not None
@@ -236,19 +243,15 @@ class KeyTable:
         self.put_all(((key, value),))
 
     def discard(self, key: int) -> None:
-        index, tag = self._split(key)
-        bucket = self._buckets[index]
-        if bucket is None:
+        if (found := self._locate(key)) is None:
             return
-        end = self._used[index]
-        pos = self._find(bucket, tag, end)
-        if pos >= 0:
-            width = self._width
-            bucket[pos : end - width] = bucket[pos + width : end]  # keep the bucket's length
-            self._used[index] = end - width
-            if pos < self._bound[index]:
-                self._bound[index] -= width
-            self.size -= 1
+        index, bucket, pos = found
+        width, end = self._width, self._used[index]
+        bucket[pos : end - width] = bucket[pos + width : end]  # keep the bucket's length
+        self._used[index] = end - width
+        if pos < self._bound[index]:
+            self._bound[index] -= width
+        self.size -= 1
 
     def seal(self) -> None:
         """Every entry so far is unmatched; entries put from now on are matched."""
@@ -256,13 +259,9 @@ class KeyTable:
 
     def mark(self, key: int) -> bytes | None:
         """Mark the key matched; its value, or None if absent."""
-        index, tag = self._split(key)
-        bucket = self._buckets[index]
-        if bucket is None:
+        if (found := self._locate(key)) is None:
             return None
-        pos = self._find(bucket, tag, self._used[index])
-        if pos < 0:
-            return None
+        index, bucket, pos = found
         width = self._width
         bound = self._bound[index]
         if pos < bound:

@@ -34,6 +34,7 @@ from typing import Any, Final, Literal, TypedDict
 
 from sfbatch.downloader import sniff_image_type
 from sfbatch.errors import SfbatchError
+from sfbatch.models import IMAGE_FIELDS
 
 __all__ = [
     "IMAGE_FIELDS",
@@ -49,8 +50,6 @@ __all__ = [
     "materialize",
 ]
 
-#: The request fields that carry an input image, in the order records and digests list them.
-IMAGE_FIELDS: Final = ("image", "image2", "image3")
 #: The largest input image accepted (a file, or the decoded bytes of a data URI).
 MAX_INPUT_BYTES: Final = 10 * 1024 * 1024
 

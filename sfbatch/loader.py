@@ -60,7 +60,7 @@ from sfbatch.identity import (
     fingerprint,
 )
 from sfbatch.inputs import IMAGE_FIELDS, ImageInput, InputChecker, InputImageError
-from sfbatch.models import SEED_MAX, ModelRegistry, validate_request
+from sfbatch.models import REQUEST_FIELDS, SEED_MAX, ModelRegistry, validate_request
 
 if TYPE_CHECKING:
     from sfbatch.modelcheck import ModelOffer
@@ -86,23 +86,7 @@ log = logging.getLogger("sfbatch")
 
 FORMATS: Final = (".txt", ".jsonl", ".csv", ".tsv")
 #: Request fields a JSONL row or CSV column may set (``id`` is not sent).
-ROW_FIELDS: Final = frozenset(
-    {
-        "prompt",
-        "negative_prompt",
-        "image_size",
-        "batch_size",
-        "seed",
-        "model",
-        "num_inference_steps",
-        "guidance_scale",
-        "cfg",
-        "prompt_enhancement",
-        "image",
-        "image2",
-        "image3",
-    }
-)
+ROW_FIELDS: Final = frozenset(REQUEST_FIELDS)
 _KNOWN_KEYS: Final = ROW_FIELDS | {"id"}
 _FAST_KEYS: Final = frozenset({"prompt", "id"})
 _ID_MAX: Final = 200

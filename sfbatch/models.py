@@ -53,7 +53,8 @@ REQUEST_FIELDS = (
     "image2",
     "image3",
 )
-#: The request fields that carry an input image (a URL or a data URI).
+#: The request fields that carry an input image (a URL or a data URI), in the order records
+#: and digests list them.
 IMAGE_FIELDS = ("image", "image2", "image3")
 _SIZE_RE = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
 _RULE_KEYS = {

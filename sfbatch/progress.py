@@ -45,10 +45,10 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from sfbatch.aio import AsyncResource
 from sfbatch.figures import count as _count
 from sfbatch.figures import duration as _duration
 from sfbatch.figures import human_bytes
@@ -285,7 +285,7 @@ class _Snapshot:
 # -- the display --------------------------------------------------------------------
 
 
-class Progress:
+class Progress(AsyncResource):
     """Shows how a run is going while ``pipeline.run()`` is awaited inside it.
 
     ``sources`` are the run's :class:`~sfbatch.loader.PromptSource` objects (for the
@@ -326,7 +326,7 @@ class Progress:
 
     # -- set-up and tear-down ---------------------------------------------------------
 
-    async def __aenter__(self) -> Progress:
+    async def _open(self) -> None:
         self.display = self._choose_display()
         self._warn_sources()
         _warn_emulator_key(self._pipeline.config)
@@ -342,14 +342,8 @@ class Progress:
             self.display, _QUIET_POLL_S
         )
         self._task = asyncio.create_task(self._watch(tick, interval), name="sfbatch-progress")
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
         try:
             if self._task is not None:
                 self._task.cancel()

@@ -38,10 +38,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
+from sfbatch.commands import Command, flag
 from sfbatch.errors import ConfigError
 from sfbatch.figures import duration, human_bytes, percentile, percentiles, plural
 from sfbatch.manifest import (
@@ -58,6 +59,7 @@ from sfbatch.reasons import Reason, message_class
 from sfbatch.storage import ImageStore, StorageError, is_s3_url, open_store, parse_s3_url
 
 __all__ = [
+    "COMMANDS",
     "DONE_STATUSES",
     "FileProblem",
     "NoManifestError",
@@ -65,7 +67,6 @@ __all__ = [
     "human_bytes",
     "message_class",
     "percentile",
-    "register",
     "repair",
     "status_report",
     "verify",
@@ -389,6 +390,26 @@ class VerifyReport:
         }
 
 
+def _size_mismatch(
+    row_id: str, where: str, image: ImageEntry, size: int, place: str
+) -> FileProblem | None:
+    """A "size" problem when ``size`` (the image as found ``place``) is not the recorded one."""
+    expected = image.get("bytes")
+    if isinstance(expected, int) and size != expected:
+        return FileProblem(row_id, where, "size", f"{size} bytes {place}, {expected} recorded")
+    return None
+
+
+def _sha256_mismatch(
+    row_id: str, where: str, image: ImageEntry, digest: str, place: str
+) -> FileProblem | None:
+    """A "sha256" problem when ``digest`` (the image as found ``place``) is not the recorded one."""
+    expected = image.get("sha256")
+    if digest != expected:
+        return FileProblem(row_id, where, "sha256", f"{digest} {place}, {expected} recorded")
+    return None
+
+
 def _check(out_dir: Path, row_id: str, image: ImageEntry) -> FileProblem | int:
     """The file's problem, or its size when it matches the record."""
     path = image.get("path")
@@ -400,11 +421,8 @@ def _check(out_dir: Path, row_id: str, image: ImageEntry) -> FileProblem | int:
     try:
         with open(full, "rb") as f:
             actual_size = os.fstat(f.fileno()).st_size
-            expected_size = image.get("bytes")
-            if isinstance(expected_size, int) and actual_size != expected_size:
-                return FileProblem(
-                    row_id, rel, "size", f"{actual_size} bytes on disk, {expected_size} recorded"
-                )
+            if problem := _size_mismatch(row_id, rel, image, actual_size, "on disk"):
+                return problem
             digest = hashlib.sha256()
             while chunk := f.read(_HASH_CHUNK):
                 digest.update(chunk)
@@ -412,12 +430,7 @@ def _check(out_dir: Path, row_id: str, image: ImageEntry) -> FileProblem | int:
         return FileProblem(row_id, rel, "missing")
     except OSError as exc:
         return FileProblem(row_id, rel, "unreadable", exc.strerror or str(exc))
-    expected = image.get("sha256")
-    if digest.hexdigest() != expected:
-        return FileProblem(
-            row_id, rel, "sha256", f"{digest.hexdigest()} on disk, {expected} recorded"
-        )
-    return actual_size
+    return _sha256_mismatch(row_id, rel, image, digest.hexdigest(), "on disk") or actual_size
 
 
 async def _check_object(
@@ -429,11 +442,8 @@ async def _check_object(
         size = await store.head(key)
         if size is None:
             return FileProblem(row_id, where, "missing")
-        expected_size = image.get("bytes")
-        if isinstance(expected_size, int) and size != expected_size:
-            return FileProblem(
-                row_id, where, "size", f"{size} bytes stored, {expected_size} recorded"
-            )
+        if problem := _size_mismatch(row_id, where, image, size, "stored"):
+            return problem
         if not deep:
             return size
         digest = hashlib.sha256()
@@ -441,12 +451,7 @@ async def _check_object(
             digest.update(chunk)
     except StorageError as exc:
         return FileProblem(row_id, where, "unreadable", str(exc))
-    expected = image.get("sha256")
-    if digest.hexdigest() != expected:
-        return FileProblem(
-            row_id, where, "sha256", f"{digest.hexdigest()} stored, {expected} recorded"
-        )
-    return size
+    return _sha256_mismatch(row_id, where, image, digest.hexdigest(), "stored") or size
 
 
 async def _check_objects(
@@ -749,63 +754,13 @@ def format_verify(report: VerifyReport, *, show_all: bool = False) -> str:
 # -- CLI -----------------------------------------------------------------------------
 
 
-def register(subparsers: Any) -> None:
-    """Add ``status`` and ``verify`` to the ``sfbatch`` command."""
-    status = subparsers.add_parser(
-        "status",
-        help="summarise an output directory from its manifests",
-        description="Counts by status (failures by reason), images and bytes, throughput, "
-        "latency percentiles, billed images, and with --input the pending rows and the "
-        "nights the daily quota needs for them. Reads DIR/manifest*.jsonl only.",
-    )
-    status.add_argument("dir", type=Path, metavar="DIR")
-    status.add_argument("--json", action="store_true", help="one JSON object instead of the table")
-    status.add_argument(
-        "--input", type=Path, metavar="PROMPTS", help="the prompt file, to count pending rows"
-    )
-    status.add_argument(
-        "--ipd", type=int, help="images per day (default: quota.ipd of DIR/summary.json)"
-    )
-    status.add_argument(
-        "--tz-offset",
-        type=float,
-        default=_DEFAULT_TZ_OFFSET_H,
-        dest="tz_offset_h",
-        help="UTC offset in hours of the account's day (default 8)",
-    )
-    status.set_defaults(handler=status_command)
-
-    check = subparsers.add_parser(
-        "verify",
-        help="check every image against the manifest's sha256 and size",
-        description="Exit 0 when every image of the latest ok records is present and matches; "
-        "1 when any is missing or mismatched; 2 when DIR has no manifest. Orphan files under "
-        "DIR/images/ and leftover DIR/.tmp/*.part files are reported as warnings (exit 0).",
-    )
-    check.add_argument("dir", type=Path, metavar="DIR")
-    check.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    check.add_argument(
-        "--deep",
-        action="store_true",
-        help="also download every s3:// image and check its sha256 (default: HEAD and size; "
-        "files on disk are always hashed)",
-    )
-    check.add_argument(
-        "--all",
-        action="store_true",
-        dest="show_all",
-        help=f"list every problem (default: the first {_LIST_LIMIT} of each kind)",
-    )
-    check.add_argument(
-        "--repair",
-        action="store_true",
-        help="make the items whose images are missing or damaged due again: appends a "
-        "failed record (error code 'damaged') for each, so the next run makes them again",
-    )
-    check.set_defaults(handler=verify_command)
-
-
 def status_command(args: argparse.Namespace) -> int:
+    """summarise an output directory from its manifests
+
+    Counts by status (failures by reason), images and bytes, throughput, latency
+    percentiles, billed images, and with --input the pending rows and the nights the daily
+    quota needs for them. Reads DIR/manifest*.jsonl only.
+    """
     from sfbatch.errors import SfbatchError
 
     if args.ipd is not None and args.ipd < 1:
@@ -829,6 +784,12 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def verify_command(args: argparse.Namespace) -> int:
+    """check every image against the manifest's sha256 and size
+
+    Exit 0 when every image of the latest ok records is present and matches; 1 when any is
+    missing or mismatched; 2 when DIR has no manifest. Orphan files under DIR/images/ and
+    leftover DIR/.tmp/*.part files are reported as warnings (exit 0).
+    """
     try:
         report = verify(args.dir, deep=args.deep)
     except (NoManifestError, ConfigError) as exc:  # ConfigError: the s3 extra is missing
@@ -856,3 +817,52 @@ def verify_command(args: argparse.Namespace) -> int:
                 "the next run makes them again"
             )
     return report.exit_code
+
+
+_DIR: Final = flag("dir", type=Path, metavar="DIR")
+
+COMMANDS: Final = (
+    Command(
+        "status",
+        status_command,
+        (
+            _DIR,
+            flag("--json", "one JSON object instead of the table", action="store_true"),
+            flag("--input", "the prompt file, to count pending rows", type=Path, metavar="PROMPTS"),
+            flag("--ipd", "images per day (default: quota.ipd of DIR/summary.json)", type=int),
+            flag(
+                "--tz-offset",
+                "UTC offset in hours of the account's day (default 8)",
+                type=float,
+                default=_DEFAULT_TZ_OFFSET_H,
+                dest="tz_offset_h",
+            ),
+        ),
+    ),
+    Command(
+        "verify",
+        verify_command,
+        (
+            _DIR,
+            flag("--json", "one JSON object instead of text", action="store_true"),
+            flag(
+                "--deep",
+                "also download every s3:// image and check its sha256 (default: HEAD and size; "
+                "files on disk are always hashed)",
+                action="store_true",
+            ),
+            flag(
+                "--all",
+                f"list every problem (default: the first {_LIST_LIMIT} of each kind)",
+                action="store_true",
+                dest="show_all",
+            ),
+            flag(
+                "--repair",
+                "make the items whose images are missing or damaged due again: appends a "
+                "failed record (error code 'damaged') for each, so the next run makes them again",
+                action="store_true",
+            ),
+        ),
+    ),
+)

@@ -31,9 +31,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from types import TracebackType
 from typing import Any
 
+from sfbatch.aio import AsyncResource
 from sfbatch.errors import ConfigError, SfbatchError
 
 __all__ = [
@@ -124,7 +124,7 @@ def _check_key(key: str) -> str:
     return key
 
 
-class ImageStore:
+class ImageStore(AsyncResource):
     """Async store of named objects (keys are relative ``/``-separated paths)."""
 
     url: str  # where the store lives: a local directory or s3://bucket/prefix
@@ -172,20 +172,6 @@ class ImageStore:
     async def check_writable(self) -> None:
         """Write and delete a probe object; StoreAccessError if the store refuses."""
         raise NotImplementedError
-
-    async def aclose(self) -> None:
-        return None
-
-    async def __aenter__(self) -> ImageStore:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class LocalStore(ImageStore):
@@ -272,7 +258,7 @@ class S3Store(ImageStore):
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
-    async def __aenter__(self) -> S3Store:
+    async def _open(self) -> None:
         try:
             from aiobotocore.config import AioConfig
             from aiobotocore.session import get_session
@@ -286,7 +272,6 @@ class S3Store(ImageStore):
         self._client = await self._stack.enter_async_context(
             session.create_client("s3", config=config)
         )
-        return self
 
     async def aclose(self) -> None:
         await self._stack.aclose()

@@ -6,11 +6,17 @@ other configuration, e.g. ``async with emulator_factory(rpm=2, latency_s=0.05) a
 
 ``s3`` is a fresh bucket on moto's S3 server (one per session, on 127.0.0.1), with the
 AWS environment variables pointing at it (``AWS_ENDPOINT_URL``, test credentials).
+
+``sfbatch_env``, ``start_sfbatch`` and ``run_sfbatch`` run ``python -m sfbatch`` as a user
+would, with this checkout's code and none of the machine's ``SILICONFLOW_*`` settings.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -23,6 +29,63 @@ import pytest
 from sfbatch.emulator import Emulator, EmulatorConfig
 
 EmulatorFactory = Callable[..., AbstractAsyncContextManager[Emulator]]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sfbatch_env(key: str | None = "sk-emulator", **extra: str) -> dict[str, str]:
+    """This process's environment without ``SILICONFLOW_*``, with this checkout first on
+    the path, ``key`` as the API key (None: no key) and ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SILICONFLOW_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if key is not None:
+        env["SILICONFLOW_API_KEY"] = key
+    env.update(extra)
+    return env
+
+
+async def start_sfbatch(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> asyncio.subprocess.Process:
+    """``python -m sfbatch ARGS``, its output piped (default environment: :func:`sfbatch_env`)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sfbatch",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env if env is not None else sfbatch_env(),
+        cwd=cwd,
+    )
+
+
+def manifest_record(
+    row_id: str,
+    status: str,
+    *,
+    finished_at: str = "2026-11-24T10:00:00.000Z",
+    billed: int = 0,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A manifest line's fields as the resume reader and ``latest_records`` need them."""
+    return {
+        "id": row_id,
+        "status": status,
+        "finished_at": finished_at,
+        "billed_images": billed,
+        **extra,
+    }
+
+
+async def run_sfbatch(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = REPO, deadline_s: float = 120
+) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``python -m sfbatch ARGS``."""
+    proc = await start_sfbatch(*args, env=env, cwd=cwd)
+    out, err = await asyncio.wait_for(proc.communicate(), deadline_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture

@@ -4,50 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import signal
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from conftest import run_sfbatch, sfbatch_env, start_sfbatch
 
 from sfbatch.emulator import Emulator
 from sfbatch.manifest import iter_records, latest_records, manifest_paths
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def env_with(key: str | None = "sk-emulator", **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SILICONFLOW_")}
-    if key is not None:
-        env["SILICONFLOW_API_KEY"] = key
-    env.update(extra)
-    return env
-
-
-async def start(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sfbatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env if env is not None else env_with(),
-        cwd=REPO,
-    )
 
 
 async def sfbatch(
     *args: str, env: dict[str, str] | None = None, deadline_s: float = 90
 ) -> tuple[int, str]:
-    proc = await start(*args, env=env)
-    out, err = await asyncio.wait_for(proc.communicate(), deadline_s)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode() + err.decode()
+    code, out, err = await run_sfbatch(*args, env=env, deadline_s=deadline_s)
+    return code, out + err
 
 
 def prompts(path: Path, n: int) -> Path:
@@ -98,7 +72,7 @@ async def test_kill_9_twice_then_resume_makes_every_item_once(tmp_path: Path) ->
             "--no-progress",
         )
         for _ in range(2):
-            proc = await start(*args)
+            proc = await start_sfbatch(*args)
             await wait_for_lines(
                 proc, out / "manifest.jsonl", lines_in(out / "manifest.jsonl") + 10
             )
@@ -120,7 +94,7 @@ async def test_ctrl_c_finishes_in_flight_work_exits_130_and_resumes(tmp_path: Pa
     out = tmp_path / "out"
     async with Emulator(latency_s=0.1) as emu:
         args = ("run", str(src), "--out", str(out), "--base-url", emu.base_url, "--no-progress")
-        proc = await start(*args)
+        proc = await start_sfbatch(*args)
         await wait_for_lines(proc, out / "manifest.jsonl", 10)
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
@@ -263,7 +237,7 @@ async def test_bad_key_exits_3_fast_and_never_prints_the_key(tmp_path: Path) -> 
             "--base-url",
             emu.base_url,
             "-v",
-            env=env_with(secret),
+            env=sfbatch_env(secret),
             deadline_s=20,
         )
         assert emu.stats()["generation_requests"] <= 4
@@ -275,13 +249,20 @@ async def test_bad_key_exits_3_fast_and_never_prints_the_key(tmp_path: Path) -> 
 
 async def test_missing_key_is_exit_3_with_advice(tmp_path: Path) -> None:
     src = prompts(tmp_path / "p.txt", 1)
-    code, output = await sfbatch("run", str(src), "--out", str(tmp_path / "o"), env=env_with(None))
+    code, output = await sfbatch(
+        "run", str(src), "--out", str(tmp_path / "o"), env=sfbatch_env(None)
+    )
     assert code == 3 and "SILICONFLOW_API_KEY" in output
 
 
 async def test_demo_job_runs_on_the_embedded_emulator_without_a_key(tmp_path: Path) -> None:
     code, output = await sfbatch(
-        "run", "jobs/demo.toml", "--out", str(tmp_path / "demo"), env=env_with(None), deadline_s=120
+        "run",
+        "jobs/demo.toml",
+        "--out",
+        str(tmp_path / "demo"),
+        env=sfbatch_env(None),
+        deadline_s=120,
     )
     assert code == 0, output
     assert "embedded emulator" in output
@@ -361,11 +342,11 @@ async def test_a_job_reads_its_key_from_the_variable_it_names(tmp_path: Path) ->
     job = tmp_path / "job.toml"
     job.write_text('[job]\ninputs = ["p.txt"]\nout = "out"\n[api]\nkey_env = "MY_COM_KEY"\n')
     async with Emulator() as emu:
-        env = env_with(None, MY_COM_KEY="sk-emulator")
+        env = sfbatch_env(None, MY_COM_KEY="sk-emulator")
         code, output = await sfbatch("run", str(job), "--base-url", emu.base_url, env=env)
         assert code == 0, output
         # SILICONFLOW_API_KEY is not the variable this job reads.
-        code, output = await sfbatch("run", str(job), "--base-url", emu.base_url, env=env_with())
+        code, output = await sfbatch("run", str(job), "--base-url", emu.base_url, env=sfbatch_env())
     assert code == 3 and "MY_COM_KEY is not set" in output
 
 
@@ -378,7 +359,7 @@ async def test_kill_9_leaves_no_record_pointing_at_a_missing_or_partial_file(
     src = prompts(tmp_path / "p.txt", 400)
     out = tmp_path / "out"
     async with Emulator() as emu:
-        proc = await start(
+        proc = await start_sfbatch(
             "run", str(src), "--out", str(out), "--base-url", emu.base_url,
             "--concurrency", "32", "--download-concurrency", "32", "--no-progress",
         )  # fmt: skip

@@ -7,7 +7,6 @@ by writing a manifest and images directly.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import os
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
+from conftest import run_sfbatch, sfbatch_env
 
 from sfbatch.errors import ConfigError
 from sfbatch.export import ExportConfig, export, latest_index, parse_size, sample_key
@@ -43,20 +43,8 @@ def png(seed: str) -> bytes:
 
 
 async def sfbatch(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SILICONFLOW_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sfbatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-        env={**base, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode() + err.decode()
+    code, out, err = await run_sfbatch(*args, env=sfbatch_env(None, **(env or {})))
+    return code, out + err
 
 
 async def build(out: Path, prompts: int, *, batch_size: int = 2) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,7 @@
 """The generation worker's retry, 429, quota and stop logic, against the emulator.
 
 The sleep between retries is injected (it records the delays and returns at once), so
-no test waits for a backoff; only the limiter's shared cooldown after a 429 is real.
+no test waits for a backoff; the limiter's shared cooldown after a 429 runs in virtual time.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sfbatch.keypool import KeyPool, ModelLimits, NoKeyLeftError
 from sfbatch.loader import PromptSource
 from sfbatch.models import ModelRegistry
 from sfbatch.retry import RetryPolicy
+from sfbatch.testing.virtual_time import VirtualTimeLoop, emulator_on_loop_clock
 
 REG = ModelRegistry.builtin()
 
@@ -113,31 +114,35 @@ async def test_a_bad_request_fails_at_once() -> None:
     assert work.attempts == 1 and sleeps.delays == []
 
 
-@pytest.mark.timeout(240)
-async def test_a_429_slows_the_limiter_and_is_not_counted_against_max_retries() -> None:
+def test_a_429_slows_the_limiter_and_is_not_counted_against_max_retries() -> None:
     # The limiter learns RPM 1 from the 429 and waits out the server's minute (about 60 s)
-    # before the retry: that wait is the test's real duration.
-    async with Emulator(rpm=1) as emu:
-        sleeps = Sleeps()
-        async with generator(emu, retry=RetryPolicy(max_retries=0), sleep=sleeps) as gen:
-            await gen.generate(item("first"))
+    # before the retry; in virtual time, with the emulator's windows on the loop's clock,
+    # that minute takes no real time.
+    async def scenario() -> None:
+        async with Emulator(rpm=1) as emu:
+            sleeps = Sleeps()
+            async with generator(emu, retry=RetryPolicy(max_retries=0), sleep=sleeps) as gen:
+                await gen.generate(item("first"))
 
-            async def lift_the_limit_after_the_429() -> None:
-                while True:  # poll: the emulator has no event for this
-                    if emu.stats()["status_counts"].get("429", 0):
-                        emu.set_limits(rpm=None)
-                        return
-                    await asyncio.sleep(0.01)
+                async def lift_the_limit_after_the_429() -> None:
+                    while True:  # poll: the emulator has no event for this
+                        if emu.stats()["status_counts"].get("429", 0):
+                            emu.set_limits(rpm=None)
+                            return
+                        await asyncio.sleep(0.01)
 
-            lifter = asyncio.create_task(lift_the_limit_after_the_429())
-            work = item("second")
-            async with asyncio.timeout(180):
-                await gen.generate(work)
-            await lifter
-    assert work.generation is not None
-    assert (work.attempts, work.rate_limited, gen.rate_limited, gen.retries) == (2, 1, 1, 0)
-    assert sleeps.delays == []  # the wait was the limiter's shared cooldown
-    assert gen.requests == 3
+                lifter = asyncio.create_task(lift_the_limit_after_the_429())
+                work = item("second")
+                async with asyncio.timeout(180):
+                    await gen.generate(work)
+                await lifter
+        assert work.generation is not None
+        assert (work.attempts, work.rate_limited, gen.rate_limited, gen.retries) == (2, 1, 1, 0)
+        assert sleeps.delays == []  # the wait was the limiter's shared cooldown
+        assert gen.requests == 3
+
+    with emulator_on_loop_clock(), asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        runner.run(scenario())
 
 
 async def test_a_429_naming_the_daily_limit_sets_the_key_aside_and_ends_in_quota() -> None:

@@ -7,16 +7,14 @@ counts and exit code, damaged manifest lines, ``verify --repair``, and two input
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from conftest import run_sfbatch
 
 from sfbatch.config import RunConfig
 from sfbatch.emulator import Emulator, FaultConfig
@@ -50,21 +48,8 @@ async def run(config: RunConfig, prompts: Path) -> RunResult:
 
 async def sfbatch(*args: str, deadline_s: float = 90) -> tuple[int, str]:
     """``python -m sfbatch ARGS`` in the repository; its exit code and its output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SILICONFLOW_")}
-    env["SILICONFLOW_API_KEY"] = "sk-emulator"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sfbatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=REPO,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), deadline_s)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode() + err.decode()
+    code, out, err = await run_sfbatch(*args, deadline_s=deadline_s)
+    return code, out + err
 
 
 def lines(path: Path, prompts: list[str]) -> Path:

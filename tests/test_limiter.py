@@ -14,7 +14,6 @@ import doctest
 import itertools
 import math
 import random
-import selectors
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -30,42 +29,10 @@ from sfbatch.client import SiliconFlowClient
 from sfbatch.emulator import Emulator, EmulatorConfig
 from sfbatch.errors import ConfigError, RateLimitError
 from sfbatch.limiter import RateLimiter
+from sfbatch.testing.virtual_time import VirtualTimeLoop
 
 SAFETY = 0.995
 CREDIT = 0.05  # how far below empty a bucket drains, in requests' worth
-HORIZON_S = 7 * 24 * 3600.0
-
-
-class _FastForwardSelector(selectors.DefaultSelector):
-    def __init__(self, loop: VirtualTimeLoop) -> None:
-        super().__init__()
-        self._loop = loop
-
-    def select(self, timeout: float | None = None) -> list[Any]:
-        ready: list[Any] = super().select(0)
-        if ready:
-            return ready
-        if timeout is None:
-            raise RuntimeError("deadlock: every task is waiting and no timer is set")
-        self._loop.advance(timeout)
-        return []
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """An event loop whose ``time()`` only moves when all tasks wait for a timer."""
-
-    def __init__(self) -> None:
-        self._now = 1000.0
-        super().__init__(_FastForwardSelector(self))
-
-    def time(self) -> float:
-        return self._now
-
-    def advance(self, seconds: float) -> None:
-        # always move by at least one ulp, so a timer due "now" can never spin forever
-        self._now = max(self._now + seconds, math.nextafter(self._now, math.inf))
-        if self._now > HORIZON_S:
-            raise RuntimeError("virtual time ran past a simulated week: something waits forever")
 
 
 class LateTimerLoop(VirtualTimeLoop):

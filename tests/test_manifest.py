@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import orjson
+from conftest import manifest_record as rec
 
 from sfbatch.manifest import (
     FRONT_FIELDS,
@@ -14,23 +14,6 @@ from sfbatch.manifest import (
     iter_records,
     latest_records,
 )
-
-
-def rec(
-    row_id: str,
-    status: str,
-    *,
-    finished_at: str = "2026-11-24T10:00:00.000Z",
-    billed: int = 0,
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "id": row_id,
-        "status": status,
-        "finished_at": finished_at,
-        "billed_images": billed,
-        **extra,
-    }
 
 
 def test_append_and_read_back(tmp_path: Path) -> None:

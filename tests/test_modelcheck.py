@@ -11,14 +11,13 @@ import asyncio
 import hashlib
 import io
 import logging
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
 import pytest
 from aiohttp import web
+from conftest import REPO, run_sfbatch, sfbatch_env
 from PIL import Image
 
 from sfbatch.client import SiliconFlowClient
@@ -30,7 +29,6 @@ from sfbatch.manifest import latest_records
 from sfbatch.modelcheck import ModelOffer, check_defaults, fetch_offer
 from sfbatch.models import ModelRegistry, ModelRule
 
-REPO = Path(__file__).resolve().parent.parent
 TODAY_CN = (
     "Kwai-Kolors/Kolors",
     "Qwen/Qwen-Image",
@@ -41,28 +39,9 @@ SD35 = "stabilityai/stable-diffusion-3-5-large"
 EDIT3 = "Qwen/Qwen-Image-Edit-2509"
 
 
-def env_with(key: str | None = "sk-emulator") -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SILICONFLOW_")}
-    if key is not None:
-        env["SILICONFLOW_API_KEY"] = key
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
 async def sfbatch(*args: str, key: str | None = "sk-emulator", cwd: Path = REPO) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sfbatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env_with(key),
-        cwd=cwd,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode() + err.decode()
+    code, out, err = await run_sfbatch(*args, env=sfbatch_env(key), cwd=cwd, deadline_s=90)
+    return code, out + err
 
 
 def prompts(path: Path, n: int) -> Path:

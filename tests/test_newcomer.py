@@ -6,50 +6,17 @@ and reads its output as a user would: the words, and the counts against the mani
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_sfbatch, sfbatch_env
 
 import sfbatch
 from sfbatch.jobfile import job_keys
 from sfbatch.manifest import latest_records, manifest_paths
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def env_with(key: str | None = "sk-emulator", **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SILICONFLOW_")}
-    if key is not None:
-        env["SILICONFLOW_API_KEY"] = key
-    env.update(extra)
-    return env
-
-
-async def sfbatch_cli(
-    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, deadline_s: float = 120
-) -> tuple[int, str, str]:
-    """Exit code, stdout, stderr of ``sfbatch ARGS`` (this checkout's code)."""
-    run_env = env if env is not None else env_with()
-    run_env["PYTHONPATH"] = str(REPO)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sfbatch",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=run_env,
-        cwd=cwd,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), deadline_s)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def latest(out: Path) -> Counter[str]:
@@ -62,7 +29,7 @@ def latest(out: Path) -> Counter[str]:
 async def test_the_run_names_its_endpoint(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("a lighthouse\n")
     async with sfbatch.Emulator() as emu:
-        code, _, err = await sfbatch_cli(
+        code, _, err = await run_sfbatch(
             "run", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--base-url", emu.base_url
         )
     assert code == 0, err
@@ -74,7 +41,7 @@ async def test_the_run_names_its_endpoint(tmp_path: Path) -> None:
 async def test_an_emulator_key_sent_to_a_real_host_is_warned_about(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("a lighthouse\n")
     # A host that can never resolve (RFC 6761): the warning comes before any request.
-    code, _, err = await sfbatch_cli(
+    code, _, err = await run_sfbatch(
         "run",
         str(tmp_path / "p.txt"),
         "--out",
@@ -96,8 +63,8 @@ async def test_an_emulator_key_sent_to_a_real_host_is_warned_about(tmp_path: Pat
 
 async def test_the_demo_says_the_emulator_draws_small_images(tmp_path: Path) -> None:
     shutil.copytree(REPO / "jobs", tmp_path / "jobs")
-    code, _, err = await sfbatch_cli(
-        "run", "jobs/demo.toml", "--limit", "1", cwd=tmp_path, env=env_with(None)
+    code, _, err = await run_sfbatch(
+        "run", "jobs/demo.toml", "--limit", "1", cwd=tmp_path, env=sfbatch_env(None)
     )
     assert code == 0, err
     first = err.splitlines()[0]
@@ -114,9 +81,9 @@ async def test_a_rerun_after_failures_does_not_call_them_done(tmp_path: Path) ->
     async with sfbatch.Emulator() as emu:
         args = ("run", str(tmp_path / "p.txt"), "--out", str(out), "--base-url", emu.base_url)
         # 2048x2048 is over Kolors' pixel limit: the service refuses each with a 400.
-        code, _, err = await sfbatch_cli(*args, "--image-size", "2048x2048", "--limit", "2")
+        code, _, err = await run_sfbatch(*args, "--image-size", "2048x2048", "--limit", "2")
         assert code == 1, err
-        code, _, err = await sfbatch_cli(*args, "--image-size", "2048x2048")
+        code, _, err = await run_sfbatch(*args, "--image-size", "2048x2048")
     assert latest(out) == Counter(failed=3)
     headline = next(line for line in err.splitlines() if "finished in" in line)
     assert headline.endswith(": nothing made, 1 failed, 2 skipped as failed before"), headline
@@ -127,13 +94,13 @@ async def test_one_of_everything_is_singular(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("a lighthouse\n")
     out = tmp_path / "o"
     async with sfbatch.Emulator() as emu:
-        code, _, err = await sfbatch_cli(
+        code, _, err = await run_sfbatch(
             "run", str(tmp_path / "p.txt"), "--out", str(out), "--base-url", emu.base_url
         )
     assert code == 0, err
     assert "1 ok (1 image," in err and "1 images" not in err
     assert "(limit: no per-minute limit set)" in err
-    code, status, _ = await sfbatch_cli("status", str(out))
+    code, status, _ = await run_sfbatch("status", str(out))
     assert code == 0
     assert re.search(r"^  ok +1  1 image, ", status, re.M), status
     # One short run: no hourly rate extrapolated from seconds, no nights on a plain build.
@@ -145,12 +112,12 @@ async def test_status_of_a_nightly_build_still_counts_nights(tmp_path: Path) -> 
     (tmp_path / "p.txt").write_text("a\nb\nc\n")
     out = tmp_path / "o"
     async with sfbatch.Emulator() as emu:
-        code, _, err = await sfbatch_cli(
+        code, _, err = await run_sfbatch(
             "run", str(tmp_path / "p.txt"), "--out", str(out), "--base-url", emu.base_url,
             "--ipd", "2",
         )  # fmt: skip
     assert code == 4, err
-    code, status, _ = await sfbatch_cli("status", str(out), "--input", str(tmp_path / "p.txt"))
+    code, status, _ = await run_sfbatch("status", str(out), "--input", str(tmp_path / "p.txt"))
     assert re.search(r"^  nights left +1  at 2 images/day", status, re.M), status
 
 
@@ -163,12 +130,12 @@ async def test_a_why_line_keeps_the_whole_list_of_sizes(tmp_path: Path) -> None:
         '{"prompt": "a", "model": "acme/wide", "image_size": "100x100"}\n'
     )
     async with sfbatch.Emulator() as emu:
-        code, _, err = await sfbatch_cli(
+        code, _, err = await run_sfbatch(
             "run", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o"),
             "--base-url", emu.base_url, "--models-file", str(models),
         )  # fmt: skip
         assert code == 1, err
-        flag_code, _, flag_err = await sfbatch_cli(
+        flag_code, _, flag_err = await run_sfbatch(
             "run", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o2"),
             "--base-url", emu.base_url, "--models-file", str(models),
             "--model", "acme/wide", "--image-size", "100x100",
@@ -195,7 +162,7 @@ BAD_ROWS = (
 async def test_validate_lists_each_bad_line_once_with_its_own_line_number(tmp_path: Path) -> None:
     src = tmp_path / "bad.jsonl"
     src.write_bytes(BAD_ROWS)
-    code, out, err = await sfbatch_cli("validate", str(src), "--variations", "2")
+    code, out, err = await run_sfbatch("validate", str(src), "--variations", "2")
     assert code == 2
     both = out + err
     assert both.count("unknown field 'sead'") == 1, both
@@ -214,7 +181,7 @@ async def test_validate_lists_every_mistake_of_a_job_file(tmp_path: Path) -> Non
         '[job]\ninputs = ["p.txt"]\nout = "o"\n'
         '[limits]\nrmp = 3\nconcurrency = "four"\n[build]\nshard = "9"\n'
     )
-    code, _, err = await sfbatch_cli("validate", str(job))
+    code, _, err = await run_sfbatch("validate", str(job))
     assert code == 2
     assert "unknown key limits.rmp (did you mean limits.rpm?)" in err
     assert "limits.concurrency: concurrency must be auto or a whole number" in err
@@ -225,7 +192,7 @@ async def test_validate_lists_every_mistake_of_a_job_file(tmp_path: Path) -> Non
 
 
 async def test_run_help_shows_every_default() -> None:
-    code, out, _ = await sfbatch_cli("run", "--help", env=env_with(COLUMNS="300"))
+    code, out, _ = await run_sfbatch("run", "--help", env=sfbatch_env(COLUMNS="300"))
     assert code == 0
     # One entry per option: its line and the wrapped lines under it, joined.
     entries = re.split(r"\n(?=  -)", out.split("options:", 1)[1])
@@ -250,10 +217,10 @@ async def test_run_help_shows_every_default() -> None:
 async def test_key_env_names_another_variable(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("a\n")
     async with sfbatch.Emulator() as emu:
-        code, _, err = await sfbatch_cli(
+        code, _, err = await run_sfbatch(
             "run", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
             "--base-url", emu.base_url, "--key-env", "MY_KEY",
-            env=env_with(None, MY_KEY=emu.api_key),
+            env=sfbatch_env(None, MY_KEY=emu.api_key),
         )  # fmt: skip
     assert code == 0, err
     assert latest(tmp_path / "o") == Counter(ok=1)
@@ -297,7 +264,7 @@ def test_the_pillow_hint_works_from_a_checkout_too(monkeypatch: pytest.MonkeyPat
 
 async def test_a_newcomers_first_three_commands_print_nothing_untrue(tmp_path: Path) -> None:
     shutil.copytree(REPO / "jobs", tmp_path / "jobs")
-    code, _, err = await sfbatch_cli("run", "jobs/demo.toml", cwd=tmp_path, env=env_with(None))
+    code, _, err = await run_sfbatch("run", "jobs/demo.toml", cwd=tmp_path, env=sfbatch_env(None))
     assert code == 0, err
     out = tmp_path / "demo-out"
     records = latest_records(manifest_paths(out))
@@ -308,12 +275,12 @@ async def test_a_newcomers_first_three_commands_print_nothing_untrue(tmp_path: P
 
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(BAD_ROWS)
-    code, report, _ = await sfbatch_cli("validate", str(bad), cwd=tmp_path)
+    code, report, _ = await run_sfbatch("validate", str(bad), cwd=tmp_path)
     assert code == 2
     lines = BAD_ROWS.count(b"\n")
     assert f"{lines} rows: 4 valid, 3 invalid; 4 images to make" in report
 
-    code, status, _ = await sfbatch_cli("status", "demo-out", cwd=tmp_path)
+    code, status, _ = await run_sfbatch("status", "demo-out", cwd=tmp_path)
     assert code == 0
     assert status.startswith(f"demo-out: {len(records)} items from 1 manifest")
     assert re.search(rf"^  ok +{len(ok)}  {images} images, ", status, re.M), status

@@ -25,14 +25,13 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import sfbatch_env
 
 from sfbatch.logs import LiveLine, attach_live_line, configure_logging
 from sfbatch.pipeline import RunResult
 from sfbatch.progress import Progress, _bar_line, _Snapshot
 from sfbatch.reasons import Reason, ReasonTally
 from sfbatch.summary import print_summary
-
-REPO = Path(__file__).resolve().parent.parent
 
 STATUS = re.compile(
     r"^sfbatch: (?P<done>[\d,]+)/(?P<total>[\d,]+) done \(\d+%\) · ok \d+ · failed \d+ · "
@@ -66,9 +65,7 @@ def write_job(
 
 
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SILICONFLOW_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["SFBATCH_STATUS_INTERVAL_S"] = "0.2"
+    env = sfbatch_env(None, SFBATCH_STATUS_INTERVAL_S="0.2")
     env.pop("COLUMNS", None)
     return env
 

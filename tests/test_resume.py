@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from conftest import manifest_record
 
 from sfbatch.config import RunConfig
 from sfbatch.emulator import Emulator
@@ -19,23 +20,8 @@ REG = ModelRegistry.builtin()
 FP = "0123456789abcdef"
 
 
-def rec(
-    row_id: str,
-    status: str,
-    *,
-    fp: str = FP,
-    finished_at: str = "2026-11-24T10:00:00.000Z",
-    billed: int = 0,
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "id": row_id,
-        "status": status,
-        "finished_at": finished_at,
-        "billed_images": billed,
-        "fingerprint": fp,
-        **extra,
-    }
+def rec(row_id: str, status: str, *, fp: str = FP, **fields: Any) -> dict[str, Any]:
+    return manifest_record(row_id, status, fingerprint=fp, **fields)
 
 
 def test_latest_record_of_an_id_and_fingerprint_wins(tmp_path: Path) -> None:

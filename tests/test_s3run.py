@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
 import pytest
-from test_cli import lines_in, ok_counts, prompts, sfbatch, start, wait_for_lines
+from conftest import sfbatch_env, start_sfbatch
+from test_cli import lines_in, ok_counts, prompts, sfbatch, wait_for_lines
 from test_end_to_end import config_for, final, run, write_prompts
 
 from sfbatch.config import RunConfig
@@ -49,10 +49,7 @@ def empty_and_delete(s3: S3Server) -> None:
 
 def cli_env(s3: S3Server, **extra: str) -> dict[str, str]:
     """The test's environment (the fixture's AWS variables), with the emulator's key."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SILICONFLOW_")}
-    env["SILICONFLOW_API_KEY"] = "sk-emulator"
-    env.update(extra)
-    return env
+    return sfbatch_env(**extra)
 
 
 async def test_images_go_to_the_bucket_and_the_manifest_stays_local(
@@ -206,7 +203,7 @@ async def test_kill_9_then_resume_pays_nothing_twice_and_verify_checks_the_objec
             "4",
             "--no-progress",
         )
-        proc = await start(*args, env=env)
+        proc = await start_sfbatch(*args, env=env)
         await wait_for_lines(proc, out / "manifest.jsonl", 15)
         proc.kill()
         await proc.wait()

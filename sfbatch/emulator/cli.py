@@ -7,12 +7,13 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Final, cast
 
+from sfbatch.commands import Command, flag, given
 from sfbatch.emulator.limits import Limits
 from sfbatch.emulator.server import AccountBlock, Emulator, EmulatorConfig, FaultConfig
 
-__all__ = ["config_from_args", "register", "run"]
+__all__ = ["COMMANDS", "config_from_args", "run"]
 
 _FAULT_FLAGS = {
     "fault_503": "p_503",
@@ -25,129 +26,6 @@ _FAULT_FLAGS = {
     "fault_expired": "p_expired_url",
     "fault_not_image": "p_not_image",
 }
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``emulator`` subcommand to the ``sfbatch`` parser."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "emulator",
-        help="run a local SiliconFlow API emulator",
-        description=(
-            "Serve POST /v1/images/generations, GET /v1/models, image URLs, "
-            "GET /_stats and POST /_control, with limits, latency and faults."
-        ),
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    p.add_argument("--port", type=int, default=8765, help="port, 0 for any (default %(default)s)")
-    p.add_argument(
-        "--key",
-        action="append",
-        metavar="KEY",
-        help="an accepted API key (repeatable; default sk-emulator); --key '' accepts any",
-    )
-    p.add_argument("--rpm", type=int, help="requests per minute per key and model")
-    p.add_argument("--ipm", type=int, help="images per minute per key and model")
-    p.add_argument("--rpd", type=int, help="requests per day per key and model")
-    p.add_argument("--ipd", type=int, help="images per day per key and model")
-    p.add_argument(
-        "--model-limit",
-        action="append",
-        default=[],
-        metavar="MODEL:LIMIT=N[,...]",
-        help="a model's own limits instead of --rpm/--ipm/--rpd/--ipd, e.g. "
-        "'Qwen/Qwen-Image:ipm=60,rpm=10' (repeatable)",
-    )
-    p.add_argument(
-        "--key-limit",
-        action="append",
-        default=[],
-        metavar="KEY:LIMIT=N[,...]",
-        help="a key's own limits instead of --rpm/--ipm/--rpd/--ipd (a model's own still "
-        "win), e.g. 'sk-b:ipd=100' (repeatable)",
-    )
-    p.add_argument(
-        "--profile",
-        choices=("cn", "com"),
-        default="cn",
-        help="offer this endpoint's model list (default %(default)s: today's .cn list)",
-    )
-    p.add_argument(
-        "--offer",
-        action="append",
-        metavar="MODEL",
-        help="offer exactly these models instead of the profile's list (repeatable)",
-    )
-    p.add_argument(
-        "--no-models-list",
-        dest="models_endpoint",
-        action="store_false",
-        help="GET /v1/models answers 404, as an endpoint without the list",
-    )
-    p.add_argument(
-        "--fault-403",
-        action="append",
-        default=[],
-        metavar="KIND[:MODEL]",
-        help="answer generations with a 403: balance, verification, or disabled:MODEL "
-        "(30003 for that model; repeatable)",
-    )
-    p.add_argument(
-        "--outage",
-        action="store_true",
-        help="start in an outage: API connections are closed at once (POST /_control "
-        '{"outage": false} ends it)',
-    )
-    p.add_argument(
-        "--retry-after",
-        type=float,
-        metavar="SECONDS",
-        help="send Retry-After on 429: this many seconds, or 0 for the computed wait",
-    )
-    p.add_argument(
-        "--day-utc-offset",
-        type=float,
-        default=8.0,
-        metavar="HOURS",
-        help="time zone of the IPD day (default UTC+%(default)s)",
-    )
-    p.add_argument(
-        "--latency", type=float, default=0.0, metavar="SECONDS", help="mean inference time"
-    )
-    p.add_argument(
-        "--latency-jitter",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="uniform ± jitter around --latency",
-    )
-    p.add_argument(
-        "--image-px",
-        type=int,
-        default=64,
-        metavar="PX",
-        help="side of the square images served; 0 serves the requested size (default %(default)s)",
-    )
-    p.add_argument(
-        "--url-ttl", type=float, default=3600.0, metavar="SECONDS", help="image URL lifetime"
-    )
-    for flag in _FAULT_FLAGS:
-        name = flag.removeprefix("fault_").replace("_", "-")
-        p.add_argument(
-            f"--fault-{name}",
-            dest=flag,
-            type=float,
-            default=0.0,
-            metavar="P",
-            help=f"probability of the {name} fault",
-        )
-    p.add_argument(
-        "--stall", type=float, default=30.0, metavar="SECONDS", help="stalled-image pause"
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of server-picked seeds, latency, faults"
-    )
-    p.add_argument("--models-file", type=Path, help="TOML of extra or overriding model rules")
-    p.set_defaults(handler=run)
 
 
 def _named_limits(flag: str, text: str) -> tuple[str, Limits]:
@@ -195,30 +73,16 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         **{field: getattr(args, flag) for flag, field in _FAULT_FLAGS.items()},
     )
     return EmulatorConfig(
-        host=args.host,
-        port=args.port,
+        **given(args, _FLAGS),
         api_keys=frozenset(k for k in keys if k),
-        rpm=args.rpm,
-        ipm=args.ipm,
-        ipd=args.ipd,
-        rpd=args.rpd,
         model_limits=dict(_named_limits("--model-limit", text) for text in args.model_limit),
         key_limits=dict(_named_limits("--key-limit", text) for text in args.key_limit),
-        profile=args.profile,
         offer=tuple(args.offer) if args.offer else None,
-        models_endpoint=args.models_endpoint,
         account_block=block,
         disabled_models=disabled,
-        outage=args.outage,
-        retry_after_s=args.retry_after,
-        day_utc_offset_h=args.day_utc_offset,
-        latency_s=args.latency,
-        latency_jitter_s=args.latency_jitter,
         image_px=args.image_px or None,
-        url_ttl_s=args.url_ttl,
         faults=faults,
         seed=args.seed,
-        models_file=args.models_file,
     )
 
 
@@ -234,7 +98,12 @@ async def _serve(config: EmulatorConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until Ctrl-C or SIGTERM; exit 0 then, 2 on a bad flag."""
+    """run a local SiliconFlow API emulator
+
+    Serve POST /v1/images/generations, GET /v1/models, image URLs, GET /_stats and
+    POST /_control, with limits, latency and faults.
+    """
+    # Serve until Ctrl-C or SIGTERM; exit 0 then, 2 on a bad flag.
     try:
         config = config_from_args(args)
     except ValueError as exc:
@@ -251,3 +120,133 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # pragma: no cover - only before the signal handler is set
         pass
     return 0
+
+
+_FLAGS: Final = (
+    flag("--host", "address to bind (default %(default)s)", field="host", default="127.0.0.1"),
+    flag("--port", "port, 0 for any (default %(default)s)", field="port", type=int, default=8765),
+    flag(
+        "--key",
+        "an accepted API key (repeatable; default sk-emulator); --key '' accepts any",
+        action="append",
+        metavar="KEY",
+    ),
+    flag("--rpm", "requests per minute per key and model", field="rpm", type=int),
+    flag("--ipm", "images per minute per key and model", field="ipm", type=int),
+    flag("--rpd", "requests per day per key and model", field="rpd", type=int),
+    flag("--ipd", "images per day per key and model", field="ipd", type=int),
+    flag(
+        "--model-limit",
+        "a model's own limits instead of --rpm/--ipm/--rpd/--ipd, e.g. "
+        "'Qwen/Qwen-Image:ipm=60,rpm=10' (repeatable)",
+        action="append",
+        default=[],
+        metavar="MODEL:LIMIT=N[,...]",
+    ),
+    flag(
+        "--key-limit",
+        "a key's own limits instead of --rpm/--ipm/--rpd/--ipd (a model's own still "
+        "win), e.g. 'sk-b:ipd=100' (repeatable)",
+        action="append",
+        default=[],
+        metavar="KEY:LIMIT=N[,...]",
+    ),
+    flag(
+        "--profile",
+        "offer this endpoint's model list (default %(default)s: today's .cn list)",
+        field="profile",
+        choices=("cn", "com"),
+        default="cn",
+    ),
+    flag(
+        "--offer",
+        "offer exactly these models instead of the profile's list (repeatable)",
+        action="append",
+        metavar="MODEL",
+    ),
+    flag(
+        "--no-models-list",
+        "GET /v1/models answers 404, as an endpoint without the list",
+        field="models_endpoint",
+        action="store_false",
+    ),
+    flag(
+        "--fault-403",
+        "answer generations with a 403: balance, verification, or disabled:MODEL "
+        "(30003 for that model; repeatable)",
+        action="append",
+        default=[],
+        metavar="KIND[:MODEL]",
+    ),
+    flag(
+        "--outage",
+        "start in an outage: API connections are closed at once (POST /_control "
+        '{"outage": false} ends it)',
+        field="outage",
+        action="store_true",
+    ),
+    flag(
+        "--retry-after",
+        "send Retry-After on 429: this many seconds, or 0 for the computed wait",
+        field="retry_after_s",
+        type=float,
+        metavar="SECONDS",
+    ),
+    flag(
+        "--day-utc-offset",
+        "time zone of the IPD day (default UTC+%(default)s)",
+        field="day_utc_offset_h",
+        type=float,
+        default=8.0,
+        metavar="HOURS",
+    ),
+    flag(
+        "--latency",
+        "mean inference time",
+        field="latency_s",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+    ),
+    flag(
+        "--latency-jitter",
+        "uniform ± jitter around --latency",
+        field="latency_jitter_s",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+    ),
+    flag(
+        "--image-px",
+        "side of the square images served; 0 serves the requested size (default %(default)s)",
+        type=int,
+        default=64,
+        metavar="PX",
+    ),
+    flag(
+        "--url-ttl",
+        "image URL lifetime",
+        field="url_ttl_s",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+    ),
+    *(
+        flag(
+            f"--fault-{name}",
+            f"probability of the {name} fault",
+            dest=dest,
+            type=float,
+            default=0.0,
+            metavar="P",
+        )
+        for dest, name in ((d, d.removeprefix("fault_").replace("_", "-")) for d in _FAULT_FLAGS)
+    ),
+    flag("--stall", "stalled-image pause", type=float, default=30.0, metavar="SECONDS"),
+    flag("--seed", "seed of server-picked seeds, latency, faults", type=int, default=0),
+    flag(
+        "--models-file", "TOML of extra or overriding model rules", field="models_file", type=Path
+    ),
+)
+
+COMMANDS: Final = (Command("emulator", run, _FLAGS),)

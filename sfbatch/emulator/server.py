@@ -50,12 +50,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, Literal, cast
 
 import orjson
 from aiohttp import web
 
+from sfbatch.aio import AsyncResource
 from sfbatch.emulator.images import ImageRef, TokenCodec, prompt_digest, render_png
 from sfbatch.emulator.inputs import ReceivedImage, decode_input
 from sfbatch.emulator.limits import WINDOW_MS, Clock, Limits, RateLimits, SlidingWindow
@@ -843,7 +843,7 @@ class _EmulatorApp:
 _UNCHANGED: Any = object()
 
 
-class Emulator:
+class Emulator(AsyncResource):
     """A running SiliconFlow emulator on a loopback port.
 
     >>> async with Emulator(rpm=2, latency_s=0.1) as emu:       # doctest: +SKIP
@@ -925,16 +925,10 @@ class Emulator:
             self._app.stopping.set()
             await runner.cleanup()
 
-    async def __aenter__(self) -> Emulator:
+    async def _open(self) -> None:
         await self.start()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
         await self.stop()
 
     def stats(self) -> dict[str, Any]:
