@@ -263,10 +263,8 @@ class KeyPool:
         for (key_index, model), slot in self._slots.items():
             if self.set_aside_reason(key_index, model) is not None:
                 continue
-            stats = slot.limiter.statistics()
-            acquires, images = stats["acquires"], stats["images"]
-            per_request = images / acquires if isinstance(images, int) and acquires else 1.0
-            rate = slot.limiter.target_rate_per_min(float(per_request))
+            # called after every answer: O(1), never the limiter's statistics() (a scan)
+            rate = slot.limiter.target_rate_per_min(slot.limiter.images_per_request)
             if rate is None:
                 return None
             total += rate

@@ -527,6 +527,11 @@ class RateLimiter:
         now = self._now()
         return max(0.0, self._delay_s(images, now))
 
+    @property
+    def images_per_request(self) -> float:
+        """Mean images per admitted request so far (1.0 before the first); O(1)."""
+        return self._images_admitted / self._acquires if self._acquires else 1.0
+
     def target_rate_per_min(self, images_per_request: float = 1.0) -> float | None:
         """The requests per minute this limiter may admit now (its buckets' rates).
 
