@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
 import random
 import shutil
@@ -136,7 +137,13 @@ class Downloader:
         self._retry = retry or RetryPolicy(max_retries=3, base_s=0.5, cap_s=10.0)
         self._rng = rng or random.Random()
         self._commit = _GroupCommit(fsync=fsync)
-        self._made_dirs: set[Path] = set()
+        self._made_dirs: set[str] = set()
+        # Paths are str on the hot path (a Path join per image costs more than the join);
+        # temporary names are this downloader's prefix and a counter: unique, no uuid each.
+        self._root = os.fspath(out_dir)
+        self._tmp_dir = os.path.join(self._root, TMP_DIR)
+        self._part_prefix = os.path.join(self._tmp_dir, uuid.uuid4().hex[:16])
+        self._parts = itertools.count()
         self.retries = 0
         self.bytes_written = 0
 
@@ -158,14 +165,12 @@ class Downloader:
                 await asyncio.sleep(self._retry.delay_s(attempt, self._rng))
 
     async def _fetch_once(self, url: str, stem: str) -> StoredImage:
-        tmp_dir = self.out_dir / TMP_DIR
-        spool = _Spool(tmp_dir / f"{uuid.uuid4().hex}.part")
+        spool = _Spool(f"{self._part_prefix}-{next(self._parts)}.part")
         try:
-            await self._ensure_dir(tmp_dir)
+            await self._ensure_dir(self._tmp_dir)
             digest, size, ext = await self._stream_to(url, spool)
             final_rel = f"{stem}.{ext}"
-            final = self.out_dir / final_rel
-            await self._commit.put(spool, final)
+            await self._commit.put(spool, os.path.join(self._root, final_rel))
         except BaseException as exc:
             spool.discard()  # sync on purpose: must run even when cancelled
             if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
@@ -188,6 +193,20 @@ class Downloader:
                 if declared is not None and declared > self._max_bytes:
                     raise ImageTooLargeError(
                         f"image of {declared} bytes is over the cap of {self._max_bytes}"
+                    )
+                if declared is not None and declared <= _SPOOL_BYTES:
+                    # a small image in one read, held whole (the loop below costs more)
+                    body = await resp.read()
+                    if len(body) != declared:
+                        raise DownloadError(
+                            f"image body cut short: {len(body)} of {declared} bytes"
+                        )
+                    hasher.update(body)
+                    spool.hold(body)
+                    return (
+                        hasher.hexdigest(),
+                        declared,
+                        _image_type(body[:_SNIFF_BYTES], resp.content_type),
                     )
                 head = b""
                 async for chunk in resp.content.iter_chunked(_CHUNK):
@@ -212,7 +231,7 @@ class Downloader:
             raise DownloadError(f"image download failed: {type(exc).__name__}: {exc}") from exc
         return hasher.hexdigest(), size, ext
 
-    async def _ensure_dir(self, path: Path) -> None:
+    async def _ensure_dir(self, path: str) -> None:
         if path not in self._made_dirs:
             await aiofiles.os.makedirs(path, exist_ok=True)
             self._made_dirs.add(path)
@@ -246,7 +265,7 @@ class _Spool:
     thread trip of its own, and memory stays at about 1 MiB a download.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self._chunks: list[bytes] = []
         self._held = 0
@@ -254,9 +273,13 @@ class _Spool:
         # True while a group commit works on it in a worker thread, which then owns it.
         self.busy = False
 
-    async def write(self, chunk: bytes) -> None:
+    def hold(self, chunk: bytes) -> None:
+        """Keep ``chunk`` in memory (a whole small image: the caller bounds its size)."""
         self._chunks.append(chunk)
         self._held += len(chunk)
+
+    async def write(self, chunk: bytes) -> None:
+        self.hold(chunk)
         if self._held >= _SPOOL_BYTES:
             await asyncio.to_thread(self._write_held)
 
@@ -280,7 +303,8 @@ class _Spool:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 @dataclass(slots=True)
@@ -288,7 +312,7 @@ class _Landing:
     """One image waiting for the group commit: its spool, where it goes, who waits."""
 
     spool: _Spool
-    final: Path
+    final: str
     done: asyncio.Future[None]
     error: BaseException | None = None
 
@@ -305,9 +329,9 @@ class _GroupCommit:
         self._fsync = fsync
         self._waiting: list[_Landing] = []
         self._runner: asyncio.Task[None] | None = None
-        self._made_dirs: set[Path] = set()
+        self._made_dirs: set[str] = set()
 
-    async def put(self, spool: _Spool, final: Path) -> None:
+    async def put(self, spool: _Spool, final: str) -> None:
         """Return once ``spool``'s bytes are at ``final`` (and durable, with fsync)."""
         landing = _Landing(spool, final, asyncio.get_running_loop().create_future())
         self._waiting.append(landing)
@@ -357,9 +381,9 @@ class _GroupCommit:
                 with file:
                     if self._fsync:
                         os.fsync(file.fileno())
-                parent = landing.final.parent
+                parent = os.path.dirname(landing.final)
                 if parent not in self._made_dirs:
-                    parent.mkdir(parents=True, exist_ok=True)
+                    os.makedirs(parent, exist_ok=True)
                     self._made_dirs.add(parent)
                 os.replace(landing.spool.path, landing.final)
                 placed.append(landing)
@@ -368,14 +392,14 @@ class _GroupCommit:
         if not self._fsync:
             return
         try:
-            for parent in {landing.final.parent for landing in placed}:
+            for parent in {os.path.dirname(landing.final) for landing in placed}:
                 _fsync_dir(parent)
         except OSError as exc:
             for landing in placed:
                 landing.error = exc
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

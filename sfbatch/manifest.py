@@ -147,9 +147,20 @@ FRONT_RE = re.compile(
 _FSYNC_EVERY_S = 1.0
 
 
+# (epoch second, its "2026-11-24T13:00:00" text): every record of the same second shares it
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def now_iso() -> str:
-    """Current UTC time as ``2026-11-24T13:00:00.123Z`` (sorts as it compares)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """Current UTC time as ``2026-11-24T13:00:00.123Z`` (sorts as it compares).
+
+    Called for every record: the formatted second is cached, only the milliseconds change.
+    """
+    global _iso_second
+    second, ms = divmod(int(time.time() * 1000), 1000)
+    if _iso_second[0] != second:
+        _iso_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_iso_second[1]}.{ms:03d}Z"
 
 
 def status_code(record: Mapping[str, Any]) -> int:

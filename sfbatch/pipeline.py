@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import queue
 import time
 import uuid
@@ -255,6 +256,10 @@ class Pipeline:
         self._window = ConcurrencyWindow(
             fixed=workers.concurrency, max_size=workers.max_concurrency
         )
+        # images/SHARD dir -> it was absent when first looked at: every file in it is this
+        # run's (one id, one name), so its stems need no collision check. Not with --shard:
+        # other processes write into the same directories.
+        self._fresh_dirs: dict[str, bool] | None = {} if config.output.shard is None else None
         # New rows wait in the generation queue behind items sent back for regeneration
         # (their URLs expired). Those come from the downloaders, which must never wait on
         # it, so the queue has no bound of its own: ``_room`` bounds the rows in it.
@@ -709,7 +714,16 @@ class Pipeline:
             await self._save_generated(item)
 
     def _stem(self, row: Row, index: int) -> str:
-        return unused_stem(self.config.out_dir, self._base_stem(row, index), row.fingerprint)
+        stem = self._base_stem(row, index)
+        if self._fresh_dirs is not None:
+            parent = stem.rpartition("/")[0]
+            fresh = self._fresh_dirs.get(parent)
+            if fresh is None:
+                fresh = not os.path.isdir(os.path.join(self.config.out_dir, parent))
+                self._fresh_dirs[parent] = fresh
+            if fresh:
+                return stem
+        return unused_stem(self.config.out_dir, stem, row.fingerprint)
 
     def _base_stem(self, row: Row, index: int) -> str:
         """``images/SHARD/NAME`` of a row's image, before any ``~FP8`` is added."""
