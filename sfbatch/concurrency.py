@@ -181,6 +181,13 @@ class ConcurrencyWindow:
 
     def hint(self) -> str | None:
         """Once: the message saying the window, not the limit, holds the rate down."""
+        if (  # asked after every answer: the cheap checks first
+            self._hinted
+            or self._target is None
+            or self._size < self.max_size
+            or len(self._latencies) < _MIN_SAMPLES
+        ):
+            return None
         stats = self.statistics()
         latency = stats.latency_p90_s
         if (

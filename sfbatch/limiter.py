@@ -260,6 +260,11 @@ class _Limit:
         return self.bucket.per_minute
 
     @property
+    def unlimited(self) -> bool:
+        """Nothing paces this limit now: not known, not probing (so no log, no ceiling)."""
+        return self.bucket.per_minute is None and self.log is None
+
+    @property
     def known(self) -> float | None:
         rates = [rate for rate in (self.configured, self.learned) if rate is not None]
         return min(rates) if rates else None
@@ -493,6 +498,14 @@ class RateLimiter:
         self.check_batch_size(images)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        if (
+            self._requests.unlimited
+            and self._images.unlimited
+            and started >= self._cooldown_until
+            and not self._turnstile.locked()
+        ):
+            # every gate is open and nobody waits: what the loop below would do at once
+            return self._admit(images, started, late_s=0.0)
         self._waiting += 1
         try:
             async with self._turnstile:

@@ -116,10 +116,17 @@ async def dribbling_host() -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("streamed", [True, False])
 @pytest.mark.parametrize("first", [1, 3, 7, 11])
 async def test_an_image_whose_first_chunk_is_tiny_is_still_an_image(
-    tmp_path: Path, dribbling_host: str, first: int
+    tmp_path: Path,
+    dribbling_host: str,
+    first: int,
+    streamed: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if streamed:  # over the size read in one go: chunk by chunk, sniffed across chunks
+        monkeypatch.setattr(downloader_module, "_SPOOL_BYTES", 1)
     async with aiohttp.ClientSession() as session:
         downloader = Downloader(out_dir=tmp_path, session=session, retry=FAST)
         stored = await downloader.fetch(f"{dribbling_host}?first={first}", "images/000/a_0")
@@ -130,9 +137,10 @@ async def test_an_image_whose_first_chunk_is_tiny_is_still_an_image(
 async def test_a_full_disk_is_disk_full_and_not_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The temporary file is a link to /dev/full: the kernel answers ENOSPC to the write.
+    # The first temporary file is a link to /dev/full: the kernel answers ENOSPC to the write
+    # (a retry would write the next one, an ordinary file).
     (tmp_path / ".tmp").mkdir()
-    (tmp_path / ".tmp" / "full.part").symlink_to("/dev/full")
+    (tmp_path / ".tmp" / "full-0.part").symlink_to("/dev/full")
     monkeypatch.setattr(
         downloader_module, "uuid", SimpleNamespace(uuid4=lambda: SimpleNamespace(hex="full"))
     )
@@ -148,7 +156,7 @@ async def test_a_full_disk_is_disk_full_and_not_retried(
     assert exc.errno == errno.ENOSPC and "no space left" in str(exc) and str(tmp_path) in str(exc)
     assert "run the same command again" in str(exc)
     assert not (tmp_path / "images").exists()
-    assert not (tmp_path / ".tmp" / "full.part").is_symlink()
+    assert not (tmp_path / ".tmp" / "full-0.part").is_symlink()
 
 
 def test_disk_full_names_a_quota() -> None:
