@@ -15,13 +15,17 @@ manager (``async with sfbatch.Emulator() as emu:`` gives ``emu.base_url`` and
 modules but are not promised to stay as they are.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from sfbatch import errors as _errors
 from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.config import RequestDefaults, RunConfig
-from sfbatch.emulator import Emulator
 from sfbatch.errors import *  # noqa: F403  (the whole error tree: errors.__all__)
 from sfbatch.manifest import ImageEntry, ManifestRecord, RecordError, Status
 from sfbatch.pipeline import RunResult, generate
+
+if TYPE_CHECKING:
+    from sfbatch.emulator import Emulator
 
 __version__ = "0.1.0"
 
@@ -46,3 +50,13 @@ __all__ = [
     "__version__",
     "generate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The emulator (aiohttp's server side) is imported on first use: `sfbatch run` never
+    # needs it, and start-up is part of every run's CPU.
+    if name == "Emulator":
+        from sfbatch.emulator import Emulator
+
+        return Emulator
+    raise AttributeError(f"module 'sfbatch' has no attribute {name!r}")

@@ -54,6 +54,9 @@ EXIT_AUTH = 3
 EXIT_QUOTA = 4
 EXIT_BLOCKED = 5  # something outside the run must be fixed (disk, balance, outage)
 EXIT_INTERRUPTED = 130
+# The subcommands declared here, and the modules that declare the others (``COMMANDS``)
+_BUILTIN_COMMANDS = ("run", "validate")
+_COMMAND_MODULES = ("sfbatch.status", "sfbatch.gallery", "sfbatch.emulator.cli", "sfbatch.export")
 # Allocations between two young-generation collections during a run (Python's default: 700)
 _GC_GEN0 = 20_000
 
@@ -234,9 +237,10 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from sfbatch import __version__, gallery, status
-    from sfbatch.emulator import cli as emulator_cli
+def build_parser(*, all_commands: bool = True) -> argparse.ArgumentParser:
+    """The ``sfbatch`` parser; without ``all_commands`` only ``run`` and ``validate``, whose
+    parser needs none of the other commands' modules (importing them is start-up CPU)."""
+    from sfbatch import __version__
 
     parser = argparse.ArgumentParser(
         prog="sfbatch",
@@ -246,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(subparsers)
     _add_validate(subparsers)
-    export = importlib.import_module("sfbatch.export")
-    for module in (status, gallery, emulator_cli, export):
-        for command in module.COMMANDS:
+    if not all_commands:
+        return parser
+    for name in _COMMAND_MODULES:
+        for command in importlib.import_module(name).COMMANDS:
             add_command(subparsers, command)
     return parser
 
@@ -381,13 +386,13 @@ def _chain(sources: Sequence[Any]) -> Any:
 @contextlib.asynccontextmanager
 async def _api_endpoint(job: Job) -> AsyncIterator[RunConfig]:
     """The run's config, pointed at an embedded emulator when the job asks for one."""
-    from sfbatch.emulator import Emulator
-
     config = job.config
     use_emulator = job.emulator == "on" or (job.emulator == "auto" and not config.api_key)
     if not use_emulator:
         yield config
         return
+    from sfbatch.emulator import Emulator
+
     async with Emulator(**job.emulator_settings) as emulator:
         why = "as asked" if job.emulator == "on" else "no API key set"
         log.info("%s: running against the embedded emulator at %s", why, emulator.base_url)
@@ -404,7 +409,8 @@ async def _api_endpoint(job: Job) -> AsyncIterator[RunConfig]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(all_commands=not argv or argv[0] not in _BUILTIN_COMMANDS)
     args = parser.parse_args(argv)
     code: int = args.handler(args)
     return code
