@@ -21,7 +21,7 @@ import importlib
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -278,14 +278,27 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    try:
+        with _run_gc():
+            return asyncio.run(_run(job, args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def _run_gc() -> Iterator[None]:
+    """The collector during a run: off what start-up made, and less often; as before after
+    (``main()`` may be called in a process that goes on)."""
+    threshold = gc.get_threshold()
     # The modules and the job are loaded for good: keep the collector off them, and let it
     # run less often (a run allocates a few containers per item, and frees them soon).
     gc.freeze()
-    gc.set_threshold(_GC_GEN0, *gc.get_threshold()[1:])
+    gc.set_threshold(_GC_GEN0, *threshold[1:])
     try:
-        return asyncio.run(_run(job, args))
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 async def _run(job: Job, args: argparse.Namespace) -> int:
