@@ -53,7 +53,11 @@ def profile(items: int, place: str, top: int) -> str:
             command = _command("sfbatch", emu.base_url, prompts, run_dir / "out", items)
             command = [sys.executable, "-m", "cProfile", "-o", str(stats_path), *command[1:]]
             proc = subprocess.Popen(
-                command, env=child_env(), cwd=BENCH.parent, stdout=subprocess.DEVNULL
+                command,
+                env=child_env(),
+                cwd=BENCH.parent,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             pin(CLIENT_CPU, proc.pid)
             if proc.wait() != 0:
