@@ -174,7 +174,9 @@ class KeyPool:
         :class:`ConfigError` if ``images`` can never fit its limits.
         """
         self.check_batch_size(model, images)
-        turnstile = self._turnstiles.setdefault(model, asyncio.Lock())
+        turnstile = self._turnstiles.get(model)
+        if turnstile is None:
+            turnstile = self._turnstiles[model] = asyncio.Lock()
         async with turnstile:
             while True:
                 soonest: tuple[float, int, int] | None = None

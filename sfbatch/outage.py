@@ -87,6 +87,11 @@ class OutageDetector:
     def paused(self) -> bool:
         return self._down_since is not None
 
+    @property
+    def outages(self) -> int:
+        """How many outages began so far (asked for every download: no statistics())."""
+        return self._outages
+
     def statistics(self) -> OutageStats:
         down = self._down_s
         if self._down_since is not None:

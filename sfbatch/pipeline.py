@@ -634,7 +634,7 @@ class Pipeline:
             raise RuntimeError(f"{item.row.id} reached the downloaders without a generation")
         images: list[StoredImage] = []
         while True:
-            outages = self._outage.statistics().outages
+            outages = self._outage.outages
             try:
                 for index in range(len(images), len(generation.urls)):
                     stem = (
@@ -654,7 +654,7 @@ class Pipeline:
                     self._regenerate(item)
                 return
             except DownloadError as exc:
-                outage = self._outage.paused or self._outage.statistics().outages > outages
+                outage = self._outage.paused or self._outage.outages > outages
                 if exc.retryable and outage:
                     # the service went down meanwhile: not the item's fault; again once it is back
                     try:
