@@ -131,6 +131,7 @@ class KeyPool:
         per_model: Mapping[str, ModelLimits] | None = None,
         max_batch_size: int = 1,
         probe: bool = False,
+        probe_after_latency_s: float | None = None,
         used_today: Callable[[int, str], int] = lambda key_index, model: 0,
         utc_offset_h: float = 8.0,
         models: Sequence[str] = (),
@@ -142,6 +143,7 @@ class KeyPool:
         self._per_model = dict(per_model or {})
         self._max_batch_size = max_batch_size
         self._probe = probe
+        self._probe_after_latency_s = probe_after_latency_s
         self._used_today = used_today
         self._utc_offset_h = utc_offset_h
         self._slots: dict[tuple[int, str], _Slot] = {}
@@ -210,11 +212,19 @@ class KeyPool:
                     return lease
                 self._settle(lease, billed=False)  # set aside while it waited: not sent
 
-    def on_success(self, lease: Lease) -> None:
-        """The request was answered 200: its images are billed."""
+    def on_success(self, lease: Lease, *, latency_s: float | None = None) -> None:
+        """The request was answered 200 after ``latency_s``: its images are billed.
+
+        An answer that took ``probe_after_latency_s`` or longer starts the probe of the
+        key's limiter for the model if nothing is known of its limits
+        (:meth:`RateLimiter.probe_unknown`).
+        """
         slot = self._settle(lease, billed=True)
         if slot is not None:
             slot.limiter.on_success(ticket=lease.ticket)
+            after = self._probe_after_latency_s
+            if after is not None and latency_s is not None and latency_s >= after:
+                slot.limiter.probe_unknown()
 
     def on_rate_limited(
         self,

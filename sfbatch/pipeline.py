@@ -101,6 +101,10 @@ _REGENERATE, _NEW_ROW, _END = 0, 1, 2
 # A "generated" record's URLs are reused only while this much of their lifetime is left.
 _URL_MARGIN_S = 120.0
 _DAMAGED_LISTED = 100
+# Told no limit, a run goes unlimited until its first 429 while answers come in
+# milliseconds; once an answer takes this long it probes the limit instead, so that the
+# first 429 does not find the server's minute filled in a burst (and a long stall after).
+_PROBE_AFTER_LATENCY_S = 1.0
 
 log = logging.getLogger("sfbatch")
 
@@ -251,6 +255,7 @@ class Pipeline:
             max_batch_size=max(rule.max_batch_size for rule in self.registry),
             used_today=self._state.billed_today_for,
             utc_offset_h=limits.day_utc_offset_h,
+            probe_after_latency_s=_PROBE_AFTER_LATENCY_S,
         )
         self._window = ConcurrencyWindow(
             fixed=workers.concurrency, max_size=workers.max_concurrency

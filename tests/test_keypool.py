@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import doctest
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from test_limiter import SAFETY, most_in_window, now, virtual_time
@@ -206,21 +203,18 @@ def test_docstring_examples() -> None:
     assert doctest.testmod(sfbatch.keypool).failed == 0
 
 
-@pytest.mark.timeout(120)
-def test_bench_quota_runs_in_virtual_time() -> None:
-    """benchmarks/bench_quota.py still runs (virtual time, a few seconds); no figure asserted."""
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "bench_quota.py")],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for name in ("quota fill, auto", "unknown IPM 120, probe", "three keys of IPM 60"):
-        assert f"**{name}" in proc.stdout
+@virtual_time
+async def test_an_answer_slower_than_probe_after_latency_starts_that_keys_probe() -> None:
+    pool = KeyPool(keys=2, limits=ModelLimits(), probe_after_latency_s=1.0)
+    pool.on_success(await pool.acquire(KOLORS), latency_s=0.5)
+    assert [k.target_rate_per_min for k in pool.statistics()] == [None, None]
+    lease = await pool.acquire(KOLORS)
+    pool.on_success(lease, latency_s=1.0)
+    rates = {k.key_index: k.target_rate_per_min for k in pool.statistics()}
+    assert rates[lease.key_index] is not None and rates[1 - lease.key_index] is None
+    told = KeyPool(keys=1, limits=ModelLimits(ipm=60), probe_after_latency_s=1.0)
+    told.on_success(await told.acquire(KOLORS), latency_s=30.0)
+    assert told.limiter(0, KOLORS).statistics()["probing"] is False
 
 
 @virtual_time
