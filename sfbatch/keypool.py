@@ -259,6 +259,10 @@ class KeyPool:
     def set_aside_reason(self, key_index: int, model: str) -> SetAside | None:
         return self._aside.get((key_index, None)) or self._aside.get((key_index, model))
 
+    def models(self) -> list[str]:
+        """The models the pool has limiters for: those used so far (and those given up front)."""
+        return sorted({model for _, model in self._slots})
+
     def can_go_on(self, model: str) -> bool:
         """Whether some key is not set aside for ``model``."""
         return any(self.set_aside_reason(k, model) is None for k in range(self.keys))

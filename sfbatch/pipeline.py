@@ -206,6 +206,9 @@ class Pipeline:
         self.store_error: StorageError | None = None
         # model -> the server's message, once a 403 30003 said the account may not use it
         self.disabled_models: dict[str, str] = {}
+        # model -> why no key can go on with it today (daily quotas): its rows wait for
+        # tomorrow, unrecorded, while the other models go on
+        self.out_for_today: dict[str, str] = {}
 
         # Every part, built here in one phase; run() closes what they hold open.
         out = config.out_dir
@@ -598,6 +601,8 @@ class Pipeline:
                 isinstance(exc, NoKeyLeftError) and exc.exit_code == EXIT_BLOCKED
             ):
                 self._block(exc)
+            elif isinstance(exc, NoKeyLeftError):
+                self._out_for_today(item.model, exc)
             elif isinstance(exc, QuotaReachedError):
                 self._request_stop("quota", str(exc))
             await self._keep_paid(item)  # nothing was sent: the next run takes it
@@ -615,6 +620,16 @@ class Pipeline:
         except SfbatchError as exc:
             await self._emit(item.row, "failed", item=item, error=exc)
         return False
+
+    def _out_for_today(self, model: str, exc: NoKeyLeftError) -> None:
+        """No key can go on with ``model`` today: leave its rows for the next run; stop
+        (exit 4) once that holds for every model this run has used."""
+        if model not in self.out_for_today:
+            self.out_for_today[model] = str(exc)
+            if any(self._pool.can_go_on(m) for m in self._pool.models()):
+                log.warning("%s: its rows are left for tomorrow; the other models go on", exc)
+        if not any(self._pool.can_go_on(m) for m in self._pool.models()):
+            self._request_stop("quota", "; ".join(self.out_for_today.values()))
 
     async def _download_worker(self) -> None:
         while True:
@@ -798,6 +813,8 @@ class Pipeline:
     # -- the end --------------------------------------------------------------------
 
     def _finish(self) -> RunResult:
+        if self.out_for_today:  # some rows wait for tomorrow: exit 4 even if the rest ran
+            self._request_stop("quota", "; ".join(self.out_for_today.values()))
         outcome: Outcome = self._stop_reason or "done"
         summary = self._summary(outcome)
         path = self.config.out_dir / self.config.summary_name
