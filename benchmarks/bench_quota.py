@@ -139,6 +139,7 @@ class Run:
         cmd += ["--base-url", self.emulator.base_url, "--no-progress", *scenario.flags]
         self.log = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 (closed by stack)
         self.started = time.monotonic()
+        self.ended: float | None = None
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         stack.callback(self._kill)
 
@@ -147,13 +148,18 @@ class Run:
             self.proc.kill()
             self.proc.wait()
 
-    def finish(self, timeout_s: float) -> Outcome:
-        try:
-            code = self.proc.wait(timeout=max(1.0, timeout_s))
-        except subprocess.TimeoutExpired:
+    def done(self) -> bool:
+        if self.ended is None and self.proc.poll() is not None:
+            self.ended = time.monotonic()
+        return self.ended is not None
+
+    def finish(self) -> Outcome:
+        """The outcome of a run that is done (killed first if it is not)."""
+        if not self.done():
             self._kill()
-            code = -9
-        wall_s = time.monotonic() - self.started
+            self.done()
+        code = self.proc.returncode
+        wall_s = (self.ended or time.monotonic()) - self.started
         self.log.seek(0)
         log_text = self.log.read().decode(errors="replace")
         raw = http_json(self.emulator.root + "/_admissions", timeout=30)
@@ -281,10 +287,13 @@ def measure(mode: str = "full", log: Any = print) -> dict[str, Any]:
     with work_dir("quota") as tmp, contextlib.ExitStack() as stack:
         runs = [Run(s, tmp, stack) for s in chosen]
         log(f"bench_quota: {len(runs)} runs started")
-        outcomes = []
-        for run in runs:
-            outcomes.append(run.finish(timeout_s - (time.monotonic() - started)))
-            log(f"bench_quota: {run.scenario.name} done ({outcomes[-1].wall_s:.0f} s)")
+        running = list(runs)
+        while running and time.monotonic() - started < timeout_s:
+            time.sleep(0.2)
+            for run in [run for run in running if run.done()]:
+                running.remove(run)
+                log(f"bench_quota: {run.scenario.name} done ({run.ended - run.started:.0f} s)")
+        outcomes = [run.finish() for run in runs]
     for o in outcomes:
         o.figures = FIGURES[o.scenario.name.split()[0]](o)
     return {
