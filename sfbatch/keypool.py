@@ -149,6 +149,7 @@ class KeyPool:
         self._slots: dict[tuple[int, str], _Slot] = {}
         self._aside: dict[tuple[int, str | None], SetAside] = {}
         self._turnstiles: dict[str, asyncio.Lock] = {}
+        self._asked: set[str] = set()
         self._turn = itertools.count()
         self._changed: set[asyncio.Event] = set()
         for model_limits in (limits, *self._per_model.values()):
@@ -176,6 +177,7 @@ class KeyPool:
         :class:`ConfigError` if ``images`` can never fit its limits.
         """
         self.check_batch_size(model, images)
+        self._asked.add(model)
         turnstile = self._turnstiles.setdefault(model, asyncio.Lock())
         async with turnstile:
             while True:
@@ -259,9 +261,9 @@ class KeyPool:
     def set_aside_reason(self, key_index: int, model: str) -> SetAside | None:
         return self._aside.get((key_index, None)) or self._aside.get((key_index, model))
 
-    def models(self) -> list[str]:
-        """The models the pool has limiters for: those used so far (and those given up front)."""
-        return sorted({model for _, model in self._slots})
+    def used_models(self) -> list[str]:
+        """The models some key was asked for (by :meth:`acquire`) so far."""
+        return sorted(self._asked)
 
     def can_go_on(self, model: str) -> bool:
         """Whether some key is not set aside for ``model``."""

@@ -85,7 +85,7 @@ from sfbatch.manifest import (
     invalid_error,
     now_iso,
 )
-from sfbatch.models import ModelRegistry
+from sfbatch.models import DEFAULT_MODEL, ModelRegistry
 from sfbatch.outage import OutageDetector
 from sfbatch.reasons import Reason, ReasonTally
 from sfbatch.resume import DAMAGED, Cursor, read_index, refresh_side
@@ -259,10 +259,14 @@ class Pipeline:
             used_today=self._state.billed_today_for,
             utc_offset_h=limits.day_utc_offset_h,
             probe_after_latency_s=_PROBE_AFTER_LATENCY_S,
+            # the models known before any row: the window is sized from their limits'
+            # rate from the first request, not only after the first (slow) answer
+            models=sorted({config.defaults.model or DEFAULT_MODEL, *limits.models}),
         )
         self._window = ConcurrencyWindow(
             fixed=workers.concurrency, max_size=workers.max_concurrency
         )
+        self._window.set_target_rate(self._pool.target_rate_per_min())
         # New rows wait in the generation queue behind items sent back for regeneration
         # (their URLs expired). Those come from the downloaders, which must never wait on
         # it, so the queue has no bound of its own: ``_room`` bounds the rows in it.
@@ -623,12 +627,12 @@ class Pipeline:
 
     def _out_for_today(self, model: str, exc: NoKeyLeftError) -> None:
         """No key can go on with ``model`` today: leave its rows for the next run; stop
-        (exit 4) once that holds for every model this run has used."""
+        (exit 4) once that holds for every model this run has sent (or tried to send) for."""
         if model not in self.out_for_today:
             self.out_for_today[model] = str(exc)
-            if any(self._pool.can_go_on(m) for m in self._pool.models()):
+            if any(self._pool.can_go_on(m) for m in self._pool.used_models()):
                 log.warning("%s: its rows are left for tomorrow; the other models go on", exc)
-        if not any(self._pool.can_go_on(m) for m in self._pool.models()):
+        if not any(self._pool.can_go_on(m) for m in self._pool.used_models()):
             self._request_stop("quota", "; ".join(self.out_for_today.values()))
 
     async def _download_worker(self) -> None:
