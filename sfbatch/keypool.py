@@ -55,6 +55,9 @@ SetAside = Literal["daily_quota", "balance"]
 _DAILY_LIMITS = frozenset({"IPD", "RPD"})
 # a key whose quota is all reserved by requests in flight may get some back
 _RESERVED_RECHECK_S = 1.0
+# how many of a (key, model)'s first answers say whether answers take seconds: one slow
+# answer among fast ones (a loaded machine, a GC pause) is no reason to probe
+_PROBE_DECIDED_AFTER = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,7 +113,15 @@ class KeyStatistics:
 
 
 class _Slot:
-    __slots__ = ("acquires", "last_used", "limiter", "quota", "rate_limited")
+    __slots__ = (
+        "acquires",
+        "answers",
+        "last_used",
+        "limiter",
+        "quickest_s",
+        "quota",
+        "rate_limited",
+    )
 
     def __init__(self, limiter: RateLimiter, quota: DailyQuota | None) -> None:
         self.limiter = limiter
@@ -118,6 +129,8 @@ class _Slot:
         self.last_used = -1
         self.acquires = 0
         self.rate_limited = 0
+        self.answers = 0  # answered 200, with a latency
+        self.quickest_s = float("inf")
 
 
 class KeyPool:
@@ -217,16 +230,21 @@ class KeyPool:
     def on_success(self, lease: Lease, *, latency_s: float | None = None) -> None:
         """The request was answered 200 after ``latency_s``: its images are billed.
 
-        An answer that took ``probe_after_latency_s`` or longer starts the probe of the
-        key's limiter for the model if nothing is known of its limits
-        (:meth:`RateLimiter.probe_unknown`).
+        When the first answers of the key for the model (4) all took
+        ``probe_after_latency_s`` or longer, its limiter starts probing if nothing is known
+        of its limits (:meth:`RateLimiter.probe_unknown`).
         """
         slot = self._settle(lease, billed=True)
-        if slot is not None:
-            slot.limiter.on_success(ticket=lease.ticket)
-            after = self._probe_after_latency_s
-            if after is not None and latency_s is not None and latency_s >= after:
-                slot.limiter.probe_unknown()
+        if slot is None:
+            return
+        slot.limiter.on_success(ticket=lease.ticket)
+        after = self._probe_after_latency_s
+        if after is None or latency_s is None or slot.answers >= _PROBE_DECIDED_AFTER:
+            return
+        slot.answers += 1
+        slot.quickest_s = min(slot.quickest_s, latency_s)
+        if slot.answers == _PROBE_DECIDED_AFTER and slot.quickest_s >= after:
+            slot.limiter.probe_unknown()
 
     def on_rate_limited(
         self,

@@ -102,8 +102,9 @@ _REGENERATE, _NEW_ROW, _END = 0, 1, 2
 _URL_MARGIN_S = 120.0
 _DAMAGED_LISTED = 100
 # Told no limit, a run goes unlimited until its first 429 while answers come in
-# milliseconds; once an answer takes this long it probes the limit instead, so that the
-# first 429 does not find the server's minute filled in a burst (and a long stall after).
+# milliseconds; when its first answers all take this long it probes the limit instead, so
+# that the first 429 does not find the server's minute filled in a burst (and a long
+# stall after).
 _PROBE_AFTER_LATENCY_S = 1.0
 
 log = logging.getLogger("sfbatch")

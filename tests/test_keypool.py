@@ -204,17 +204,24 @@ def test_docstring_examples() -> None:
 
 
 @virtual_time
-async def test_an_answer_slower_than_probe_after_latency_starts_that_keys_probe() -> None:
-    pool = KeyPool(keys=2, limits=ModelLimits(), probe_after_latency_s=1.0)
-    pool.on_success(await pool.acquire(KOLORS), latency_s=0.5)
-    assert [k.target_rate_per_min for k in pool.statistics()] == [None, None]
-    lease = await pool.acquire(KOLORS)
-    pool.on_success(lease, latency_s=1.0)
-    rates = {k.key_index: k.target_rate_per_min for k in pool.statistics()}
-    assert rates[lease.key_index] is not None and rates[1 - lease.key_index] is None
+async def test_first_answers_slower_than_probe_after_latency_start_that_keys_probe() -> None:
+    def probing(pool: KeyPool) -> list[bool]:
+        return [pool.limiter(k, KOLORS).statistics()["probing"] is True for k in range(pool.keys)]
+
+    slow = KeyPool(keys=1, limits=ModelLimits(), probe_after_latency_s=1.0)
+    for answer in range(4):
+        assert probing(slow) == [False]
+        slow.on_success(await slow.acquire(KOLORS), latency_s=1.0 + answer)
+    assert probing(slow) == [True]
+    # one fast answer among the first four: answers do not take seconds, no probe ever
+    mixed = KeyPool(keys=1, limits=ModelLimits(), probe_after_latency_s=1.0)
+    for latency_s in (5.0, 0.2, 5.0, 5.0, 5.0, 5.0):
+        mixed.on_success(await mixed.acquire(KOLORS), latency_s=latency_s)
+    assert probing(mixed) == [False]
     told = KeyPool(keys=1, limits=ModelLimits(ipm=60), probe_after_latency_s=1.0)
-    told.on_success(await told.acquire(KOLORS), latency_s=30.0)
-    assert told.limiter(0, KOLORS).statistics()["probing"] is False
+    for _ in range(4):
+        told.on_success(await told.acquire(KOLORS), latency_s=30.0)
+    assert probing(told) == [False]  # a told limit paces: nothing to probe
 
 
 @virtual_time
