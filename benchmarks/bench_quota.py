@@ -1,288 +1,432 @@
 #!/usr/bin/env python3
-"""Issue 12's quota figures that need only the limiter, the window and the key pool.
+"""Issue 12's quota figures, measured on the engine: ``python -m sfbatch run`` against an
+emulator process, in real time.
 
-A small driver of its own (not yet the engine: the pipeline wiring comes next) runs a
-fixed pool of workers gated by a :class:`ConcurrencyWindow`, leases from a
-:class:`KeyPool` and sends with :class:`SiliconFlowClient` to the emulator in this
-process over 127.0.0.1:
+Every scenario is one ``sfbatch run PROMPTS --out DIR`` (default flags plus the ones
+named) against its own ``sfbatch emulator`` process on its own loopback port; all
+scenarios run at once (they are paced by the limits and the latency, not the CPU), so the
+whole figure takes about 6-7 minutes. Rates, 429 shares and stalls come from the
+emulator's own account (``GET /_admissions``: when it admitted or refused what, for which
+key), the window and the hint from the run's ``summary.json`` and its log:
 
-- **quota fill**: latency 10 ± 5 s, IPM 300, 150 prompts, told ``ipm=300``: auto window
-  vs fixed concurrency 4 and 64;
-- **unknown limit**: IPM 120, latency 8 s, told nothing: time until every trailing
-  minute holds >= 90 % of the limit, 429 share, longest stall; with and without
-  Retry-After; against today's learning without the probe, and told 4x the limit;
-- **three keys** of IPM 60: the total against 180/min, and key 1 running out of its
-  daily quota mid-run while keys 0 and 2 go on.
+- **quota fill**: latency 10 ± 5 s, IPM 300, 150 prompts, ``--ipm 300``: the share of the
+  limit admitted after the first window of latency (15 s), against ``--concurrency 4``
+  (with the hint the engine prints) and ``--concurrency 64``;
+- **unknown limit**: IPM 120, latency 10 ± 5 s, no limit flags: when every trailing
+  minute holds >= 90 % of the limit, the 429 share, the longest time nothing was sent;
+  without and with Retry-After; against the run told the right limit (``--ipm 120``),
+  and told 4x the limit (``--ipm 480``);
+- **three keys** of IPM 60 (``SILICONFLOW_API_KEYS``), ``--ipm 60``: key 1 has 120
+  images of its daily quota left; the total against 180/min while all three go, then
+  keys 0 and 2 against 60/min each once key 1 is set aside; against one key.
 
-``--time virtual`` (the default) runs the event loop on a virtual clock that jumps to
-the next timer whenever every task waits, and points the emulator's sliding windows at
-that clock: the HTTP, the emulator and the client are real, only waiting is skipped
-(all figures in about 5 s). ``--time real`` runs the same on the wall clock (about
-5 minutes, the scenarios at once)::
+::
 
-    python benchmarks/bench_quota.py                 # virtual time
-    python benchmarks/bench_quota.py --time real     # wall clock
+    python benchmarks/bench_quota.py            # the figure (about 7 minutes)
+    python benchmarks/bench_quota.py --smoke    # everything shrunk: does it still run?
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
+import datetime
 import itertools
+import json
 import math
+import os
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sfbatch.client import SiliconFlowClient
-from sfbatch.concurrency import ConcurrencyWindow
-from sfbatch.emulator import Emulator, EmulatorConfig
-from sfbatch.emulator import limits as emulator_limits
-from sfbatch.errors import DailyQuotaError, RateLimitError
-from sfbatch.keypool import KeyPool, ModelLimits, NoKeyLeftError
-from sfbatch.testing.virtual_time import VirtualTimeLoop
+from bench_util import (
+    KEY,
+    EmulatorProcess,
+    child_env,
+    fmt,
+    http_json,
+    table,
+    work_dir,
+    write_prompts,
+)
 
-MODEL = "Kwai-Kolors/Kolors"
+MINUTE_MS = 60_000
+FIRST_WINDOW_MS = 15_000  # the first window of latency at 10 ± 5 s
+KEYS = (KEY, "sk-emulator-b", "sk-emulator-c")
 
 
-def loop_time() -> float:
-    return asyncio.get_running_loop().time()
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    prompts: int
+    emulator: dict[str, Any]
+    flags: tuple[str, ...] = ()
+    keys: tuple[str, ...] = (KEY,)
+    limit_per_min: float = 0.0  # the server's limit, per key
 
 
 @dataclass
-class Trace:
-    """What the driver saw: every send (time, key), every accepted send, every 429."""
-
-    start: float = 0.0
-    sends: list[tuple[float, int]] = field(default_factory=list)
-    accepted: list[tuple[float, int]] = field(default_factory=list)
-    refused: int = 0
-    finished: float = 0.0
-    window_sizes: list[int] = field(default_factory=list)
+class Outcome:
+    scenario: Scenario
+    exit_code: int
+    wall_s: float
+    # (ms since the first decision, key index, images, "ok" or the refusing limit)
+    admissions: list[tuple[int, int, int, str]]
+    summary: dict[str, Any]
+    log_tail: str
     hint: str | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
-async def drive(
-    emu: Emulator,
-    keys: Sequence[str],
-    pool: KeyPool,
-    window: ConcurrencyWindow,
-    *,
-    prompts: int | None,
-    duration_s: float,
-) -> Trace:
-    """The wiring the pipeline will get: max_size workers, each gated by the window."""
-    trace = Trace(start=loop_time())
-    counter = itertools.count()
-    stop_at = trace.start + duration_s
-    clients = [SiliconFlowClient(base_url=emu.base_url, api_key=key) for key in keys]
-    for client in clients:
-        await client.__aenter__()
-
-    async def worker() -> None:
-        while True:
-            await window.acquire()
-            item = next(counter)
-            if (prompts is not None and item >= prompts) or loop_time() >= stop_at:
-                window.release(outcome="error")
-                return
-            while True:
-                try:
-                    lease = await pool.acquire(MODEL)
-                except NoKeyLeftError:
-                    window.release(outcome="error")
-                    return
-                sent_at = loop_time()
-                trace.sends.append((sent_at - trace.start, lease.key_index))
-                try:
-                    await clients[lease.key_index].generate({"model": MODEL, "prompt": "x"})
-                except RateLimitError as exc:
-                    trace.refused += 1
-                    pool.on_rate_limited(
-                        lease,
-                        retry_after_s=exc.retry_after_s,
-                        limit=getattr(exc, "limit", None),  # the robust helper adds it
-                        daily=isinstance(exc, DailyQuotaError),
-                    )
-                    window.release(outcome="rate_limited")
-                    window.set_target_rate(pool.target_rate_per_min())
-                    await window.acquire()
-                    continue
-                pool.on_success(lease)
-                trace.accepted.append((sent_at - trace.start, lease.key_index))
-                window.release(latency_s=loop_time() - sent_at, outcome="ok")
-                window.set_target_rate(pool.target_rate_per_min())
-                trace.window_sizes.append(window.size)
-                trace.hint = trace.hint or window.hint()
-                break
-
-    window.set_target_rate(pool.target_rate_per_min())
-    try:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(window.max_size):
-                group.create_task(worker())
-    finally:
-        for client in clients:
-            await client.close()
-    trace.finished = loop_time() - trace.start
-    return trace
+def scenarios(mode: str) -> list[Scenario]:
+    smoke = mode == "smoke"
+    latency = (
+        {"latency": 1.0, "latency_jitter": 0.5}
+        if smoke
+        else {
+            "latency": 10.0,
+            "latency_jitter": 5.0,
+        }
+    )
+    n = (lambda full: max(8, full // 40)) if smoke else (lambda full: full)
+    fill = {**latency, "ipm": 300, "seed": 1}
+    unknown = {**latency, "ipm": 120, "seed": 2}
+    keys = {
+        **latency,
+        "ipm": 60,
+        "key": list(KEYS[1:]),
+        "key_limit": [f"{KEYS[1]}:ipm=60,ipd={3 if smoke else 120}"],
+        "seed": 3,
+    }
+    return [
+        Scenario("fill auto", n(150), fill, ("--ipm", "300"), limit_per_min=300),
+        Scenario("fill fixed 4", n(150), fill, ("--ipm", "300", "--concurrency", "4"),
+                 limit_per_min=300),
+        Scenario("fill fixed 64", n(150), fill, ("--ipm", "300", "--concurrency", "64"),
+                 limit_per_min=300),
+        Scenario("unknown", n(480), unknown, limit_per_min=120),
+        Scenario("unknown retry-after", n(480), {**unknown, "retry_after": 0},
+                 limit_per_min=120),
+        Scenario("told right", n(480), unknown, ("--ipm", "120"), limit_per_min=120),
+        Scenario("told 4x", n(480), unknown, ("--ipm", "480"), limit_per_min=120),
+        Scenario("three keys", n(600), keys, ("--ipm", "60"), keys=KEYS, limit_per_min=60),
+        Scenario("one key", n(240), {**latency, "ipm": 60, "seed": 4}, ("--ipm", "60"),
+                 limit_per_min=60),
+    ]  # fmt: skip
 
 
-def held(times: Sequence[float], at: float) -> int:
-    return sum(1 for t in times if at - 60.0 < t <= at)
+class Run:
+    """One scenario in flight: its emulator process and its ``sfbatch run`` process."""
+
+    def __init__(self, scenario: Scenario, tmp: Path, stack: contextlib.ExitStack) -> None:
+        self.scenario = scenario
+        self.emulator = stack.enter_context(EmulatorProcess(**scenario.emulator))
+        slug = scenario.name.replace(" ", "-")
+        prompts = write_prompts(tmp / f"{slug}.txt", scenario.prompts)
+        self.out = tmp / slug
+        env = child_env()
+        if len(scenario.keys) > 1:
+            del env["SILICONFLOW_API_KEY"]
+            env["SILICONFLOW_API_KEYS"] = ",".join(scenario.keys)
+        cmd = [sys.executable, "-m", "sfbatch", "run", str(prompts), "--out", str(self.out)]
+        cmd += ["--base-url", self.emulator.base_url, "--no-progress", *scenario.flags]
+        self.log = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 (closed by stack)
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        stack.callback(self._kill)
+
+    def _kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def done(self) -> bool:
+        if self.ended is None and self.proc.poll() is not None:
+            self.ended = time.monotonic()
+        return self.ended is not None
+
+    def finish(self) -> Outcome:
+        """The outcome of a run that is done (killed first if it is not)."""
+        if not self.done():
+            self._kill()
+            self.done()
+        code = self.proc.returncode
+        wall_s = (self.ended or time.monotonic()) - self.started
+        self.log.seek(0)
+        log_text = self.log.read().decode(errors="replace")
+        raw = http_json(self.emulator.root + "/_admissions", timeout=30)
+        start = raw[0][0] if raw else 0
+        index = {key: i for i, key in enumerate(self.scenario.keys)}
+        admissions = [(t - start, index[key], images, what) for t, key, images, what in raw]
+        summary_path = self.out / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        hint = next((line for line in log_text.splitlines() if "would fill it" in line), None)
+        return Outcome(self.scenario, code, wall_s, admissions, summary, log_text[-2000:], hint)
 
 
-def sustained_from(times: Sequence[float], limit: float, end: float) -> float:
-    """First second from which every trailing minute until ``end`` holds >= 90 % of limit."""
+# --- what the emulator's account says ------------------------------------------------------
+
+
+def admitted(outcome: Outcome, key: int | None = None) -> list[tuple[int, int]]:
+    """(ms, images) of each admitted request (of one key)."""
+    return [
+        (t, images)
+        for t, k, images, what in outcome.admissions
+        if what == "ok" and (key is None or k == key)
+    ]
+
+
+def rate_per_min(events: Sequence[tuple[int, int]], start_ms: float, end_ms: float) -> float:
+    """Images per minute admitted in ``(start_ms, end_ms]``."""
+    span = end_ms - start_ms
+    if span <= 0:
+        return math.nan
+    return sum(images for t, images in events if start_ms < t <= end_ms) * MINUTE_MS / span
+
+
+def sustained_from_s(events: Sequence[tuple[int, int]], limit: float) -> float:
+    """The first second from which every trailing minute, until the last admission, holds
+    >= 90 % of ``limit``; inf if none does."""
+    per_s: dict[int, int] = {}
+    for t, images in events:
+        per_s[t // 1000] = per_s.get(t // 1000, 0) + images
+    last = max(per_s, default=0)
+    held = 0  # images in the trailing minute (second - 59, second]
+    ok: list[bool] = []
+    for second in range(last + 1):
+        held += per_s.get(second, 0) - per_s.get(second - 60, 0)
+        ok.append(second >= 59 and held >= 0.9 * limit)
     first = math.inf
-    for second in range(int(end), 59, -1):
-        if held(times, float(second)) < 0.9 * limit:
+    for second in range(last, -1, -1):
+        if not ok[second]:
             break
-        first = float(second)
+        first = float(second + 1)
     return first
 
 
-def longest_stall_s(trace: Trace) -> float:
-    times = [0.0, *sorted(t for t, _ in trace.sends)]
-    return max(b - a for a, b in itertools.pairwise(times))
+def longest_stall_s(outcome: Outcome) -> float:
+    """The longest time between two requests reaching the server."""
+    times = [t for t, _, _, _ in outcome.admissions]
+    return max((b - a for a, b in itertools.pairwise(times)), default=0) / 1000
 
 
-# --- the figures ------------------------------------------------------------------------
+def share_429(outcome: Outcome) -> float:
+    decisions = outcome.admissions
+    refused = sum(1 for _, _, _, what in decisions if what in ("IPM", "RPM"))
+    return refused / max(1, len(decisions))
 
 
-async def quota_fill(fixed: int | None) -> dict[str, Any]:
-    config = EmulatorConfig(
-        host="127.0.0.1", port=0, ipm=300, latency_s=10.0, latency_jitter_s=5.0, seed=1
-    )
-    async with Emulator(config) as emu:
-        pool = KeyPool(keys=1, limits=ModelLimits(ipm=300), models=[MODEL])
-        window = ConcurrencyWindow(fixed=fixed, max_size=256)
-        trace = await drive(emu, [emu.api_key], pool, window, prompts=150, duration_s=3600)
-    sends = sorted(t for t, _ in trace.accepted)
-    after = [t for t in sends if t >= 15.0]  # after the first window of latency (10 + 5 s)
-    span = (sends[-1] - 15.0) if len(after) > 1 else math.nan
-    rate = len(after) / span * 60.0 if span and span > 0 else math.nan
+def fill_figures(o: Outcome) -> dict[str, Any]:
+    events = admitted(o)
+    last = max((t for t, _ in events), default=0)
     return {
-        "name": f"quota fill, {'auto' if fixed is None else f'fixed {fixed}'}",
-        "share_after_first_latency": rate / 300.0,
-        "wall_s": trace.finished,
-        "refused": trace.refused,
-        "peak_window": max(trace.window_sizes, default=0),
-        "hint": trace.hint,
+        "share_after_first_window": rate_per_min(events, FIRST_WINDOW_MS, last)
+        / o.scenario.limit_per_min,
+        "images": sum(images for _, images in events),
+        "span_s": last / 1000,
+        "share_429": share_429(o),
+        "peak_window": max(
+            (w["size"] for w in [o.summary.get("window") or {}] if "size" in w), default=None
+        ),
+        "hint": o.hint,
     }
 
 
-async def unknown_limit(
-    retry_after: bool, *, probe: bool = True, told_ipm: float | None = None
-) -> dict[str, Any]:
-    config = EmulatorConfig(
-        host="127.0.0.1",
-        port=0,
-        ipm=120,
-        latency_s=8.0,
-        retry_after_s=0.0 if retry_after else None,
-    )
-    duration_s = 300.0
-    async with Emulator(config) as emu:
-        pool = KeyPool(keys=1, limits=ModelLimits(ipm=told_ipm), probe=probe, models=[MODEL])
-        window = ConcurrencyWindow(max_size=256)
-        trace = await drive(emu, [emu.api_key], pool, window, prompts=None, duration_s=duration_s)
-    accepted = [t for t, _ in trace.accepted]
-    label = "told 4x (480)" if told_ipm else ("probe" if probe else "learning without the probe")
+def unknown_figures(o: Outcome) -> dict[str, Any]:
+    events = admitted(o)
+    last = max((t for t, _ in events), default=0)
+    limiter = [k for k in o.summary.get("keys", []) if k.get("key_index") == 0]
     return {
-        "name": f"unknown IPM 120, {label}, Retry-After {'on' if retry_after else 'off'}",
-        "sustained_90_from_s": sustained_from(accepted, 120, duration_s),
-        "share_429": trace.refused / max(1, len(trace.sends)),
-        "longest_stall_s": longest_stall_s(trace),
-        "last_minute_share": held(accepted, duration_s) / 120,
-        "learned_ipm": pool.limiter(0, MODEL).statistics()["learned_ipm"],
+        "sustained_90_from_s": sustained_from_s(events, o.scenario.limit_per_min),
+        "share_429": share_429(o),
+        "longest_stall_s": longest_stall_s(o),
+        "share_after_2_min": rate_per_min(events, 2 * MINUTE_MS, last) / o.scenario.limit_per_min,
+        "span_s": last / 1000,
+        "target_rate_per_min": limiter[0].get("target_rate_per_min") if limiter else None,
     }
 
 
-async def three_keys() -> dict[str, Any]:
-    keys = ["sk-key-0", "sk-key-1", "sk-key-2"]
-    config = EmulatorConfig(
-        host="127.0.0.1", port=0, api_keys=frozenset(keys), ipm=60, latency_s=5.0
-    )
-    duration_s = 300.0
-    async with Emulator(config) as emu:
-        # key 1 has 60 of its 400 images left today: it runs out after about a minute
-        pool = KeyPool(
-            keys=3,
-            limits=ModelLimits(ipm=60, ipd=400),
-            used_today=lambda key, model: 340 if key == 1 else 0,
-            models=[MODEL],
-        )
-        window = ConcurrencyWindow(max_size=256)
-        trace = await drive(emu, keys, pool, window, prompts=None, duration_s=duration_s)
-    out_at = max(t for t, key in trace.accepted if key == 1)
-    first_minute = [t for t, _ in trace.accepted if t < 60.0]
-    late = [(t, key) for t, key in trace.accepted if out_at + 60 < t <= duration_s]
-    late_span = duration_s - (out_at + 60)
-    per_key_late = {k: sum(1 for _, key in late if key == k) / late_span * 60 for k in (0, 2)}
+def keys_figures(o: Outcome) -> dict[str, Any]:
+    limit = o.scenario.limit_per_min
+    events = admitted(o)
+    last = max((t for t, _ in events), default=0)
+    if len(o.scenario.keys) == 1:
+        return {"share": rate_per_min(events, 0, last) / limit, "span_s": last / 1000}
+    out_ms = max((t for t, _ in admitted(o, key=1)), default=0)
+    after = {
+        k: rate_per_min(admitted(o, key=k), out_ms, last) / limit
+        for k in range(len(o.scenario.keys))
+        if k != 1
+    }
     return {
-        "name": "three keys of IPM 60, key 1 out of daily quota mid-run",
-        "first_minute_share_of_180": len(first_minute) / 180,
-        "key1_out_at_s": out_at,
-        "keys_0_2_per_min_after": per_key_late,
-        "refused": trace.refused,
+        "share_of_3_while_all_go": rate_per_min(events, 0, out_ms) / (3 * limit),
+        "key1_out_at_s": out_ms / 1000,
+        "others_share_after": after,
+        "share_429": share_429(o),
+        "daily_429s": sum(1 for *_, what in o.admissions if what == "IPD"),
+        "span_s": last / 1000,
     }
 
 
-def run(make: Callable[[], Coroutine[Any, Any, dict[str, Any]]], virtual: bool) -> dict[str, Any]:
-    if not virtual:
-        return asyncio.run(make())
-    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-        return runner.run(make())
+FIGURES = {"fill": fill_figures, "unknown": unknown_figures, "told": unknown_figures,
+           "three": keys_figures, "one": keys_figures}  # fmt: skip
 
 
-async def gather(makers: Sequence[Callable[[], Coroutine[Any, Any, dict[str, Any]]]]) -> Any:
-    return await asyncio.gather(*(make() for make in makers))
+def measure(mode: str = "full", log: Any = print) -> dict[str, Any]:
+    chosen = scenarios(mode)
+    timeout_s = 120.0 if mode == "smoke" else 900.0
+    started = time.monotonic()
+    with work_dir("quota") as tmp, contextlib.ExitStack() as stack:
+        runs = [Run(s, tmp, stack) for s in chosen]
+        log(f"bench_quota: {len(runs)} runs started")
+        running = list(runs)
+        while running and time.monotonic() - started < timeout_s:
+            time.sleep(0.2)
+            for run in [run for run in running if run.done()]:
+                running.remove(run)
+                log(f"bench_quota: {run.scenario.name} done ({run.ended - run.started:.0f} s)")
+        outcomes = [run.finish() for run in runs]
+    for o in outcomes:
+        o.figures = FIGURES[o.scenario.name.split()[0]](o)
+    return {
+        "mode": mode,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_s": time.monotonic() - started,
+        "runs": {
+            o.scenario.name: {
+                "exit_code": o.exit_code,
+                "wall_s": o.wall_s,
+                "prompts": o.scenario.prompts,
+                "flags": " ".join(o.scenario.flags) or "(none)",
+                **o.figures,
+                "log_tail": None if o.exit_code in (0, 4) else o.log_tail,
+            }
+            for o in outcomes
+        },
+    }
 
 
-def fmt(value: Any) -> str:
+def _pct(x: Any) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.1f} %"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b and a == a and b == b else "n/a"
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**NO**"
+
+
+def rows(r: dict[str, Any]) -> list[list[str]]:
+    runs = r["runs"]
+    auto, f4, f64 = runs["fill auto"], runs["fill fixed 4"], runs["fill fixed 64"]
+    out = [
+        [
+            "quota fill: % of IPM 300 after the first 15 s, auto (vs fixed 4)",
+            _pct(auto["share_after_first_window"]),
+            _pct(f4["share_after_first_window"]),
+            _ratio(auto["share_after_first_window"], f4["share_after_first_window"]),
+            ">= 95 %",
+            _yes(auto["share_after_first_window"] >= 0.95),
+        ],
+        [
+            "quota fill: same, auto (vs fixed 64)",
+            _pct(auto["share_after_first_window"]),
+            _pct(f64["share_after_first_window"]),
+            _ratio(auto["share_after_first_window"], f64["share_after_first_window"]),
+            ">= 95 %",
+            _yes(auto["share_after_first_window"] >= 0.95),
+        ],
+    ]
+    told = runs["told right"]
+    for name in ("unknown", "unknown retry-after", "told 4x"):
+        u = runs[name]
+        label = {
+            "unknown": "unknown IPM 120, no Retry-After",
+            "told 4x": "told 4x (--ipm 480)",
+            "unknown retry-after": "unknown IPM 120, Retry-After",
+        }[name]
+        target = name != "told 4x"
+        out += [
+            [
+                f"{label}: s to sustain >= 90 % (vs told --ipm 120)",
+                fmt(u["sustained_90_from_s"]),
+                fmt(told["sustained_90_from_s"]),
+                "-",
+                "<= 90 s" if target else "-",
+                _yes(u["sustained_90_from_s"] <= 90) if target else "n/a",
+            ],
+            [
+                f"{label}: 429 share",
+                _pct(u["share_429"]),
+                _pct(told["share_429"]),
+                "-",
+                "< 5 %" if target else "-",
+                _yes(u["share_429"] < 0.05) if target else "n/a",
+            ],
+            [
+                f"{label}: longest stall, s",
+                fmt(u["longest_stall_s"], 1),
+                fmt(told["longest_stall_s"], 1),
+                "-",
+                "<= 10 s" if target else "-",
+                _yes(u["longest_stall_s"] <= 10) if target else "n/a",
+            ],
+        ]
+    three, one = runs["three keys"], runs["one key"]
+    after = three["others_share_after"]
+    out += [
+        ["three keys IPM 60: % of 180/min while all go (vs one key of 60)",
+         _pct(three["share_of_3_while_all_go"]), _pct(one["share"]), "-", ">= 95 %",
+         _yes(three["share_of_3_while_all_go"] >= 0.95)],
+        [f"three keys: keys 0, 2 after key 1's daily quota (out at {three['key1_out_at_s']:.0f} s)",
+         ", ".join(_pct(v) for v in after.values()), _pct(one["share"]), "-", ">= 95 % each",
+         _yes(all(v >= 0.95 for v in after.values()))],
+    ]  # fmt: skip
+    return out
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = [f"## bench_quota ({r['mode']}, {r['date']}, {r['wall_s']:.0f} s wall)", ""]
+    for name, run in r["runs"].items():
+        details = {k: v for k, v in run.items() if k not in ("log_tail",)}
+        lines.append(f"- **{name}**: " + "; ".join(f"{k} {_detail(v)}" for k, v in details.items()))
+        if run.get("log_tail"):
+            lines.append("  log tail:\n" + run["log_tail"])
+    lines += ["", table(rows(r), ["figure", "sfbatch", "baseline", "ratio", "target", "met?"])]
+    return "\n".join(lines)
+
+
+def _detail(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     if isinstance(value, dict):
-        return ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
+        return ", ".join(f"{k}: {_detail(v)}" for k, v in value.items())
     return str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--time", choices=("virtual", "real"), default="virtual")
+    parser.add_argument("--smoke", action="store_true", help="tiny runs: does it still run?")
+    parser.add_argument("--json", type=Path, help="write every number to this file")
     args = parser.parse_args(argv)
-    virtual = args.time == "virtual"
-    if virtual:
-        # the emulator's sliding windows follow the loop's (virtual) clock
-        emulator_limits.Clock.mono = lambda self: loop_time() + self.offset_s  # type: ignore[method-assign]
-    makers: list[Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = [
-        lambda: quota_fill(None),
-        lambda: quota_fill(4),
-        lambda: quota_fill(64),
-        lambda: unknown_limit(False),
-        lambda: unknown_limit(True),
-        lambda: unknown_limit(False, probe=False),
-        lambda: unknown_limit(True, probe=False),
-        lambda: unknown_limit(False, told_ipm=480),
-        three_keys,
-    ]
-    started = time.monotonic()
-    if virtual:
-        results = [run(make, virtual=True) for make in makers]
-    else:  # paced by the limits, not the CPU: all at once
-        results = asyncio.run(gather(makers))
-    print(f"## bench_quota ({args.time} time, {time.monotonic() - started:.1f} s wall)\n")
-    for result in results:
-        name = result.pop("name")
-        print(f"- **{name}**: " + "; ".join(f"{k} {fmt(v)}" for k, v in result.items()))
-    return 0
+    result = measure("smoke" if args.smoke else "full", log=lambda m: print(m, file=sys.stderr))
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    failed = [n for n, run in result["runs"].items() if run["exit_code"] not in (0, 4)]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     raise SystemExit(main())

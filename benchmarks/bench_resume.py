@@ -247,6 +247,7 @@ def measure(records: int, rows: int, base: Path, log: Any = print) -> dict[str, 
 def report(r: dict[str, Any]) -> str:
     out = []
     if r["records"]:
+
         def span(kind: str, key: str = "seconds") -> str:
             values = [x[key] for x in r[kind]]
             return " / ".join(f"{v:.2f}" for v in values)

@@ -91,7 +91,8 @@ class EmulatorProcess:
     """``python -m sfbatch emulator`` on a free loopback port, for a ``with`` block.
 
     ``flags`` are emulator CLI flags without the dashes (``latency=2``, ``rpm=600``,
-    ``image_px=64``); ``cpu`` pins it to one core.
+    ``image_px=64``; a list repeats the flag: ``key=["sk-b", "sk-c"]``); ``cpu`` pins it
+    to one core.
     """
 
     def __init__(self, *, cpu: int | None = None, **flags: Any) -> None:
@@ -107,8 +108,9 @@ class EmulatorProcess:
         cmd = [sys.executable, "-m", "sfbatch", "emulator", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--key", KEY]
         for name, value in self.flags.items():
-            if value is not None:
-                cmd += [f"--{name.replace('_', '-')}", str(value)]
+            for one in value if isinstance(value, list) else [value]:  # a list: repeated
+                if one is not None:
+                    cmd += [f"--{name.replace('_', '-')}", str(one)]
         self.proc = subprocess.Popen(
             cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=self._stderr
         )

@@ -21,8 +21,8 @@ URL) is cut to length and passed through :func:`redact`.
 
 from __future__ import annotations
 
+import asyncio
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -146,7 +146,8 @@ class SiliconFlowClient(AsyncResource):
     async def generate(self, request: Mapping[str, Any]) -> Generation:
         """Send one generation request; raise a :class:`~sfbatch.errors.SfbatchError` on failure."""
         url = f"{self.base_url}/images/generations"
-        started = time.monotonic()
+        clock = asyncio.get_running_loop().time  # the limiter's and the window's clock
+        started = clock()
         try:
             async with self.session.post(
                 url, data=orjson.dumps(request), headers=self._headers, timeout=self._timeout
@@ -158,7 +159,7 @@ class SiliconFlowClient(AsyncResource):
                 body = await resp.read()
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             raise map_transport_error(exc, url, secret=self._api_key) from exc
-        return self._parse_success(body, trace_id, time.monotonic() - started)
+        return self._parse_success(body, trace_id, clock() - started)
 
     async def list_models(self) -> list[str]:
         """The image models the endpoint lists (``GET /models?type=image``)."""

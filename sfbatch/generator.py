@@ -220,7 +220,7 @@ class Generator:
             item.key_index = lease.key_index
             self.requests += 1
             generation = await self._clients[lease.key_index].generate(body)
-            self._pool.on_success(lease)
+            self._pool.on_success(lease, latency_s=generation.latency_s)
             item.billed_images += batch
             item.generation, item.expired = generation, False
             latency_s, outcome = generation.latency_s, "ok"

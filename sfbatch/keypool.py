@@ -55,6 +55,9 @@ SetAside = Literal["daily_quota", "balance"]
 _DAILY_LIMITS = frozenset({"IPD", "RPD"})
 # a key whose quota is all reserved by requests in flight may get some back
 _RESERVED_RECHECK_S = 1.0
+# how many of a (key, model)'s first answers say whether answers take seconds: one slow
+# answer among fast ones (a loaded machine, a GC pause) is no reason to probe
+_PROBE_DECIDED_AFTER = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,7 +113,15 @@ class KeyStatistics:
 
 
 class _Slot:
-    __slots__ = ("acquires", "last_used", "limiter", "quota", "rate_limited")
+    __slots__ = (
+        "acquires",
+        "answers",
+        "last_used",
+        "limiter",
+        "quickest_s",
+        "quota",
+        "rate_limited",
+    )
 
     def __init__(self, limiter: RateLimiter, quota: DailyQuota | None) -> None:
         self.limiter = limiter
@@ -118,6 +129,8 @@ class _Slot:
         self.last_used = -1
         self.acquires = 0
         self.rate_limited = 0
+        self.answers = 0  # answered 200, with a latency
+        self.quickest_s = float("inf")
 
 
 class KeyPool:
@@ -131,6 +144,7 @@ class KeyPool:
         per_model: Mapping[str, ModelLimits] | None = None,
         max_batch_size: int = 1,
         probe: bool = False,
+        probe_after_latency_s: float | None = None,
         used_today: Callable[[int, str], int] = lambda key_index, model: 0,
         utc_offset_h: float = 8.0,
         models: Sequence[str] = (),
@@ -142,11 +156,13 @@ class KeyPool:
         self._per_model = dict(per_model or {})
         self._max_batch_size = max_batch_size
         self._probe = probe
+        self._probe_after_latency_s = probe_after_latency_s
         self._used_today = used_today
         self._utc_offset_h = utc_offset_h
         self._slots: dict[tuple[int, str], _Slot] = {}
         self._aside: dict[tuple[int, str | None], SetAside] = {}
         self._turnstiles: dict[str, asyncio.Lock] = {}
+        self._asked: set[str] = set()
         self._turn = itertools.count()
         self._changed: set[asyncio.Event] = set()
         for model_limits in (limits, *self._per_model.values()):
@@ -174,6 +190,7 @@ class KeyPool:
         :class:`ConfigError` if ``images`` can never fit its limits.
         """
         self.check_batch_size(model, images)
+        self._asked.add(model)
         turnstile = self._turnstiles.setdefault(model, asyncio.Lock())
         async with turnstile:
             while True:
@@ -210,11 +227,24 @@ class KeyPool:
                     return lease
                 self._settle(lease, billed=False)  # set aside while it waited: not sent
 
-    def on_success(self, lease: Lease) -> None:
-        """The request was answered 200: its images are billed."""
+    def on_success(self, lease: Lease, *, latency_s: float | None = None) -> None:
+        """The request was answered 200 after ``latency_s``: its images are billed.
+
+        When the first answers of the key for the model (4) all took
+        ``probe_after_latency_s`` or longer, its limiter starts probing if nothing is known
+        of its limits (:meth:`RateLimiter.probe_unknown`).
+        """
         slot = self._settle(lease, billed=True)
-        if slot is not None:
-            slot.limiter.on_success(ticket=lease.ticket)
+        if slot is None:
+            return
+        slot.limiter.on_success(ticket=lease.ticket)
+        after = self._probe_after_latency_s
+        if after is None or latency_s is None or slot.answers >= _PROBE_DECIDED_AFTER:
+            return
+        slot.answers += 1
+        slot.quickest_s = min(slot.quickest_s, latency_s)
+        if slot.answers == _PROBE_DECIDED_AFTER and slot.quickest_s >= after:
+            slot.limiter.probe_unknown()
 
     def on_rate_limited(
         self,
@@ -248,6 +278,10 @@ class KeyPool:
 
     def set_aside_reason(self, key_index: int, model: str) -> SetAside | None:
         return self._aside.get((key_index, None)) or self._aside.get((key_index, model))
+
+    def used_models(self) -> list[str]:
+        """The models some key was asked for (by :meth:`acquire`) so far."""
+        return sorted(self._asked)
 
     def can_go_on(self, model: str) -> bool:
         """Whether some key is not set aside for ``model``."""

@@ -58,7 +58,9 @@ After a 429 the whole engine slows down, and the limit the 429 named is **learne
   stops for long. Against the emulator at IPM 120 and 8 s latency, told nothing: every
   trailing minute holds >= 90 % of the limit from 60 s on, 0.7 % 429s, the longest
   pause 2.2 s (without the probe: 105 s, a 28 s pause). ``probe=False`` (the default, as
-  before) starts unlimited until the first 429.
+  before) starts unlimited until the first 429; :meth:`RateLimiter.probe_unknown` starts
+  the probe later (the key pool calls it once answers take seconds), from the rate
+  admitted so far.
 
 How it is built: a FIFO lock lets one waiter at a time through the gates (cooldown,
 adaptive leaky buckets, minute logs). Each gate says how long until it admits the request
@@ -283,6 +285,15 @@ class _Limit:
         if self.configured is None:
             return known * self._safety * _LEARNED_BURST
         return min(known * _LEARNED_BURST, self.configured) * self._safety
+
+    def start_probe(self, now: float, from_per_minute: float) -> bool:
+        """Probe this limit from now, at ``from_per_minute`` or the probe's start rate if
+        higher, when nothing is known of it (not configured, not learned, not probing)."""
+        if self.known is not None or self.probe_from is not None:
+            return False
+        self.bucket.set_rate(max(_PROBE_START_PER_MIN, self.capacity, from_per_minute), now)
+        self.probe_from = now
+        return True
 
     def delay_s(self, amount: float, now: float) -> float:
         delay = self.bucket.delay_s(amount, now)
@@ -588,6 +599,27 @@ class RateLimiter:
             exponent = max(self._consecutive_429, 1) - 1
             pause_s = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2.0 ** min(exponent, 32))
         self._cooldown_until = max(self._cooldown_until, now + pause_s)
+
+    def probe_unknown(self) -> bool:
+        """Start probing (see ``probe=True``) when no limit is known: none configured,
+        none learned, none probing. From the rate admitted over the last minute, if higher
+        than the probe's start, so a run that was going fast is not cut back. True if it
+        started.
+
+        A run told nothing starts unlimited, which keeps one whose answers come in
+        milliseconds fast; once answers take seconds, an unlimited window would fill the
+        server's minute in a burst and then stall, so its owner calls this.
+        """
+        if any(
+            limit.known is not None or limit.probe_from is not None
+            for limit in (self._requests, self._images)
+        ):
+            return False
+        now = self._now()
+        observed_rpm, observed_ipm = self._observed(now)
+        started = self._requests.start_probe(now, observed_rpm or 0.0)
+        started |= self._images.start_probe(now, observed_ipm or 0.0)
+        return started
 
     def on_success(self, *, ticket: Ticket | None = None) -> None:
         """Report a successful request: ends a run of 429s.

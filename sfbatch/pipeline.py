@@ -85,7 +85,7 @@ from sfbatch.manifest import (
     invalid_error,
     now_iso,
 )
-from sfbatch.models import ModelRegistry
+from sfbatch.models import DEFAULT_MODEL, ModelRegistry
 from sfbatch.outage import OutageDetector
 from sfbatch.reasons import Reason, ReasonTally
 from sfbatch.resume import DAMAGED, Cursor, read_index, refresh_side
@@ -101,6 +101,11 @@ _REGENERATE, _NEW_ROW, _END = 0, 1, 2
 # A "generated" record's URLs are reused only while this much of their lifetime is left.
 _URL_MARGIN_S = 120.0
 _DAMAGED_LISTED = 100
+# Told no limit, a run goes unlimited until its first 429 while answers come in
+# milliseconds; when its first answers all take this long it probes the limit instead, so
+# that the first 429 does not find the server's minute filled in a burst (and a long
+# stall after).
+_PROBE_AFTER_LATENCY_S = 1.0
 
 log = logging.getLogger("sfbatch")
 
@@ -202,6 +207,9 @@ class Pipeline:
         self.store_error: StorageError | None = None
         # model -> the server's message, once a 403 30003 said the account may not use it
         self.disabled_models: dict[str, str] = {}
+        # model -> why no key can go on with it today (daily quotas): its rows wait for
+        # tomorrow, unrecorded, while the other models go on
+        self.out_for_today: dict[str, str] = {}
 
         # Every part, built here in one phase; run() closes what they hold open.
         out = config.out_dir
@@ -251,10 +259,15 @@ class Pipeline:
             max_batch_size=max(rule.max_batch_size for rule in self.registry),
             used_today=self._state.billed_today_for,
             utc_offset_h=limits.day_utc_offset_h,
+            probe_after_latency_s=_PROBE_AFTER_LATENCY_S,
+            # the models known before any row: the window is sized from their limits'
+            # rate from the first request, not only after the first (slow) answer
+            models=sorted({config.defaults.model or DEFAULT_MODEL, *limits.models}),
         )
         self._window = ConcurrencyWindow(
             fixed=workers.concurrency, max_size=workers.max_concurrency
         )
+        self._window.set_target_rate(self._pool.target_rate_per_min())
         # New rows wait in the generation queue behind items sent back for regeneration
         # (their URLs expired). Those come from the downloaders, which must never wait on
         # it, so the queue has no bound of its own: ``_room`` bounds the rows in it.
@@ -593,6 +606,8 @@ class Pipeline:
                 isinstance(exc, NoKeyLeftError) and exc.exit_code == EXIT_BLOCKED
             ):
                 self._block(exc)
+            elif isinstance(exc, NoKeyLeftError):
+                self._out_for_today(item.model, exc)
             elif isinstance(exc, QuotaReachedError):
                 self._request_stop("quota", str(exc))
             await self._keep_paid(item)  # nothing was sent: the next run takes it
@@ -610,6 +625,16 @@ class Pipeline:
         except SfbatchError as exc:
             await self._emit(item.row, "failed", item=item, error=exc)
         return False
+
+    def _out_for_today(self, model: str, exc: NoKeyLeftError) -> None:
+        """No key can go on with ``model`` today: leave its rows for the next run; stop
+        (exit 4) once that holds for every model this run has sent (or tried to send) for."""
+        if model not in self.out_for_today:
+            self.out_for_today[model] = str(exc)
+            if any(self._pool.can_go_on(m) for m in self._pool.used_models()):
+                log.warning("%s: its rows are left for tomorrow; the other models go on", exc)
+        if not any(self._pool.can_go_on(m) for m in self._pool.used_models()):
+            self._request_stop("quota", "; ".join(self.out_for_today.values()))
 
     async def _download_worker(self) -> None:
         while True:
@@ -793,6 +818,8 @@ class Pipeline:
     # -- the end --------------------------------------------------------------------
 
     def _finish(self) -> RunResult:
+        if self.out_for_today:  # some rows wait for tomorrow: exit 4 even if the rest ran
+            self._request_stop("quota", "; ".join(self.out_for_today.values()))
         outcome: Outcome = self._stop_reason or "done"
         summary = self._summary(outcome)
         path = self.config.out_dir / self.config.summary_name

@@ -1,4 +1,6 @@
-"""The benchmarks still run: ``benchmarks/run_all --quick --smoke`` prints every table row.
+"""The benchmarks still run: ``benchmarks/run_all --quick --smoke`` prints every table row,
+and ``benchmarks/bench_quota.py --smoke`` (the engine against emulator processes) every
+quota row.
 
 No timing is asserted (CI machines are noisy); only that every figure ran against the
 emulator and reported. The baselines need ``requests`` (the ``bench`` extra); without
@@ -55,3 +57,31 @@ def test_run_all_smoke_prints_every_row() -> None:
         assert row in out, f"missing row {row!r} in:\n{out[-4000:]}"
     for figure in ("figure 1", "figure 2+3", "figure 4", "figure 5", "figure 6", "figure 7"):
         assert f"## {figure}:" in out
+
+
+QUOTA_ROWS = (
+    "| quota fill: % of IPM 300 after the first 15 s, auto (vs fixed 4)",
+    "| unknown IPM 120, no Retry-After: s to sustain",
+    "| unknown IPM 120, Retry-After: 429 share",
+    "| told 4x (--ipm 480): longest stall",
+    "| three keys IPM 60: % of 180/min while all go",
+    "| three keys: keys 0, 2 after key 1's daily quota",
+)
+
+
+@pytest.mark.timeout(120)
+def test_bench_quota_smoke_runs_the_engine_and_prints_every_row() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_quota.py"), "--smoke"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for row in QUOTA_ROWS:
+        assert row in proc.stdout, f"missing row {row!r} in:\n{proc.stdout[-4000:]}"
+    # the engine said why fixed concurrency 4 holds the rate down
+    assert "concurrency 4 holds the rate below the limit" in proc.stdout

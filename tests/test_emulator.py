@@ -1077,6 +1077,32 @@ async def test_stats_endpoint_counts_what_the_server_saw(
     assert emulator.stats()["accepted_per_s"] == {0: 1}
 
 
+async def test_admissions_log_each_limit_decision(
+    emulator_factory: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    """What the server admitted and refused, when, for which key: what benchmarks read."""
+    async with emulator_factory(api_keys=frozenset({"sk-a", "sk-b"}), ipm=2) as emu:
+        for key, batch in (("sk-a", 2), ("sk-a", 1), ("sk-b", 1)):
+            await generate(session, emu, {"prompt": "x", "batch_size": batch}, key=key)
+        await generate(session, emu, {"prompt": ""}, key="sk-b")  # a 400 decides nothing
+        emu.advance_clock(61)
+        assert (await generate(session, emu, key="sk-a")).status == 200
+        reply = await call(session, "GET", emu.root_url + "/_admissions")
+        assert reply.status == 200
+        log = reply.json()
+        assert [entry[1:] for entry in log] == [
+            ["sk-a", 2, "ok"],
+            ["sk-a", 1, "IPM"],
+            ["sk-b", 1, "ok"],
+            ["sk-a", 1, "ok"],
+        ]
+        times = [entry[0] for entry in log]
+        assert times == sorted(times) and times[-1] - times[0] >= 61_000
+        assert [list(entry) for entry in emu.admissions()] == log
+        emu.reset_stats()
+        assert emu.admissions() == []
+
+
 async def test_control_endpoint(emulator: Emulator, session: aiohttp.ClientSession) -> None:
     control = emulator.root_url + "/_control"
     reply = await call(session, "POST", control, json={"limits": {"rpm": 1}})

@@ -203,6 +203,28 @@ async def test_three_keys_one_out_of_quota_the_others_finish(tmp_path: Path) -> 
     assert not any(key in text or key[-8:] in text for key in KEYS)
 
 
+async def test_one_model_out_of_daily_quota_leaves_its_rows_while_the_others_go_on(
+    tmp_path: Path,
+) -> None:
+    """A daily quota is per model: Qwen's running out sets its rows aside for tomorrow
+    (not recorded, not sent again), Kolors' rows all finish, and the run says exit 4."""
+    async with Emulator(host="127.0.0.1", port=0) as emu:
+        emu.set_model_limits(QWEN, Limits(ipd=2))
+        cfg = config_for(emu, tmp_path, concurrency=2)
+        items = [
+            {"prompt": f"a harbour at dawn, study {i}", "model": (QWEN, KOLORS)[i % 2]}
+            for i in range(24)
+        ]
+        result = await run(cfg, items)
+        decisions = Counter(what for *_, what in emu.admissions())
+    assert result.outcome == "quota" and result.exit_code == 4, result.message
+    assert QWEN in result.message
+    final = latest_records([tmp_path / "manifest.jsonl"]).values()
+    by_model = {m: Counter(r["status"] for r in final if r["model"] == m) for m in (QWEN, KOLORS)}
+    assert by_model == {QWEN: Counter(ok=2), KOLORS: Counter(ok=12)}
+    assert decisions["IPD"] <= 2  # Qwen's later rows were not sent
+
+
 async def test_two_models_each_under_its_own_ipm_both_progress_without_429s(
     tmp_path: Path,
 ) -> None:

@@ -7,6 +7,8 @@ no test waits for a backoff; the limiter's shared cooldown after a 429 runs in v
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,6 +16,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from sfbatch.client import SiliconFlowClient
+from sfbatch.concurrency import ConcurrencyWindow
 from sfbatch.emulator import Emulator, FaultConfig
 from sfbatch.errors import (
     BadRequestError,
@@ -195,3 +198,67 @@ async def test_an_expired_item_is_generated_again_with_the_same_seed() -> None:
     assert work.generation is not None and work.generation is not first
     assert work.generation.seed == 7 and not work.expired
     assert (work.attempts, work.billed_images) == (2, 2)
+
+
+def longest_gap_s(times_ms: list[int]) -> float:
+    return max((b - a for a, b in itertools.pairwise(times_ms)), default=0) / 1000
+
+
+def sustained_from_s(admitted_ms: list[int], limit: int) -> float:
+    """The first second from which every trailing minute until the last admission held
+    >= 90 % of ``limit``."""
+    last = admitted_ms[-1] // 1000
+    first = math.inf
+    for second in range(last, 59, -1):
+        held = sum(1 for t in admitted_ms if (second - 60) * 1000 < t <= second * 1000)
+        if held < 0.9 * limit:
+            break
+        first = float(second)
+    return first
+
+
+@pytest.mark.parametrize("probe_after_latency_s", [1.0, None])
+def test_told_no_limit_slow_answers_start_the_probe(probe_after_latency_s: float | None) -> None:
+    """Issue 12: told nothing against IPM 120 at 8 s latency, the engine's wiring (window,
+    key pool, generator) holds >= 90 % within 90 s, < 5 % 429s, no pause over 10 s, because
+    slow answers start the probe. Without it, the unlimited start fills the server's
+    minute in a burst and then waits it out."""
+
+    async def scenario() -> None:
+        async with (
+            Emulator(ipm=120, latency_s=8.0) as emu,
+            SiliconFlowClient(base_url=emu.base_url, api_key=emu.api_key) as client,
+        ):
+            loop = asyncio.get_running_loop()
+            pool = KeyPool(
+                keys=1, limits=ModelLimits(), probe_after_latency_s=probe_after_latency_s
+            )
+            gen = Generator(
+                clients=[client],
+                pool=pool,
+                retry=RetryPolicy(max_retries=0),
+                window=ConcurrencyWindow(max_size=64, clock=loop.time),
+            )
+            end = loop.time() + 360
+
+            async def worker() -> None:
+                while loop.time() < end:
+                    await gen.generate(item())
+
+            async with asyncio.TaskGroup() as group:
+                for _ in range(64):
+                    group.create_task(worker())
+            admissions = emu.admissions()
+        admitted = [t for t, _, _, what in admissions if what == "ok"]
+        refused = [t for t, _, _, what in admissions if what != "ok"]
+        gap_s = longest_gap_s([t for t, *_ in admissions])
+        if probe_after_latency_s is None:
+            assert gap_s > 10.0
+            return
+        assert pool.limiter(0, item().model).statistics()["learned_ipm"] is not None
+        assert sustained_from_s(admitted, 120) <= 90
+        assert len(refused) < 0.05 * len(admissions)
+        assert gap_s <= 10.0
+
+    with emulator_on_loop_clock(), asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        runner.run(scenario())

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import doctest
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from test_limiter import SAFETY, most_in_window, now, virtual_time
@@ -206,21 +203,25 @@ def test_docstring_examples() -> None:
     assert doctest.testmod(sfbatch.keypool).failed == 0
 
 
-@pytest.mark.timeout(120)
-def test_bench_quota_runs_in_virtual_time() -> None:
-    """benchmarks/bench_quota.py still runs (virtual time, a few seconds); no figure asserted."""
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "bench_quota.py")],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for name in ("quota fill, auto", "unknown IPM 120, probe", "three keys of IPM 60"):
-        assert f"**{name}" in proc.stdout
+@virtual_time
+async def test_first_answers_slower_than_probe_after_latency_start_that_keys_probe() -> None:
+    def probing(pool: KeyPool) -> list[bool]:
+        return [pool.limiter(k, KOLORS).statistics()["probing"] is True for k in range(pool.keys)]
+
+    slow = KeyPool(keys=1, limits=ModelLimits(), probe_after_latency_s=1.0)
+    for answer in range(4):
+        assert probing(slow) == [False]
+        slow.on_success(await slow.acquire(KOLORS), latency_s=1.0 + answer)
+    assert probing(slow) == [True]
+    # one fast answer among the first four: answers do not take seconds, no probe ever
+    mixed = KeyPool(keys=1, limits=ModelLimits(), probe_after_latency_s=1.0)
+    for latency_s in (5.0, 0.2, 5.0, 5.0, 5.0, 5.0):
+        mixed.on_success(await mixed.acquire(KOLORS), latency_s=latency_s)
+    assert probing(mixed) == [False]
+    told = KeyPool(keys=1, limits=ModelLimits(ipm=60), probe_after_latency_s=1.0)
+    for _ in range(4):
+        told.on_success(await told.acquire(KOLORS), latency_s=30.0)
+    assert probing(told) == [False]  # a told limit paces: nothing to probe
 
 
 @virtual_time

@@ -559,6 +559,28 @@ async def test_an_unused_probing_rate_does_not_grow() -> None:
     assert limiter.statistics()["effective_rpm"] == 30
 
 
+@virtual_time
+async def test_probe_unknown_starts_from_the_rate_so_far_only_when_nothing_is_known() -> None:
+    limiter = RateLimiter(rpm=None, ipm=None)
+    for _ in range(20):
+        await limiter.acquire()
+    await asyncio.sleep(10.0)  # 20 in 10 s: 120 a minute
+    assert limiter.statistics()["probing"] is False
+    assert limiter.probe_unknown() is True
+    stats = limiter.statistics()
+    assert stats["probing"] is True and stats["effective_rpm"] == pytest.approx(120)
+    assert limiter.probe_unknown() is False  # already probing
+    told = RateLimiter(rpm=None, ipm=60)
+    assert told.probe_unknown() is False  # a told limit paces: nothing to probe
+    assert told.statistics()["effective_rpm"] is None
+    learned = RateLimiter(rpm=None, ipm=None)
+    learned.on_rate_limited(0.0, limit="IPM", ticket=await learned.acquire())
+    assert learned.probe_unknown() is False
+    quiet = RateLimiter(rpm=None, ipm=None)
+    assert quiet.probe_unknown() is True
+    assert quiet.statistics()["effective_rpm"] == 30  # nothing sent yet: the probe's start
+
+
 class FakeServer:
     """Accepts at most ``limit`` requests in any sliding 60 s, like the real API."""
 

@@ -29,14 +29,17 @@ of ``sfbatch emulator``):
   M:ipm=60`` / ``emu.set_model_limits("M", Limits(...))`` give a model its own. A 429
   is ``{"code": 50604, "message": "Request was rejected due to rate limiting. Details:
   IPM limit reached.", "data": null}`` (RPM/IPM/RPD/IPD); ``retry_after_s`` adds
-  ``Retry-After`` (default: none). ``emu.usage(key, model=None)``.
+  ``Retry-After`` (default: none). ``emu.usage(key, model=None)``. ``emu.admissions()``
+  (``GET /_admissions``): each limit decision, ``[ms since the stats reset, key, images,
+  "ok" or the limit that refused]``, what benchmarks measure rates and stalls from.
 - **403s**: ``emu.set_account_block("balance" | "verification" | None, key=None)``
   (30001 / 30002; every key, or one key: ``key_blocks``), ``emu.disable_model(name)``
   (30003 "Model disabled." for that model only);
   ``--fault-403 balance|verification|disabled:MODEL``.
 - **Outage**: ``emu.set_outage(True)`` closes every API/image connection at once (the
   client sees a reset); ``set_outage(False)`` and the API answers again on the same
-  port. ``/_stats``, ``/_received_inputs`` and ``/_control`` answer throughout.
+  port. ``/_stats``, ``/_received_inputs``, ``/_admissions`` and ``/_control`` answer
+  throughout.
 - **Secrets**: ``FaultConfig(p_echo_key=1.0)`` / ``--fault-echo-key 1``: a 400 whose
   ``code`` is the caller's key and whose message carries it across character 500.
 - **Several keys**: ``api_keys={"k1", "k2"}`` / ``--key`` (repeatable); each key is

@@ -24,15 +24,17 @@ in ``shared/api/service-2026.md``)::
     GET  /files/<token>.png                    the image; 404 once the URL expired; image faults
     GET  /_stats                               what the server saw (see Stats.snapshot)
     GET  /_received_inputs                     the input images received (ReceivedImage dicts)
+    GET  /_admissions                          each limit decision: [ms, key, images, outcome]
     POST /_control                             runtime switches, see _EmulatorApp.apply_control
     anything else                              404 "404 page not found"
 
 The offered models: ``EmulatorConfig.offer`` if given, else the registry's models whose
 ``endpoints`` include the ``profile`` (``cn`` by default: today's api.siliconflow.cn
 list, which no longer has the original reference's models). Limits apply per (key,
-model) pair; ``model_limits`` gives a model its own. In an outage every route but
-``/_stats``, ``/_received_inputs`` and ``/_control`` closes the connection at once
-(the client sees a reset); the port stays bound, so the API comes back where it was.
+model) pair; ``model_limits`` gives a model its own. In an outage every route but the
+test endpoints (``/_stats``, ``/_received_inputs``, ``/_admissions``, ``/_control``) closes
+the connection at once (the client sees a reset); the port stays bound, so the API comes
+back where it was.
 
 Every response carries an ``x-siliconcloud-trace-id`` header. Only 200 responses
 consume quota or count as billed images. The emulator keeps no per-image state:
@@ -109,8 +111,9 @@ _CONTROL_KEYS = frozenset(
         "reset_stats",
     }
 )
-_TEST_PATHS = frozenset({"/_stats", "/_received_inputs", "/_control"})
+_TEST_PATHS = frozenset({"/_stats", "/_received_inputs", "/_admissions", "/_control"})
 _HISTOGRAM_SECONDS = 3600  # per-second histograms keep the last hour
+_ADMISSIONS_KEPT = 100_000  # the admissions log keeps the most recent decisions
 
 
 # --------------------------------------------------------------------------- config
@@ -295,9 +298,17 @@ class Stats:
         self._window = SlidingWindow()
         self.max_requests_60s = 0
         self.max_images_60s = 0
+        # [ms since the reset, key, images, "ok" or the limit that refused]: the server's
+        # own account of when it admitted what, which benchmarks measure rates from
+        self.admissions: deque[tuple[int, str, int, str]] = deque(maxlen=_ADMISSIONS_KEPT)
+
+    def refused(self, now_ms: int, images: int, *, key: str, limit: str) -> None:
+        """Record a request refused at ``now_ms`` by ``limit`` (answered 429)."""
+        self.admissions.append((now_ms - self._start_ms, key, images, limit))
 
     def accepted(self, now_ms: int, images: int, *, key: str = "", model: str = "") -> None:
         """Record a request admitted at ``now_ms`` (it is answered 200 after its latency)."""
+        self.admissions.append((now_ms - self._start_ms, key, images, "ok"))
         self.images_generated += images
         self.images_by_model[model] = self.images_by_model.get(model, 0) + images
         self.images_by_key[key] = self.images_by_key.get(key, 0) + images
@@ -480,6 +491,7 @@ class _EmulatorApp:
             ("/files/{name}", self.image),
             ("/_stats", self.stats_route),
             ("/_received_inputs", self.received_route),
+            ("/_admissions", self.admissions_route),
             ("/_control", self.control),
             ("/{tail:.*}", self.unknown),
         ]
@@ -581,6 +593,7 @@ class _EmulatorApp:
         now_ms = self.clock.mono_ms()
         refusal = self.limits.admit(key, batch_size, model=model, now_ms=now_ms)
         if refusal is not None:
+            self.stats.refused(now_ms, batch_size, key=key, limit=refusal.limit)
             payload = {
                 "code": RATE_LIMIT_CODE,
                 "message": RATE_LIMIT_MESSAGE + refusal.details,
@@ -744,6 +757,12 @@ class _EmulatorApp:
         if request.method != "GET":
             return _not_found(trace_id)
         return _json(200, list(self.received_inputs), trace_id)
+
+    async def admissions_route(self, request: web.Request) -> web.StreamResponse:
+        trace_id = self.trace_id()
+        if request.method != "GET":
+            return _not_found(trace_id)
+        return _json(200, list(self.stats.admissions), trace_id)
 
     async def control(self, request: web.Request) -> web.StreamResponse:
         trace_id = self.trace_id()
@@ -948,6 +967,12 @@ class Emulator(AsyncResource):
         """
         return self._app.stats.snapshot()
 
+    def admissions(self) -> list[tuple[int, str, int, str]]:
+        """Each limit decision, oldest first: ``(ms since the last reset, key, images,
+        outcome)``, outcome ``"ok"`` or the limit that refused (``"IPM"``, ``"IPD"``, ...);
+        the same as ``GET /_admissions`` (the last 100,000)."""
+        return list(self._app.stats.admissions)
+
     def reset_stats(self) -> None:
         """Zero the counters and forget the received inputs (the limits' windows are kept)."""
         self._app.stats.reset()
@@ -1048,7 +1073,7 @@ class Emulator(AsyncResource):
     def set_outage(self, down: bool) -> None:
         """``True``: every API and image request has its connection closed at once (the
         client sees a reset); ``False``: the API answers again, on the same port.
-        ``/_stats``, ``/_received_inputs`` and ``/_control`` answer throughout."""
+        The test endpoints (``/_stats``, ``/_admissions``, ...) answer throughout."""
         self._app.outage = down
 
     @property
