@@ -890,6 +890,12 @@ class Pipeline:
                 ],
                 "damaged_line_count": len(self._state.damaged),
             },
+            # What the rows were read with, so `sfbatch status --input` reads them alike.
+            "reading": {
+                "defaults": self.config.defaults.as_request(),
+                "base_seed": self.config.build.base_seed,
+                "variations": self.config.build.variations,
+            },
             "quota": {
                 "ipd": self.config.ipd,
                 "billed_today": self._billed_today(),

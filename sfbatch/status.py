@@ -43,6 +43,7 @@ from typing import Any, Final
 import orjson
 
 from sfbatch.commands import Command, flag
+from sfbatch.config import RequestDefaults
 from sfbatch.errors import ConfigError
 from sfbatch.figures import duration, human_bytes, percentile, percentiles, plural
 from sfbatch.manifest import (
@@ -166,19 +167,52 @@ def _throughput(ok: int, finished: list[str]) -> dict[str, Any]:
     }
 
 
-def _summary_ipd(out_dir: Path) -> tuple[int | None, str | None]:
-    """``quota.ipd`` from ``summary.json`` (or a shard's ``summary-I-of-N.json``)."""
-    candidates = [out_dir / "summary.json", *sorted(out_dir.glob("summary-*.json"))]
-    for path in candidates:
+def _run_summaries(out_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``summary.json`` (then each shard's ``summary-I-of-N.json``) that parse, by name."""
+    for path in [out_dir / "summary.json", *sorted(out_dir.glob("summary-*.json"))]:
         try:
             summary = orjson.loads(path.read_bytes())
         except (OSError, orjson.JSONDecodeError):
             continue
-        quota = summary.get("quota") if isinstance(summary, dict) else None
+        if isinstance(summary, dict):
+            yield path.name, summary
+
+
+def _summary_ipd(out_dir: Path) -> tuple[int | None, str | None]:
+    """``quota.ipd`` from ``summary.json`` (or a shard's ``summary-I-of-N.json``)."""
+    for name, summary in _run_summaries(out_dir):
+        quota = summary.get("quota")
         ipd = quota.get("ipd") if isinstance(quota, dict) else None
         if isinstance(ipd, int) and not isinstance(ipd, bool) and ipd > 0:
-            return ipd, path.name
+            return ipd, name
     return None, None
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """How the last run read its rows (``summary.json``'s ``reading``): rows read alike
+    get the same ids and fingerprints, so they match their records."""
+
+    defaults: RequestDefaults = field(default_factory=RequestDefaults)
+    base_seed: int = 0
+    variations: int | None = None  # None: as many as the records show
+
+
+def _summary_reading(out_dir: Path) -> _Reading:
+    for _, summary in _run_summaries(out_dir):
+        reading = summary.get("reading")
+        if not isinstance(reading, dict):
+            continue
+        try:
+            defaults = RequestDefaults(**reading.get("defaults", {}))
+            base_seed = reading.get("base_seed", 0)
+            variations = reading.get("variations")
+            if not isinstance(base_seed, int) or not isinstance(variations, int | None):
+                raise ConfigError("not a run's reading")
+            return _Reading(defaults, base_seed, variations)
+        except (ConfigError, TypeError):
+            continue  # written by another version, or edited: read with the defaults
+    return _Reading()
 
 
 def _variations(latest: dict[str, ManifestRecord]) -> int:
@@ -190,14 +224,16 @@ def _variations(latest: dict[str, ManifestRecord]) -> int:
     return most + 1
 
 
-def _pending(input_path: Path, latest: dict[str, ManifestRecord]) -> dict[str, Any]:
+def _pending(
+    input_path: Path, latest: dict[str, ManifestRecord], reading: _Reading
+) -> dict[str, Any]:
     """Input rows not yet done, the images they still need, and the history.
 
     Every row is read and matched to the latest record of its id *and* fingerprint (an
     edited row is pending: its record is of what the row asked for before). Records no
     row matches are *history*: rows edited away or removed from the input. The rows are
-    read with the default settings, so a job run with other ones (``--model``, a base
-    seed) should be counted with the run's own summary instead.
+    read as the last run read them (its request defaults, base seed and variations, from
+    its summary), else with the default settings.
     """
     from sfbatch.loader import PromptSource
     from sfbatch.resume import DAMAGED_CODE
@@ -206,7 +242,12 @@ def _pending(input_path: Path, latest: dict[str, ManifestRecord]) -> dict[str, A
     # records know: estimate it by the mean batch size recorded.
     sizes = [b for r in latest.values() if isinstance(b := r.get("batch_size"), int) and b > 0]
     per_row = sum(sizes) / len(sizes) if sizes else 1.0
-    source = PromptSource(input_path, variations=_variations(latest))
+    source = PromptSource(
+        input_path,
+        defaults=reading.defaults,
+        base_seed=reading.base_seed,
+        variations=reading.variations or _variations(latest),
+    )
     rows = pending = images = matched = estimated = 0
     for row in source:
         rows += 1
@@ -285,7 +326,9 @@ def status_report(
             reasons[status][group] += 1
             examples.setdefault(group, message)
 
-    pending = _pending(input_path, scan.latest) if input_path is not None else None
+    pending = None
+    if input_path is not None:
+        pending = _pending(input_path, scan.latest, _summary_reading(out_dir))
     ipd_source: str | None = "--ipd" if ipd is not None else None
     if ipd is None:
         ipd, ipd_source = _summary_ipd(out_dir)

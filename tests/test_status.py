@@ -478,3 +478,43 @@ async def test_summary_json_and_status_agree_on_every_figure_they_share(tmp_path
             assert report[key][q] == summary[key][q], (key, q)
     assert [(t.reason.key, t.count) for t in result.errors] == list(summary["errors"].items())
     assert all(t.example for t in result.errors)
+
+
+async def test_pending_reads_the_input_as_the_run_did(tmp_path: Path) -> None:
+    """A run with its own model, seed base and variations: ``status --input`` reads the
+    rows with them (from summary.json), so nothing done shows as pending, and an edited
+    row does."""
+    from tests.conftest import run_sfbatch, sfbatch_env
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a harbour at dusk {i}\n" for i in range(6)))
+    out = tmp_path / "out"
+    run_flags = ("--model", "Qwen/Qwen-Image", "--base-seed", "7", "--variations", "2")
+    code, _, err = await run_sfbatch(
+        "run",
+        str(prompts),
+        "--out",
+        str(out),
+        "--emulator",
+        "--no-progress",
+        *run_flags,
+        env=sfbatch_env(None),
+    )
+    assert code == 0, err
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["reading"] == {
+        "defaults": {"model": "Qwen/Qwen-Image"},
+        "base_seed": 7,
+        "variations": 2,
+    }
+    report = status_report(out, input_path=prompts)
+    assert (report["input_rows"], report["pending"]) == (12, 0)
+
+    prompts.write_text(prompts.read_text().replace("dusk 3", "dawn 3"))
+    report = status_report(out, input_path=prompts)
+    assert report["pending"] == 2  # the edited row's two variations
+    assert report["history"] == 2  # the records of what it asked before
+
+    # without the summary (an older run's directory) the defaults apply: all pending
+    (out / "summary.json").unlink()
+    assert status_report(out, input_path=prompts)["pending"] == 12
