@@ -40,6 +40,8 @@ def print_summary(result: RunResult, config: Any) -> None:
     manifest = out_dir / config.manifest_name
     headline = _headline(result, summary)
     reasons = _reasons(result)
+    if result.outcome == "quota" and result.message:
+        reasons.insert(0, result.message)  # which model and keys ran out (others may have finished)
     images_to = getattr(getattr(config, "output", None), "images_to", None)
     files = (
         f"images in {images_to or out_dir / 'images'}, manifest {manifest}, "

@@ -384,6 +384,12 @@ def test_summary_explains_failures_and_the_next_step(
     err = capsys.readouterr().err
     assert err.startswith("sfbatch: stopped at the daily quota after 1m15s: 3 ok")
     assert "next:  the daily quota is used up: run the same command tomorrow to go on" in err
+    assert "why:" not in err  # nothing failed, and no message to tell
+
+    one_model = "no key can go on with Qwen/Qwen-Image: the key has reached its daily quota"
+    quota = RunResult(outcome="quota", summary={"run": {"ok": 3}}, message=one_model)
+    print_summary(quota, config)
+    assert f"why:   {one_model}" in capsys.readouterr().err
 
     fatal = RunResult(
         outcome="fatal", summary={"run": {}}, message="401 the API key was not accepted"
