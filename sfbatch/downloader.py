@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import os
 import random
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -58,9 +59,11 @@ __all__ = [
     "clean_tmp",
     "disk_full",
     "sniff_image_type",
+    "tmp_dir_name",
 ]
 
 TMP_DIR = ".tmp"
+_SHARD_TMP = re.compile(r"\d+-of-\d+")
 _CHUNK = 64 * 1024
 # Enough bytes for every signature sniff_image_type knows (WEBP's ends at byte 12).
 _SNIFF_BYTES = 12
@@ -99,13 +102,36 @@ def sniff_image_type(head: bytes) -> str | None:
     return None
 
 
-def clean_tmp(out_dir: Path) -> int:
-    """Remove leftover temporary files of an earlier run; returns how many there were."""
-    tmp = out_dir / TMP_DIR
+def tmp_dir_name(shard: tuple[int, int] | None) -> str:
+    """Where a run keeps its temporary files, relative to DIR: ``.tmp``, or ``.tmp/I-of-N``
+    for a shard (the shards of a job run in parallel in one DIR, each under its own lock,
+    so each cleans only its own).
+
+    >>> tmp_dir_name(None), tmp_dir_name((1, 4))
+    ('.tmp', '.tmp/1-of-4')
+    """
+    return TMP_DIR if shard is None else f"{TMP_DIR}/{shard[0]}-of-{shard[1]}"
+
+
+def clean_tmp(out_dir: Path, shard: tuple[int, int] | None = None) -> int:
+    """Remove the leftover temporary files of an earlier run of this shard (or of the
+    whole DIR, shards' own directories apart); returns how many entries there were."""
+    tmp = out_dir / tmp_dir_name(shard)
     if not tmp.is_dir():
         return 0
-    count = sum(1 for _ in tmp.iterdir())
-    shutil.rmtree(tmp, ignore_errors=True)
+    count = 0
+    for entry in tmp.iterdir():
+        if shard is None and _SHARD_TMP.fullmatch(entry.name) and entry.is_dir():
+            continue  # a shard's, maybe running now: only that shard cleans it
+        count += 1
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+    for empty in (tmp, out_dir / TMP_DIR):  # gone when nothing is left in it
+        with contextlib.suppress(OSError):
+            empty.rmdir()
     return count
 
 
@@ -129,6 +155,7 @@ class Downloader:
         retry: RetryPolicy | None = None,
         rng: random.Random | None = None,
         fsync: bool = True,
+        tmp_dir: str = TMP_DIR,
     ) -> None:
         self.out_dir = out_dir
         self._session = session
@@ -141,7 +168,7 @@ class Downloader:
         # Paths are str on the hot path (a Path join per image costs more than the join);
         # temporary names are this downloader's prefix and a counter: unique, no uuid each.
         self._root = os.fspath(out_dir)
-        self._tmp_dir = os.path.join(self._root, TMP_DIR)
+        self._tmp_dir = os.path.join(self._root, tmp_dir)
         self._part_prefix = os.path.join(self._tmp_dir, uuid.uuid4().hex[:16])
         self._parts = itertools.count()
         self.retries = 0

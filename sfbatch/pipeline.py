@@ -55,7 +55,7 @@ import orjson
 from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.concurrency import ConcurrencyWindow
 from sfbatch.config import RunConfig
-from sfbatch.downloader import TMP_DIR, Downloader, StoredImage, clean_tmp, disk_full
+from sfbatch.downloader import Downloader, StoredImage, clean_tmp, disk_full, tmp_dir_name
 from sfbatch.errors import (
     DISK_FULL_ERRNOS,
     DiskFullError,
@@ -226,8 +226,9 @@ class Pipeline:
 
     def _build(self, config: RunConfig, rows: Iterable[Row] | AsyncIterable[Row]) -> None:
         out, limits, workers = config.out_dir, config.limits, config.workers
-        if config.output.shard is None:  # parallel shards share DIR/.tmp: theirs stay
-            clean_tmp(out)
+        shard = config.output.shard
+        self._tmp_dir = tmp_dir_name(shard)
+        clean_tmp(out, shard)
         manifest_path = out / config.manifest_name
         self._state = read_index([manifest_path], day_start=day_start_iso(limits.day_utc_offset_h))
         refresh_side(self._state, manifest_path)  # before the writer appends to it
@@ -323,6 +324,7 @@ class Pipeline:
             max_bytes=config.output.max_image_bytes,
             retry=config.retry,
             fsync=config.output.fsync_images and self._store is None,
+            tmp_dir=self._tmp_dir,
         )
         self._writer = ManifestWriter(manifest_path)
 
@@ -440,8 +442,7 @@ class Pipeline:
                 await self._dl_session.close()
                 if self._store is not None:
                     await self._store.aclose()
-                if self.config.output.shard is None:
-                    clean_tmp(self.config.out_dir)
+                clean_tmp(self.config.out_dir, self.config.output.shard)
             finally:
                 self._lock.release()
         return self._finish()
@@ -665,7 +666,7 @@ class Pipeline:
                     stem = (
                         self._stem(item.row, index)
                         if self._store is None
-                        else f"{TMP_DIR}/up/{uuid.uuid4().hex}"  # uploaded by the store step
+                        else f"{self._tmp_dir}/up/{uuid.uuid4().hex}"  # uploaded by the store step
                     )
                     images.append(await self._downloader.fetch(generation.urls[index], stem))
             except DiskFullError as exc:

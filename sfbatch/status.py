@@ -15,7 +15,7 @@ rows are pending and how many nights the daily quota needs for them::
 
 ``verify`` checks that every image of the latest ``ok`` records is on disk with the
 recorded size and sha256, and lists orphan files under ``DIR/images/`` and leftover
-``DIR/.tmp/*.part`` files. Missing or mismatched images make it exit 1; orphans and
+``DIR/.tmp/**/*.part`` files. Missing or mismatched images make it exit 1; orphans and
 leftovers alone are warnings (exit 0): they waste space but lose nothing, and a resumed
 run clears ``.tmp/`` itself. Images stored as objects (``s3://`` paths, a run with
 ``--images-to``) are checked with a HEAD (exists, size); ``deep=True`` (``--deep``)

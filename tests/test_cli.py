@@ -225,6 +225,34 @@ async def test_shards_split_one_file_and_status_understands_the_set(tmp_path: Pa
     assert code == 0, output
 
 
+async def test_each_shard_cleans_only_its_own_temporary_files(tmp_path: Path) -> None:
+    """A killed run's ``.part`` files go with its next run: a shard's under
+    ``.tmp/I-of-N`` (its parallel siblings' stay), an unsharded run's under ``.tmp``."""
+    src = prompts(tmp_path / "p.txt", 6)
+    out = tmp_path / "out"
+    leftovers = {shard: out / ".tmp" / shard / "dead.part" for shard in ("0-of-2", "1-of-2", "")}
+    for part in leftovers.values():
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(b"half an image")
+
+    def left() -> set[str]:
+        return {shard for shard, part in leftovers.items() if part.exists()}
+
+    async with Emulator() as emu:
+        base = ("run", str(src), "--out", str(out), "--base-url", emu.base_url)
+        code, output = await sfbatch(*base, "--shard", "0/2")
+        assert code == 0, output
+        assert left() == {"1-of-2", ""}
+        code, output = await sfbatch(*base)  # the whole file, beside the shards
+        assert code == 0, output
+        assert left() == {"1-of-2"}  # shard 1's may be running: only shard 1 cleans it
+        code, output = await sfbatch("verify", str(out))
+        assert "1-of-2/dead.part" in output
+        code, output = await sfbatch(*base, "--shard", "1/2")
+        assert code == 0, output
+    assert left() == set() and not (out / ".tmp").exists()
+
+
 async def test_bad_key_exits_3_fast_and_never_prints_the_key(tmp_path: Path) -> None:
     secret = "sk-top-secret-value-0042"
     src = prompts(tmp_path / "p.txt", 100)
