@@ -117,8 +117,8 @@ def clean_tmp(out_dir: Path, shard: tuple[int, int] | None = None) -> int:
     """Remove the leftover temporary files of an earlier run of this shard (or of the
     whole DIR, shards' own directories apart); returns how many entries there were."""
     tmp = out_dir / tmp_dir_name(shard)
-    if not tmp.is_dir():
-        return 0
+    if not tmp.is_dir() or tmp.is_symlink():
+        return 0  # a link is the user's (or a test's): what it points at is not ours
     count = 0
     for entry in tmp.iterdir():
         if shard is None and _SHARD_TMP.fullmatch(entry.name) and entry.is_dir():
