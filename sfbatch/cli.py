@@ -23,7 +23,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sfbatch import jobfile
 from sfbatch.commands import Command, add_command, flag_type
@@ -32,9 +32,6 @@ from sfbatch.errors import ConfigError, FatalApiError, SfbatchError
 from sfbatch.jobfile import Job
 from sfbatch.models import DEFAULT_MODEL
 from sfbatch.settings import Spec, own_specs, specs_of
-
-if TYPE_CHECKING:
-    from sfbatch.modelcheck import ModelOffer
 
 __all__ = [
     "EXIT_AUTH",
@@ -302,6 +299,7 @@ def _run_gc() -> Iterator[None]:
 
 
 async def _run(job: Job, args: argparse.Namespace) -> int:
+    from sfbatch.modelcheck import check_models
     from sfbatch.pipeline import Pipeline
     from sfbatch.progress import Progress
     from sfbatch.summary import print_summary
@@ -315,7 +313,7 @@ async def _run(job: Job, args: argparse.Namespace) -> int:
             )
             return EXIT_AUTH
         try:
-            offer = await _model_offer(job, config)
+            offer = await check_models(config, job.registry)
             sources = [job.source(path, offer=offer) for path in job.inputs]
             rows = _chain(sources)
             pipeline = Pipeline(config, rows, registry=job.registry)
@@ -343,39 +341,6 @@ async def _run(job: Job, args: argparse.Namespace) -> int:
                 loop.remove_signal_handler(sig)
         print_summary(result, config)
         return result.exit_code
-
-
-async def _model_offer(job: Job, config: RunConfig) -> ModelOffer | None:
-    """The endpoint's models (``None``: not checked). ConfigError if a model the job names
-    up front (the default, a ``[limits.models."M"]``) is not offered."""
-    from sfbatch.client import SiliconFlowClient
-    from sfbatch.modelcheck import default_model, fetch_offer
-
-    if not config.model_check:
-        return None
-    async with SiliconFlowClient(
-        base_url=config.base_url,
-        api_key=config.api_keys[0],  # several keys: the first one's list stands for all
-        connect_timeout_s=config.timeouts.connect_timeout_s,
-    ) as client:
-        offer = await fetch_offer(client)
-    if offer is None:
-        return None
-    default = default_model(config.defaults)
-    problem = offer.problem(default, job.registry)
-    if problem is not None:
-        raise ConfigError(
-            f"{problem}. It is the model of rows that name none: choose one with --model "
-            "(or [request] model), or send anyway with --no-model-check"
-        )
-    for model in config.limits.models:
-        problem = offer.problem(model, job.registry)
-        if problem is not None:
-            raise ConfigError(
-                f"{problem}. The job sets limits for it ([limits.models]); remove them, or "
-                "send anyway with --no-model-check"
-            )
-    return offer
 
 
 def _on_signal(pipeline: Any, sig: signal.Signals) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sfbatch.client import SiliconFlowClient
-from sfbatch.config import BASE_URLS, RequestDefaults
+from sfbatch.config import BASE_URLS, RequestDefaults, RunConfig
 from sfbatch.errors import ConfigError, FatalApiError, SfbatchError
 from sfbatch.inputs import InputChecker, InputImageError, input_kind
 from sfbatch.models import DEFAULT_MODEL, IMAGE_FIELDS, ModelRegistry, validate_request
@@ -177,6 +177,37 @@ async def fetch_offer(
         "could not list the endpoint's models (%s); going on without the model check", reason
     )
     return None
+
+
+async def check_models(config: RunConfig, registry: ModelRegistry) -> ModelOffer | None:
+    """The endpoint's models before a run's first request (``None``: not checked, by
+    ``config.model_check`` or because the endpoint cannot say). :class:`ConfigError` if a
+    model the config names up front (the default, one with limits of its own) is not offered.
+    The command and :func:`sfbatch.generate` both start with it."""
+    if not config.model_check:
+        return None
+    async with SiliconFlowClient(
+        base_url=config.base_url,
+        api_key=config.api_keys[0],  # several keys: the first one's list stands for all
+        connect_timeout_s=config.timeouts.connect_timeout_s,
+    ) as client:
+        offer = await fetch_offer(client)
+    if offer is None:
+        return None
+    problem = offer.problem(default_model(config.defaults), registry)
+    if problem is not None:
+        raise ConfigError(
+            f"{problem}. It is the model of rows that name none: choose one with --model "
+            "(or [request] model), or send anyway with --no-model-check (model_check=False)"
+        )
+    for model in config.limits.models:
+        problem = offer.problem(model, registry)
+        if problem is not None:
+            raise ConfigError(
+                f"{problem}. The job sets limits for it ([limits.models]); remove them, or "
+                "send anyway with --no-model-check (model_check=False)"
+            )
+    return offer
 
 
 def default_model(defaults: RequestDefaults) -> str:

@@ -86,6 +86,7 @@ from sfbatch.manifest import (
     invalid_error,
     now_iso,
 )
+from sfbatch.modelcheck import ModelOffer, check_models
 from sfbatch.models import DEFAULT_MODEL, ModelRegistry
 from sfbatch.outage import OutageDetector
 from sfbatch.reasons import Reason, ReasonTally
@@ -950,19 +951,25 @@ async def generate(
             print(record["status"], [image["path"] for image in record["images"]])
         print(results[0].summary["throughput"])
 
+    Like the command, it first lists the endpoint's models (``config.model_check``): a
+    row naming a model not offered is recorded ``invalid``, and a default model (or one
+    with limits of its own) not offered raises :class:`~sfbatch.errors.ConfigError`
+    before anything is sent.
+
     Raises the :class:`~sfbatch.errors.FatalApiError` that stopped the job (bad key,
     wrong base URL), the :class:`~sfbatch.storage.StorageError` of an ``images_to``
     store that refused or failed, or :class:`~sfbatch.errors.QuotaReachedError` once
     the daily quota ends it early, after yielding every record written before.
     """
     registry = registry or ModelRegistry.load(config.models_file)
+    offer = await check_models(config, registry)
     source: Iterable[Row] | AsyncGenerator[Row, None]
     if isinstance(rows, PromptSource):
         source = rows
     elif isinstance(rows, AsyncIterable):
-        source = _as_async_rows(rows, config, registry)
+        source = _as_async_rows(rows, config, registry, offer)
     else:
-        source = _as_rows(rows, config, registry)
+        source = _as_rows(rows, config, registry, offer)
     records: asyncio.Queue[ManifestRecord | None] = asyncio.Queue(config.queue_size)
     pipeline = Pipeline(config, source, registry=registry, on_record=records.put)
 
@@ -999,12 +1006,16 @@ async def generate(
 
 
 def _source(
-    items: Iterable[str | Mapping[str, Any]], config: RunConfig, registry: ModelRegistry
+    items: Iterable[str | Mapping[str, Any]],
+    config: RunConfig,
+    registry: ModelRegistry,
+    offer: ModelOffer | None,
 ) -> PromptSource:
     return PromptSource.from_records(
         items,
         defaults=config.defaults,
         registry=registry,
+        offer=offer,
         base_seed=config.base_seed,
         variations=config.variations,
         shard=config.shard,
@@ -1013,7 +1024,12 @@ def _source(
     )
 
 
-def _as_rows(rows: Iterable[RowInput], config: RunConfig, registry: ModelRegistry) -> Iterable[Row]:
+def _as_rows(
+    rows: Iterable[RowInput],
+    config: RunConfig,
+    registry: ModelRegistry,
+    offer: ModelOffer | None,
+) -> Iterable[Row]:
     """Rows as given, or validated rows built from strings and mappings."""
     items = iter(rows)
     first = next(items, None)
@@ -1022,11 +1038,14 @@ def _as_rows(rows: Iterable[RowInput], config: RunConfig, registry: ModelRegistr
     chained = itertools.chain((first,), items)
     if isinstance(first, Row):
         return chained  # type: ignore[return-value]
-    return _source(chained, config, registry)  # type: ignore[arg-type]
+    return _source(chained, config, registry, offer)  # type: ignore[arg-type]
 
 
 async def _as_async_rows(
-    rows: AsyncIterable[RowInput], config: RunConfig, registry: ModelRegistry
+    rows: AsyncIterable[RowInput],
+    config: RunConfig,
+    registry: ModelRegistry,
+    offer: ModelOffer | None,
 ) -> AsyncGenerator[Row, None]:
     """:func:`_as_rows` for an async iterable.
 
@@ -1062,7 +1081,7 @@ async def _as_async_rows(
             inbox.put(_BRIDGE_END)
 
     pumping = asyncio.create_task(pump())
-    built = iter(_source(fed(), config, registry))
+    built = iter(_source(fed(), config, registry, offer))
 
     def next_row() -> Row | None:  # runs in the worker thread
         return next(built, None)

@@ -366,3 +366,36 @@ async def test_several_keys_and_the_jobs_per_model_limits_are_checked(tmp_path: 
     assert code == 2, output
     assert f"model {SD35} is not offered" in output and "[limits.models]" in output
     assert not (tmp_path / "o2").exists()
+
+
+async def test_the_library_checks_the_models_like_the_command(tmp_path: Path) -> None:
+    """``sfbatch.generate`` lists the models first: an unoffered default raises before
+    anything is sent, a row naming one is ``invalid``; ``model_check=False`` sends."""
+    import sfbatch
+
+    async with Emulator(offer=TODAY_CN) as emu:
+
+        def config(out: str, **options: object) -> sfbatch.RunConfig:
+            return sfbatch.RunConfig(
+                out_dir=tmp_path / out, api_key=emu.api_key, base_url=emu.base_url, **options
+            )
+
+        with pytest.raises(ConfigError, match=f"model {SD35} is not offered"):
+            async for _ in sfbatch.generate(
+                ["a cat"], config("a", defaults=RequestDefaults(model=SD35))
+            ):
+                pass
+        assert emu.stats()["generation_requests"] == 0
+
+        rows = ["a cat", {"prompt": "a dog", "model": SD35}]
+        records = [r async for r in sfbatch.generate(rows, config("b"))]
+        assert emu.stats()["generation_requests"] == 1
+        by_prompt = {r["prompt"]: r for r in records}
+        assert by_prompt["a cat"]["status"] == "ok"
+        assert by_prompt["a dog"]["status"] == "invalid"
+        assert f"{SD35} is not offered" in by_prompt["a dog"]["error"]["message"]  # type: ignore[index]
+
+        records = [r async for r in sfbatch.generate(rows[1:], config("c", model_check=False))]
+        assert emu.stats()["generation_requests"] == 2  # sent: the server says no
+        assert records[0]["status"] == "failed"
+        assert emu.stats()["models_requests"] == 2
