@@ -491,14 +491,16 @@ def _read_chunk(index: ResumeIndex, path: Path, buf: bytearray, end: int, line: 
         return line + lines
     index.records += lines
     horizon = index._horizon.encode()
-    if any(count != b"0" and finished >= horizon for _, _, finished, count, _ in matches):
-        _billing_in(index, buf, end, horizon)
+    billed_recently = False
     done: list[tuple[int, bytes]] = []
     maybe_other = index._maybe_other
     code_of = _CODE_OF
     crc32 = zlib.crc32
-    for row_id, status, _, _, fp in matches:
+    others: set[bytes] = set()  # the statuses other than ok in this chunk
+    for row_id, status, finished, billed, fp in matches:
         key = int(fp, 16) ^ (crc32(row_id) << 22)  # item_key(), inlined (FRONT_RE: fp is hex)
+        if finished >= horizon and billed != b"0":
+            billed_recently = True
         if status == b"ok":
             bit = (key >> 20) & 0xFFFFF
             if maybe_other[bit >> 3] & (1 << (bit & 7)):
@@ -506,9 +508,15 @@ def _read_chunk(index: ResumeIndex, path: Path, buf: bytearray, end: int, line: 
             done.append((key, b""))
         else:
             index._enter_other(key, code_of[status])
+            others.add(status)
     index.done.put_all(done)
-    _generated_in(index, buf, end)
-    _damaged_in(index, buf, end)
+    # Each a pass over the chunk's bytes: only when a line it is for is in it.
+    if billed_recently:
+        _billing_in(index, buf, end, horizon)
+    if b"generated" in others:
+        _generated_in(index, buf, end)
+    if b"failed" in others:  # a repair record is a failed one
+        _damaged_in(index, buf, end)
     return line + lines
 
 
