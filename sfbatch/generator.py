@@ -165,6 +165,33 @@ class Generator:
         self.retries = 0
         self.rate_limited = 0
         self.outage_failures = 0  # connection-level failures during an outage: not charged
+        # tasks waiting for a lease (the limiter's pace) -> whether stop_waiting woke them
+        self._leasing: dict[asyncio.Task[Any], bool] = {}
+
+    def stop_waiting(self) -> None:
+        """The run stops: requests still waiting for a lease will not be sent, so end their
+        waits now (each raises :class:`Stopped`) rather than when the limiter's pace would
+        have let them go, which can be long after the in-flight work has landed."""
+        for task, woken in self._leasing.items():
+            if not woken:
+                self._leasing[task] = True
+                task.cancel()
+
+    async def _lease(self, model: str, batch: int) -> Lease:
+        """A lease from the pool, or :class:`Stopped` if the run stops meanwhile."""
+        if self._stopping():
+            raise Stopped
+        task = asyncio.current_task()
+        assert task is not None
+        self._leasing[task] = False
+        try:
+            return await self._pool.acquire(model, batch)
+        except asyncio.CancelledError:
+            if self._leasing[task] and task.uncancel() == 0:
+                raise Stopped from None  # woken by stop_waiting, not cancelled from outside
+            raise
+        finally:
+            del self._leasing[task]
 
     @property
     def pool(self) -> KeyPool:
@@ -211,7 +238,7 @@ class Generator:
         outcome: WindowOutcome = "error"
         lease: Lease | None = None
         try:
-            lease = await self._pool.acquire(model, batch)
+            lease = await self._lease(model, batch)
             if self._stopping():
                 raise Stopped
             # Local input images become data URIs only now, so no row holds their bytes.

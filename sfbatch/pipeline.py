@@ -360,6 +360,7 @@ class Pipeline:
         )
         if self._stop_reason is None or overrides:
             self._stop_reason, self._stop_message = reason, message
+        self._generator.stop_waiting()  # nothing more is sent: no request waits its turn
 
     def _cancel_stages(self) -> None:
         if self._stages is not None and not self._stages.done():

@@ -8,7 +8,8 @@ other configuration, e.g. ``async with emulator_factory(rpm=2, latency_s=0.05) a
 AWS environment variables pointing at it (``AWS_ENDPOINT_URL``, test credentials).
 
 ``sfbatch_env``, ``start_sfbatch`` and ``run_sfbatch`` run ``python -m sfbatch`` as a user
-would, with this checkout's code and none of the machine's ``SILICONFLOW_*`` settings.
+would, with this checkout's code and none of the machine's ``SILICONFLOW_*`` settings;
+``run_benchmark`` runs a script of ``benchmarks/`` the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -86,6 +88,22 @@ async def run_sfbatch(
     out, err = await asyncio.wait_for(proc.communicate(), deadline_s)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+def run_benchmark(script: str, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/SCRIPT ARGS`` with this checkout first on the path; its exit code is
+    asserted 0 (the output's end in the message)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
 
 
 @pytest.fixture

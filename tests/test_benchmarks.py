@@ -10,17 +10,11 @@ carries on without that baseline or the profile.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import run_benchmark
 
 pytest.importorskip("requests", reason="the baselines need requests (pip install '.[bench]')")
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN_ALL = ROOT / "benchmarks" / "run_all"
 
 ROWS = (
     "| 1 throughput, items/s (vs sequential)",
@@ -39,17 +33,7 @@ ROWS = (
 
 @pytest.mark.timeout(180)
 def test_run_all_smoke_prints_every_row() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, str(RUN_ALL), "--quick", "--smoke"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_benchmark("run_all", "--quick", "--smoke", timeout_s=170)
     out = proc.stdout
     assert "## summary: benchmarks/run_all --quick --smoke (smoke mode)" in out
     assert "| figure" in out and "| met?" in out
@@ -71,16 +55,7 @@ QUOTA_ROWS = (
 
 @pytest.mark.timeout(120)
 def test_bench_quota_smoke_runs_the_engine_and_prints_every_row() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_quota.py"), "--smoke"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = run_benchmark("bench_quota.py", "--smoke", timeout_s=110)
     for row in QUOTA_ROWS:
         assert row in proc.stdout, f"missing row {row!r} in:\n{proc.stdout[-4000:]}"
     # the engine said why fixed concurrency 4 holds the rate down

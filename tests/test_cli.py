@@ -401,3 +401,23 @@ async def test_kill_9_leaves_no_record_pointing_at_a_missing_or_partial_file(
             data = (out / image["path"]).read_bytes()
             assert len(data) == image["bytes"]
             assert hashlib.sha256(data).hexdigest() == image["sha256"]
+
+
+def test_run_puts_the_collector_back_as_it_found_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run`` freezes start-up's objects and collects less often while it runs; ``main()``
+    called in a process that goes on (a notebook, a scheduler) gets its settings back."""
+    import gc
+
+    from sfbatch.cli import main
+
+    for name in ("SILICONFLOW_API_KEY", "SILICONFLOW_API_KEYS", "SILICONFLOW_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    before = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    src = prompts(tmp_path / "p.txt", 3)
+    argv = ["run", str(src), "--out", str(tmp_path / "out"), "--emulator", "--no-progress"]
+    assert main(argv) == 0
+    assert lines_in(tmp_path / "out" / "manifest.jsonl") == 3
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen

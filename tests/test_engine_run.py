@@ -346,3 +346,26 @@ def test_siliconflow_api_keys_gives_several_keys(monkeypatch: pytest.MonkeyPatch
     env = Environment.read()
     cfg = RunConfig(out_dir="o", api_key=env.api_key)
     assert cfg.api_keys == ("sk-one", "sk-two", "sk-three")
+
+
+async def test_a_stop_ends_the_waits_for_the_limiter_at_once(tmp_path: Path) -> None:
+    """Ctrl-C at 60 requests a minute with 8 requests waiting their turn: what is in flight
+    lands, and no waiting request is given a lease afterwards (it would not be sent, and
+    the run would wait for the limiter's pace before it could end)."""
+    async with Emulator(host="127.0.0.1", port=0, latency_s=0.2) as emu:
+        cfg = config_for(emu, tmp_path, concurrency=8, rpm=60, grace_s=600)
+        pipeline: Pipeline
+
+        async def on_record(record: ManifestRecord) -> None:
+            if not pipeline.stopping:
+                pipeline.interrupt()
+                leases_at_stop.append(sum(k["acquires"] for k in pipeline.statistics()["keys"]))
+
+        leases_at_stop: list[int] = []
+        pipeline = Pipeline(cfg, rows(cfg, prompts(40)), registry=REG, on_record=on_record)
+        result = await pipeline.run()
+        sent = emu.stats()["generation_requests"]
+    assert result.outcome == "interrupted"
+    leases = sum(key["acquires"] for key in result.summary["keys"])
+    assert leases == leases_at_stop[0] == sent  # every lease was sent; none given after
+    assert statuses(tmp_path)["ok"] == sent < 40

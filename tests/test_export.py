@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
-from conftest import run_sfbatch, sfbatch_env
+from conftest import run_benchmark, run_sfbatch, sfbatch_env
 
 from sfbatch.errors import ConfigError
 from sfbatch.export import ExportConfig, export, latest_index, parse_size, sample_key
@@ -352,17 +351,6 @@ async def test_missing_extra_is_named(tmp_path: Path, monkeypatch: pytest.Monkey
 @pytest.mark.timeout(180)
 def test_bench_export_smoke_runs() -> None:
     """benchmarks/bench_export.py --smoke still runs end to end (no timing is asserted)."""
-    import subprocess
-
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_export.py"), "--smoke"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_benchmark("bench_export.py", "--smoke", timeout_s=170)
     assert "export 20,000-record manifest (parquet --no-bytes)" in proc.stdout
     assert "| export webdataset → moto S3" in proc.stdout

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import REPO, run_benchmark
 
 from sfbatch.config import RunConfig
 from sfbatch.emulator import Emulator
@@ -24,7 +25,6 @@ from sfbatch.resume import Cursor, ResumeIndex, read_index, refresh_side
 from sfbatch.sideindex import read_blocks, side_path
 
 REG = ModelRegistry.builtin()
-REPO = Path(__file__).resolve().parent.parent
 FP = "0123456789abcdef"
 TODAY = "2026-12-01T00:00:00.000Z"
 
@@ -387,20 +387,7 @@ async def test_a_cursor_jump_makes_exactly_what_the_long_way_makes(
 
 
 def test_bench_resume_smoke_runs_and_reports_every_case(tmp_path: Path) -> None:
-    import subprocess
-
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    script = REPO / "benchmarks" / "bench_resume.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--dir", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_benchmark("bench_resume.py", "--smoke", "--dir", str(tmp_path), timeout_s=300)
     for row in ("resume with manifest.idx", "the cursor an earlier resume left", "naive"):
         assert row in proc.stdout
     assert not list(tmp_path.iterdir())  # its files are gone
