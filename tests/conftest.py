@@ -15,6 +15,7 @@ would, with this checkout's code and none of the machine's ``SILICONFLOW_*`` set
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 
 from sfbatch.emulator import Emulator, EmulatorConfig
+from sfbatch.logs import configure_logging
 
 EmulatorFactory = Callable[..., AbstractAsyncContextManager[Emulator]]
 
@@ -104,6 +106,16 @@ def run_benchmark(script: str, *args: str, timeout_s: float) -> subprocess.Compl
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+@pytest.fixture
+def sfbatch_logging() -> Iterator[None]:
+    """configure_logging for one test; the loggers are put back as they were after."""
+    logger, root = logging.getLogger("sfbatch"), logging.getLogger()
+    saved = (logger.handlers[:], logger.level, logger.propagate, root.handlers[:])
+    configure_logging(level=logging.INFO)
+    yield
+    logger.handlers[:], logger.level, logger.propagate, root.handlers[:] = saved
 
 
 @pytest.fixture

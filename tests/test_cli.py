@@ -403,6 +403,7 @@ async def test_kill_9_leaves_no_record_pointing_at_a_missing_or_partial_file(
             assert hashlib.sha256(data).hexdigest() == image["sha256"]
 
 
+@pytest.mark.usefixtures("sfbatch_logging")  # main() configures logging: put back after
 def test_run_puts_the_collector_back_as_it_found_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,7 +26,7 @@ import orjson
 import pytest
 from conftest import sfbatch_env
 
-from sfbatch.logs import LiveLine, attach_live_line, configure_logging
+from sfbatch.logs import LiveLine, attach_live_line
 from sfbatch.pipeline import RunResult
 from sfbatch.progress import Progress, _bar_line, _Snapshot
 from sfbatch.reasons import Reason, ReasonTally
@@ -99,16 +98,6 @@ def run_cli(job: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[st
 
 def status_lines(stderr: str) -> list[re.Match[str]]:
     return [m for line in stderr.splitlines() if (m := STATUS.match(line))]
-
-
-@pytest.fixture
-def sfbatch_logging() -> Iterator[None]:
-    """configure_logging for one test; the loggers are put back as they were after."""
-    logger, root = logging.getLogger("sfbatch"), logging.getLogger()
-    saved = (logger.handlers[:], logger.level, logger.propagate, root.handlers[:])
-    configure_logging(level=logging.INFO)
-    yield
-    logger.handlers[:], logger.level, logger.propagate, root.handlers[:] = saved
 
 
 # -- the command line, not on a terminal ----------------------------------------------------
