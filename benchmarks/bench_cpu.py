@@ -9,7 +9,10 @@ emulator, ``image_px`` 64, no latency or limits, on CPU 1); its CPU is the rusag
   ``--no-fsync-images``;
 - ``sequential``: the API docs' ``requests`` loop (benchmarks/baselines/sequential.py);
 - ``plain``: aiohttp + aiolimiter, 64 workers, download and write a file, nothing else
-  (benchmarks/baselines/plain_aiohttp.py).
+  (benchmarks/baselines/plain_aiohttp.py);
+- ``plain_kept``: the same script with ``--kept-work``: plus, in the cheapest plain form,
+  the per-image work sfbatch keeps (type check, sha256, ``.part`` + rename, a flushed
+  manifest line; no fsync), to show how much of the gap that work is by itself.
 
 Rounds interleave the systems; medians are reported. Output on disk (``benchmarks/_work``)
 and on tmpfs (``/dev/shm``)::
@@ -58,17 +61,19 @@ SIZES: dict[str, list[tuple[int, int, list[tuple[str, str]]]]] = {
         (3_000, 5, [("sfbatch", "disk"), ("sfbatch_nofsync", "disk"), ("sfbatch", "tmpfs"),
                     ("plain", "disk"), ("sequential", "disk")]),
         (30_000, 3, [("sfbatch", "disk"), ("sfbatch_nofsync", "disk"), ("plain", "disk"),
-                     ("sfbatch", "tmpfs"), ("sfbatch_nofsync", "tmpfs"), ("plain", "tmpfs")]),
+                     ("plain_kept", "disk"), ("sfbatch", "tmpfs"), ("sfbatch_nofsync", "tmpfs"),
+                     ("plain", "tmpfs"), ("plain_kept", "tmpfs")]),
     ],
     "quick": [
         (1, 1, [("sfbatch", "disk"), ("plain", "disk"), ("sequential", "disk")]),
         (3_000, 3, [("sfbatch", "disk"), ("sfbatch_nofsync", "disk"), ("plain", "disk"),
                     ("sequential", "disk")]),
-        (30_000, 1, [("sfbatch", "disk"), ("plain", "disk"), ("sfbatch", "tmpfs"),
-                     ("plain", "tmpfs")]),
+        (30_000, 1, [("sfbatch", "disk"), ("plain", "disk"), ("plain_kept", "disk"),
+                     ("sfbatch", "tmpfs"), ("plain", "tmpfs")]),
     ],
     "smoke": [
-        (200, 1, [("sfbatch", "disk"), ("plain", "disk"), ("sequential", "disk")]),
+        (200, 1, [("sfbatch", "disk"), ("plain", "disk"), ("plain_kept", "disk"),
+                  ("sequential", "disk")]),
     ],
 }  # fmt: skip
 
@@ -79,10 +84,10 @@ def _command(system: str, base_url: str, prompts: Path, out: Path, items: int) -
         cmd += ["--base-url", base_url, "--concurrency", "64", "--download-concurrency", "64"]
         cmd += ["--limit", str(items), "--no-progress"]
         return cmd + (["--no-fsync-images"] if system == "sfbatch_nofsync" else [])
-    if system == "plain":
+    if system.startswith("plain"):
         script = BENCH / "baselines" / "plain_aiohttp.py"
-        limit = ["--limit", str(items)]
-        return [sys.executable, str(script), base_url, str(prompts), str(out), *limit]
+        flags = ["--limit", str(items)] + (["--kept-work"] if system == "plain_kept" else [])
+        return [sys.executable, str(script), base_url, str(prompts), str(out), *flags]
     return [sys.executable, "-c", SEQUENTIAL, base_url, str(prompts), str(out), str(items)]
 
 
@@ -189,10 +194,11 @@ def report(r: dict[str, Any]) -> str:
         )
     head = ["items", "system", "output", "CPU-ms/item", "of it kernel", "items/s", "runs"]
     lines = [table(rows, head), ""]
-    for items, versus in ((3_000, "sequential"), (30_000, "plain"), (200, "plain")):
+    pairs = [(3_000, "sequential"), (30_000, "plain"), (200, "plain")]
+    for items, versus in [*pairs, (30_000, "plain_kept"), (200, "plain_kept")]:
         for place in ("disk", "tmpfs"):
-            for what in ("sfbatch", "sfbatch_nofsync"):
-                x = ratio(r, items, what, versus, place)
+            for what in ("sfbatch", "sfbatch_nofsync", "plain_kept"):
+                x = ratio(r, items, what, versus, place) if what != versus else None
                 if x is not None:
                     lines.append(f"- {items:,} items on {place}: {what} / {versus} = {x:.2f}x")
     return "\n".join(lines)

@@ -31,6 +31,7 @@ import aiohttp
 import orjson
 
 from sfbatch.aio import AsyncResource
+from sfbatch.deadlines import Deadlines
 from sfbatch.errors import (
     DAILY_LIMITS,
     AccountBlockedError,
@@ -106,6 +107,7 @@ class SiliconFlowClient(AsyncResource):
         request_timeout_s: float = 300.0,
         connect_timeout_s: float = 30.0,
         max_connections: int = 100,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
@@ -115,9 +117,11 @@ class SiliconFlowClient(AsyncResource):
         }
         self._session = session
         self._owns_session = session is None
-        self._timeout = aiohttp.ClientTimeout(
-            total=request_timeout_s, sock_connect=connect_timeout_s
-        )
+        # The request's deadline is kept by ``deadlines`` (no timer per request); aiohttp
+        # keeps only the connect timeout, which costs a timer per new connection.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
+        self._request_timeout_s = request_timeout_s
+        self._deadlines = deadlines or Deadlines()
         self._max_connections = max_connections
 
     def __repr__(self) -> str:
@@ -149,14 +153,15 @@ class SiliconFlowClient(AsyncResource):
         clock = asyncio.get_running_loop().time  # the limiter's and the window's clock
         started = clock()
         try:
-            async with self.session.post(
-                url, data=orjson.dumps(request), headers=self._headers, timeout=self._timeout
-            ) as resp:
-                trace_id = self._trace_id(resp)
-                if resp.status != 200:
-                    body = await _read_capped(resp, _MAX_ERROR_BODY)
-                    raise self._api_error(resp, body, trace_id, model=request.get("model"))
-                body = await resp.read()
+            with self._deadlines.within(self._request_timeout_s):
+                async with self.session.post(
+                    url, data=orjson.dumps(request), headers=self._headers, timeout=self._timeout
+                ) as resp:
+                    trace_id = self._trace_id(resp)
+                    if resp.status != 200:
+                        body = await _read_capped(resp, _MAX_ERROR_BODY)
+                        raise self._api_error(resp, body, trace_id, model=request.get("model"))
+                    body = await resp.read()
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             raise map_transport_error(exc, url, secret=self._api_key) from exc
         return self._parse_success(body, trace_id, clock() - started)
@@ -165,12 +170,13 @@ class SiliconFlowClient(AsyncResource):
         """The image models the endpoint lists (``GET /models?type=image``)."""
         url = f"{self.base_url}/models"
         try:
-            async with self.session.get(
-                url, params={"type": "image"}, headers=self._headers, timeout=self._timeout
-            ) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise self._api_error(resp, body, self._trace_id(resp))
+            with self._deadlines.within(self._request_timeout_s):
+                async with self.session.get(
+                    url, params={"type": "image"}, headers=self._headers, timeout=self._timeout
+                ) as resp:
+                    body = await resp.read()
+                    if resp.status != 200:
+                        raise self._api_error(resp, body, self._trace_id(resp))
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             raise map_transport_error(exc, url, secret=self._api_key) from exc
         try:
@@ -187,10 +193,9 @@ class SiliconFlowClient(AsyncResource):
         """
         url = f"{self.base_url}/models"
         try:
-            async with self.session.get(
-                url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
-            ):
-                pass
+            with self._deadlines.within(timeout_s):
+                async with self.session.get(url, headers=self._headers, timeout=self._timeout):
+                    pass
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             raise map_transport_error(exc, url, secret=self._api_key) from exc
 

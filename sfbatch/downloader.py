@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from typing import IO
 import aiofiles.os
 import aiohttp
 
+from sfbatch.deadlines import Deadlines
 from sfbatch.errors import (
     DISK_FULL_ERRNOS,
     DiskFullError,
@@ -71,6 +73,10 @@ _SPOOL_BYTES = 1024 * 1024
 _EXPIRED = (403, 404, 410)
 # Bounds one group commit's trip to the worker thread (and the memory it writes out).
 _MAX_BATCH = 128
+_IDLE_S = 30.0  # the longest wait for the answer's headers, or between chunks of a large body
+# File work at most this long per image (page cache, tmpfs, no fsync) is done on the loop
+# at once: a trip to a worker thread and back costs more than the work itself.
+_INLINE_MAX_S = 200e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +162,16 @@ class Downloader:
         rng: random.Random | None = None,
         fsync: bool = True,
         tmp_dir: str = TMP_DIR,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.out_dir = out_dir
         self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_read=min(30.0, timeout_s))
+        # Deadlines are kept by ``deadlines`` (no timer per request or per read); aiohttp
+        # keeps only the connect timeout.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(30.0, timeout_s))
+        self._timeout_s = timeout_s
+        self._idle_s = min(_IDLE_S, timeout_s)
+        self._deadlines = deadlines or Deadlines()
         self._max_bytes = max_bytes
         self._retry = retry or RetryPolicy(max_retries=3, base_s=0.5, cap_s=10.0)
         self._rng = rng or random.Random()
@@ -211,47 +223,51 @@ class Downloader:
         size = 0
         ext: str | None = None
         try:
-            async with self._session.get(url, timeout=self._timeout) as resp:
-                if resp.status in _EXPIRED:
-                    raise ExpiredUrlError(f"image URL answered {resp.status}: expired or gone")
-                if resp.status != 200:
-                    raise DownloadError(f"image URL answered {resp.status}")
-                declared = resp.content_length
-                if declared is not None and declared > self._max_bytes:
-                    raise ImageTooLargeError(
-                        f"image of {declared} bytes is over the cap of {self._max_bytes}"
-                    )
-                if declared is not None and declared <= _SPOOL_BYTES:
-                    # a small image in one read, held whole (the loop below costs more)
-                    body = await resp.read()
-                    if len(body) != declared:
-                        raise DownloadError(
-                            f"image body cut short: {len(body)} of {declared} bytes"
-                        )
-                    hasher.update(body)
-                    spool.hold(body)
-                    return (
-                        hasher.hexdigest(),
-                        declared,
-                        _image_type(body[:_SNIFF_BYTES], resp.content_type),
-                    )
-                head = b""
-                async for chunk in resp.content.iter_chunked(_CHUNK):
-                    if ext is None and len(head) < _SNIFF_BYTES:
-                        head += chunk[: _SNIFF_BYTES - len(head)]
-                        if len(head) == _SNIFF_BYTES:
-                            ext = _image_type(head, resp.content_type)
-                    size += len(chunk)
-                    if size > self._max_bytes:
+            with self._deadlines.within(self._timeout_s, idle_s=self._idle_s) as deadline:
+                async with self._session.get(url, timeout=self._timeout) as resp:
+                    if resp.status in _EXPIRED:
+                        raise ExpiredUrlError(f"image URL answered {resp.status}: expired or gone")
+                    if resp.status != 200:
+                        raise DownloadError(f"image URL answered {resp.status}")
+                    declared = resp.content_length
+                    if declared is not None and declared > self._max_bytes:
                         raise ImageTooLargeError(
-                            f"image is over the cap of {self._max_bytes} bytes"
+                            f"image of {declared} bytes is over the cap of {self._max_bytes}"
                         )
-                    hasher.update(chunk)
-                    await spool.write(chunk)
-                if declared is not None and size != declared:
-                    raise DownloadError(f"image body cut short: {size} of {declared} bytes")
-                if ext is None:  # a body shorter than the longest signature
-                    ext = _image_type(head, resp.content_type)
+                    if declared is not None and declared <= _SPOOL_BYTES:
+                        # a small image in one read, held whole (the loop below costs more);
+                        # the read is bounded by the end only
+                        deadline.progress(idle=False)
+                        body = await resp.read()
+                        if len(body) != declared:
+                            raise DownloadError(
+                                f"image body cut short: {len(body)} of {declared} bytes"
+                            )
+                        hasher.update(body)
+                        spool.hold(body)
+                        return (
+                            hasher.hexdigest(),
+                            declared,
+                            _image_type(body[:_SNIFF_BYTES], resp.content_type),
+                        )
+                    head = b""
+                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                        deadline.progress()
+                        if ext is None and len(head) < _SNIFF_BYTES:
+                            head += chunk[: _SNIFF_BYTES - len(head)]
+                            if len(head) == _SNIFF_BYTES:
+                                ext = _image_type(head, resp.content_type)
+                        size += len(chunk)
+                        if size > self._max_bytes:
+                            raise ImageTooLargeError(
+                                f"image is over the cap of {self._max_bytes} bytes"
+                            )
+                        hasher.update(chunk)
+                        await spool.write(chunk)
+                    if declared is not None and size != declared:
+                        raise DownloadError(f"image body cut short: {size} of {declared} bytes")
+                    if ext is None:  # a body shorter than the longest signature
+                        ext = _image_type(head, resp.content_type)
         except TimeoutError as exc:
             raise DownloadError("image download passed its deadline") from exc
         except aiohttp.ClientError as exc:
@@ -336,11 +352,10 @@ class _Spool:
 
 @dataclass(slots=True)
 class _Landing:
-    """One image waiting for the group commit: its spool, where it goes, who waits."""
+    """One image for the group commit: its spool, where it goes, what went wrong."""
 
     spool: _Spool
     final: str
-    done: asyncio.Future[None]
     error: BaseException | None = None
 
 
@@ -350,52 +365,71 @@ class _GroupCommit:
     Images handed over while a batch is in the worker thread form the next batch, so
     the batch grows with the load by itself and nothing waits on a timer. An error
     (a full disk) fails only the images it hit; a failed directory fsync fails the batch.
+
+    The file work is timed. While it costs at most ``_INLINE_MAX_S`` an image (tmpfs,
+    the page cache without fsync), each image lands on the loop at once, as a plain
+    ``write_bytes`` would: the trip to a worker thread and back would cost more. The
+    first batch, and every batch while it costs more (fsyncs on a disk, a stalled
+    write), goes to the worker thread.
     """
 
     def __init__(self, *, fsync: bool) -> None:
         self._fsync = fsync
-        self._waiting: list[_Landing] = []
+        self._waiting: list[tuple[_Landing, asyncio.Future[None]]] = []
         self._runner: asyncio.Task[None] | None = None
         self._made_dirs: set[str] = set()
+        self._per_image_s: float | None = None  # moving average of the file work per image
 
     async def put(self, spool: _Spool, final: str) -> None:
         """Return once ``spool``'s bytes are at ``final`` (and durable, with fsync)."""
-        landing = _Landing(spool, final, asyncio.get_running_loop().create_future())
-        self._waiting.append(landing)
+        landing = _Landing(spool, final)
+        if self._per_image_s is not None and self._per_image_s <= _INLINE_MAX_S:
+            self._observe(self._land([landing]), 1)
+            if landing.error is not None:
+                raise landing.error
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((landing, done))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run())
-        await landing.done
+        await done
+
+    def _observe(self, seconds: float, images: int) -> None:
+        per_image_s, average = seconds / images, self._per_image_s
+        self._per_image_s = per_image_s if average is None else (3 * average + per_image_s) / 4
 
     async def _run(self) -> None:
         while self._waiting:
-            batch = [x for x in self._waiting[:_MAX_BATCH] if not x.done.done()]
+            batch = [(x, done) for x, done in self._waiting[:_MAX_BATCH] if not done.done()]
             del self._waiting[:_MAX_BATCH]
             if not batch:
                 continue
-            for landing in batch:
+            landings = [landing for landing, _ in batch]
+            for landing in landings:
                 landing.spool.busy = True
             try:
-                await asyncio.to_thread(self._land, batch)
+                self._observe(await asyncio.to_thread(self._land, landings), len(landings))
             except BaseException:  # cancelled at shutdown: nothing in it counts as landed
-                for landing in batch:
+                for landing, done in batch:
                     landing.spool.busy = False
-                    landing.done.cancel()
+                    done.cancel()
                 raise
             self._settle(batch)
 
     @staticmethod
-    def _settle(batch: list[_Landing]) -> None:
-        for landing in batch:
+    def _settle(batch: list[tuple[_Landing, asyncio.Future[None]]]) -> None:
+        for landing, done in batch:
             landing.spool.busy = False
-            if landing.done.done():  # its waiter was cancelled: clean up for it
+            if done.done():  # its waiter was cancelled: clean up for it
                 landing.spool.discard()
             elif landing.error is None:
-                landing.done.set_result(None)
+                done.set_result(None)
             else:
-                landing.done.set_exception(landing.error)
+                done.set_exception(landing.error)
 
-    def _land(self, batch: list[_Landing]) -> None:
-        """The batch's file work, in a worker thread; errors are kept per image."""
+    def _land(self, batch: list[_Landing]) -> float:
+        """The batch's file work (errors are kept per image); the seconds it took."""
+        started = time.perf_counter()
         written: list[tuple[_Landing, IO[bytes]]] = []
         for landing in batch:
             try:
@@ -416,14 +450,14 @@ class _GroupCommit:
                 placed.append(landing)
             except (OSError, ValueError) as exc:
                 landing.error = exc
-        if not self._fsync:
-            return
-        try:
-            for parent in {os.path.dirname(landing.final) for landing in placed}:
-                _fsync_dir(parent)
-        except OSError as exc:
-            for landing in placed:
-                landing.error = exc
+        if self._fsync:
+            try:
+                for parent in {os.path.dirname(landing.final) for landing in placed}:
+                    _fsync_dir(parent)
+            except OSError as exc:
+                for landing in placed:
+                    landing.error = exc
+        return time.perf_counter() - started
 
 
 def _fsync_dir(path: str) -> None:

@@ -55,6 +55,7 @@ import orjson
 from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.concurrency import ConcurrencyWindow
 from sfbatch.config import RunConfig
+from sfbatch.deadlines import Deadlines
 from sfbatch.downloader import Downloader, StoredImage, clean_tmp, disk_full, tmp_dir_name
 from sfbatch.errors import (
     DISK_FULL_ERRNOS,
@@ -293,6 +294,7 @@ class Pipeline:
         self._dl_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=workers.download_concurrency)
         )
+        deadlines = Deadlines()  # one timer for every request's deadline
         clients = [
             SiliconFlowClient(
                 base_url=config.base_url,
@@ -300,6 +302,7 @@ class Pipeline:
                 session=self._api_session,
                 request_timeout_s=config.timeouts.request_timeout_s,
                 connect_timeout_s=config.timeouts.connect_timeout_s,
+                deadlines=deadlines,
             )
             for key in keys
         ]
@@ -326,6 +329,7 @@ class Pipeline:
             retry=config.retry,
             fsync=config.output.fsync_images and self._store is None,
             tmp_dir=self._tmp_dir,
+            deadlines=deadlines,
         )
         self._writer = ManifestWriter(manifest_path)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -162,3 +162,57 @@ async def test_a_full_disk_is_disk_full_and_not_retried(
 def test_disk_full_names_a_quota() -> None:
     exc = disk_full(OSError(errno.EDQUOT, "Disk quota exceeded", "/x/y"), Path("/x"))
     assert exc.errno == errno.EDQUOT and "quota" in str(exc) and exc.filename == "/x/y"
+
+
+async def test_cheap_file_work_lands_on_the_loop_and_a_full_disk_still_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Any file work counts as cheap here: after the first image (in the worker thread,
+    # where the work is measured) each lands on the loop, with no trip to a thread.
+    monkeypatch.setattr(downloader_module, "_INLINE_MAX_S", 10.0)
+    trips: list[object] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(func: Callable[..., object], /, *args: object) -> object:
+        trips.append(func)
+        return await to_thread(func, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "cheap-2.part").symlink_to("/dev/full")  # the third image's
+    monkeypatch.setattr(
+        downloader_module, "uuid", SimpleNamespace(uuid4=lambda: SimpleNamespace(hex="cheap"))
+    )
+    async with Emulator() as emu, aiohttp.ClientSession() as session:
+        url = await image_url(emu)
+        downloader = Downloader(out_dir=tmp_path, session=session, retry=FAST)
+        first = await downloader.fetch(url, "images/000/a_0")
+        assert len(trips) == 1
+        second = await downloader.fetch(url, "images/000/b_0")
+        assert len(trips) == 1  # landed on the loop
+        with pytest.raises(DiskFullError):
+            await downloader.fetch(url, "images/000/c_0")
+    assert (tmp_path / first.path).read_bytes() == (tmp_path / second.path).read_bytes()
+    assert second.sha256 == first.sha256
+    assert not (tmp_path / "images/000/c_0.png").exists()
+    assert not (tmp_path / ".tmp" / "cheap-2.part").is_symlink()
+
+
+def test_file_work_that_turns_slow_goes_back_to_the_worker_thread() -> None:
+    commit = downloader_module._GroupCommit(fsync=True)
+    cheap = downloader_module._INLINE_MAX_S / 10
+
+    def on_loop() -> bool:
+        average = commit._per_image_s
+        return average is not None and average <= downloader_module._INLINE_MAX_S
+
+    assert not on_loop()  # nothing measured yet: the first batch goes to the thread
+    commit._observe(64 * cheap, 64)
+    assert on_loop()
+    commit._observe(0.05, 1)  # one stalled write (or a disk's fsync)
+    assert not on_loop()
+    commit._observe(cheap, 1)
+    assert not on_loop()  # one cheap batch does not undo a stall
+    for _ in range(20):
+        commit._observe(cheap, 1)
+    assert on_loop()  # cheap again for a while: back on the loop
