@@ -12,12 +12,18 @@ a second, cancels the tasks past theirs, which then raise :class:`TimeoutError` 
     with deadlines.within(300.0):
         async with session.post(url, data=body) as resp:
             ...
+
+An idle bound (``idle_s``) fails a request sooner when nothing arrives for that long: the
+wait for the answer's headers, then, once the body is watched (:meth:`Deadline.watch`),
+any ``idle_s`` in which its byte count does not grow. Checked on the same timer, so a
+body costs nothing per read.
 """
 
 from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Protocol
 
 __all__ = ["Deadline", "Deadlines"]
 
@@ -25,20 +31,39 @@ _MAX_TICK_S = 0.5
 _MIN_TICK_S = 0.001
 
 
+class ByteCount(Protocol):
+    """What a watched body shows: the bytes received so far (aiohttp's ``StreamReader``)."""
+
+    @property
+    def total_bytes(self) -> int: ...
+
+
 class Deadline:
     """One request's deadline (a ``with`` block; made by :meth:`Deadlines.within`).
 
-    ``idle_s`` also bounds each wait for progress: the deadline is then the sooner of the
-    end and ``idle_s`` after entering or the last :meth:`progress`.
+    With ``idle_s`` it is the sooner of the end and ``idle_s`` after entering, or after
+    the watched body last grew.
     """
 
-    __slots__ = ("_cancelling", "_end", "_idle_s", "_owner", "_task", "expired", "when")
+    __slots__ = (
+        "_body",
+        "_cancelling",
+        "_end",
+        "_idle_s",
+        "_owner",
+        "_seen",
+        "_task",
+        "expired",
+        "when",
+    )
 
     def __init__(self, owner: Deadlines, seconds: float, idle_s: float | None) -> None:
         self._owner = owner
         self._end = seconds  # made absolute on entry
         self._idle_s = idle_s
         self._task: asyncio.Task[object] | None = None
+        self._body: ByteCount | None = None
+        self._seen = 0
         self._cancelling = 0
         self.expired = False
         self.when = 0.0
@@ -56,13 +81,23 @@ class Deadline:
         self._owner._add(self, self.when - now, loop)
         return self
 
-    def progress(self, *, idle: bool = True) -> None:
-        """Something arrived: the idle bound counts from now (``idle=False``: it is lifted,
-        and only the end is left)."""
-        if idle and self._idle_s is not None and self._task is not None:
+    def watch(self, body: ByteCount) -> None:
+        """The headers are in: from now the idle bound waits on ``body``'s byte count."""
+        self._body, self._seen = body, body.total_bytes
+        if self._idle_s is not None and self._task is not None:
             self.when = min(self._end, self._task.get_loop().time() + self._idle_s)
-        else:
-            self.when = self._end
+
+    def _still_going(self, now: float) -> bool:
+        """Past :attr:`when`: whether only the idle bound is up and the body grew since
+        (then the bound counts again from ``now``)."""
+        body = self._body
+        if body is None or self._idle_s is None or now >= self._end:
+            return False
+        seen, self._seen = self._seen, body.total_bytes
+        if self._seen == seen:
+            return False
+        self.when = min(self._end, now + self._idle_s)
+        return True
 
     def __exit__(
         self,
@@ -117,6 +152,7 @@ class Deadlines:
         self._timer = None
         now = loop.time()
         for deadline in [d for d in self._active if not d.expired and d.when <= now]:
-            deadline._expire()
+            if not deadline._still_going(now):
+                deadline._expire()
         if self._active:
             self._timer = loop.call_later(self._tick_s, self._check, loop)

@@ -73,7 +73,7 @@ _SPOOL_BYTES = 1024 * 1024
 _EXPIRED = (403, 404, 410)
 # Bounds one group commit's trip to the worker thread (and the memory it writes out).
 _MAX_BATCH = 128
-_IDLE_S = 30.0  # the longest wait for the answer's headers, or between chunks of a large body
+_IDLE_S = 30.0  # the longest wait for the answer's headers, or for more of its body
 # File work at most this long per image (page cache, tmpfs, no fsync) is done on the loop
 # at once: a trip to a worker thread and back costs more than the work itself.
 _INLINE_MAX_S = 200e-6
@@ -225,6 +225,7 @@ class Downloader:
         try:
             with self._deadlines.within(self._timeout_s, idle_s=self._idle_s) as deadline:
                 async with self._session.get(url, timeout=self._timeout) as resp:
+                    deadline.watch(resp.content)
                     if resp.status in _EXPIRED:
                         raise ExpiredUrlError(f"image URL answered {resp.status}: expired or gone")
                     if resp.status != 200:
@@ -235,9 +236,7 @@ class Downloader:
                             f"image of {declared} bytes is over the cap of {self._max_bytes}"
                         )
                     if declared is not None and declared <= _SPOOL_BYTES:
-                        # a small image in one read, held whole (the loop below costs more);
-                        # the read is bounded by the end only
-                        deadline.progress(idle=False)
+                        # a small image in one read, held whole (the loop below costs more)
                         body = await resp.read()
                         if len(body) != declared:
                             raise DownloadError(
@@ -252,7 +251,6 @@ class Downloader:
                         )
                     head = b""
                     async for chunk in resp.content.iter_chunked(_CHUNK):
-                        deadline.progress()
                         if ext is None and len(head) < _SNIFF_BYTES:
                             head += chunk[: _SNIFF_BYTES - len(head)]
                             if len(head) == _SNIFF_BYTES:

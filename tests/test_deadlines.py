@@ -48,26 +48,38 @@ def test_a_block_in_time_is_left_alone_and_the_timer_stops_when_none_is_set() ->
     run(test)
 
 
-def test_the_idle_bound_counts_from_the_last_progress_and_the_end_still_holds() -> None:
+class Body:
+    """A body being received: its byte count, as aiohttp's ``StreamReader`` shows it."""
+
+    def __init__(self) -> None:
+        self.total_bytes = 0
+
+
+def test_the_idle_bound_waits_for_the_headers_then_for_the_body_to_grow() -> None:
     async def test() -> None:
         deadlines = Deadlines()
         started = now()
         with pytest.raises(TimeoutError), deadlines.within(10.0, idle_s=1.0):
-            await asyncio.sleep(5)  # no progress: the idle bound fires first
+            await asyncio.sleep(5)  # no headers: the idle bound fires first
         assert 1.0 <= now() - started <= 1.05 + 1e-9
 
-        started = now()
+        body, started = Body(), now()
         with pytest.raises(TimeoutError), deadlines.within(10.0, idle_s=1.0) as deadline:
-            while True:
+            deadline.watch(body)
+            while True:  # a slow body that keeps coming: the end fires, not the idle bound
                 await asyncio.sleep(0.5)
-                deadline.progress()  # progress keeps the idle bound off: the end fires
+                body.total_bytes += 100
         assert 10.0 <= now() - started <= 10.05 + 1e-9
 
-        started = now()
-        with deadlines.within(3.0, idle_s=1.0) as deadline:
-            deadline.progress(idle=False)  # lifted: only the end is left
-            await asyncio.sleep(2)
-        assert now() - started == pytest.approx(2.0)
+        body, started = Body(), now()
+        with pytest.raises(TimeoutError), deadlines.within(10.0, idle_s=1.0) as deadline:
+            await asyncio.sleep(0.8)
+            deadline.watch(body)  # the headers came: the bound counts from here
+            for _ in range(4):
+                await asyncio.sleep(0.5)
+                body.total_bytes += 100
+            await asyncio.sleep(60)  # then the body stalls
+        assert 2.8 + 1.0 <= now() - started <= 2.8 + 1.0 + 1.05 + 1e-9
 
     run(test)
 
