@@ -19,6 +19,7 @@ and on tmpfs (``/dev/shm``)::
 
     python benchmarks/bench_cpu.py            # 3,000 and 30,000 items (about 10 minutes)
     python benchmarks/bench_cpu.py --quick    # 3,000 items, 3 rounds; 30,000 once
+    python benchmarks/bench_cpu.py --large    # 30,000 items only, 5 rounds
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ SIZES: dict[str, list[tuple[int, int, list[tuple[str, str]]]]] = {
     "smoke": [
         (200, 1, [("sfbatch", "disk"), ("plain", "disk"), ("plain_kept", "disk"),
                   ("sequential", "disk")]),
+    ],
+    "large": [
+        (30_000, 5, [("sfbatch", "disk"), ("sfbatch_nofsync", "disk"), ("plain", "disk"),
+                     ("plain_kept", "disk"), ("sfbatch", "tmpfs"), ("plain", "tmpfs"),
+                     ("plain_kept", "tmpfs")]),
     ],
 }  # fmt: skip
 
@@ -205,4 +211,5 @@ def report(r: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(script_main("figure 7: CPU per item", measure, report))
+    large = "30,000 items only, 5 rounds (about 10 minutes)"
+    sys.exit(script_main("figure 7: CPU per item", measure, report, modes={"large": large}))

@@ -245,13 +245,21 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 
 def script_main(
-    description: str, measure: Callable[[str], Any], report: Callable[[Any], str]
+    description: str,
+    measure: Callable[[str], Any],
+    report: Callable[[Any], str],
+    *,
+    modes: dict[str, str] | None = None,
 ) -> int:
-    """The command line every figure's script shares: ``[--quick | --smoke]``."""
+    """The command line every figure's script shares: ``[--quick | --smoke]``, and a
+    script's own ``modes`` (flag name: help)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true")
+    for name, help_text in (modes or {}).items():
+        parser.add_argument(f"--{name}", action="store_true", help=help_text)
     args = parser.parse_args()
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = next((name for name in modes or {} if getattr(args, name)), mode)
     print(report(measure(mode)))
     return 0

@@ -3,14 +3,16 @@
 Each download is hashed as it streams, checks the first bytes are an image (and takes
 the extension from them, not from the URL; the first bytes are gathered across network
 chunks, however small the first one is), enforces a size cap, one overall deadline
-and a per-read timeout, then is written to ``DIR/.tmp/``, fsynced and only then renamed
+and an idle bound (both on :class:`~sfbatch.deadlines.Deadlines`' one timer), then is
+written to ``DIR/.tmp/``, fsynced and only then renamed
 into ``DIR/images/SHARD/``. So a file under ``images/`` is always complete, and a crash
 leaves at most a ``.part`` file that the next run removes.
 
 File work is a group commit (:class:`_GroupCommit`): an image's bytes are held in memory
 (up to 1 MiB; a larger one spills to its ``.part`` file) until the download ends, then
 the images that finished meanwhile are written, fsynced, renamed and their directories
-fsynced together, in one trip to a worker thread. :meth:`Downloader.fetch` returns only
+fsynced together, in one trip to a worker thread (or at once on the loop, while that
+file work is cheaper than the trip). :meth:`Downloader.fetch` returns only
 once its image is in place and durable, so the manifest line written after it never
 points at a missing file; durability is paid per batch, not per image::
 
