@@ -104,6 +104,7 @@ class ConcurrencyWindow:
         self._prior_s = latency_prior_s
         self._clock = clock
         self._latencies: deque[float] = deque(maxlen=samples)
+        self._latency_s: float | None = None  # latency_s() until the next sample
         self._lowest_s = math.inf
         self._target: float | None = None
         self._in_flight = 0
@@ -141,6 +142,7 @@ class ConcurrencyWindow:
         self._in_flight -= 1
         if latency_s is not None and outcome == "ok" and latency_s >= 0:
             self._latencies.append(latency_s)
+            self._latency_s = None
             self._lowest_s = min(self._lowest_s, latency_s)
         if self.mode == "auto":
             if self._target is not None:
@@ -158,10 +160,11 @@ class ConcurrencyWindow:
 
     def latency_s(self) -> float | None:
         """The recent high percentile of latency the window is sized from."""
-        if not self._latencies:
-            return None
-        ordered = sorted(self._latencies)
-        return ordered[min(len(ordered) - 1, math.ceil(self._percentile * len(ordered)) - 1)]
+        if self._latency_s is None and self._latencies:
+            ordered = sorted(self._latencies)  # once per sample, not per call
+            at = min(len(ordered) - 1, math.ceil(self._percentile * len(ordered)) - 1)
+            self._latency_s = ordered[at]
+        return self._latency_s
 
     def statistics(self) -> WindowStatistics:
         latency = self.latency_s()
