@@ -132,8 +132,8 @@ class Deadlines:
         self._tick_s = _MAX_TICK_S
 
     def within(self, seconds: float, *, idle_s: float | None = None) -> Deadline:
-        """A ``with`` block that raises :class:`TimeoutError` once ``seconds`` have passed
-        (or ``idle_s`` without :meth:`Deadline.progress`)."""
+        """A ``with`` block that raises :class:`TimeoutError` once ``seconds`` have passed,
+        or ``idle_s`` with nothing arriving (see :meth:`Deadline.watch`)."""
         return Deadline(self, seconds, idle_s)
 
     def _add(self, deadline: Deadline, seconds: float, loop: asyncio.AbstractEventLoop) -> None:
