@@ -19,6 +19,7 @@ from sfbatch.emulator import Emulator, FaultConfig
 from sfbatch.emulator.images import render_png
 from sfbatch.errors import (
     DiskFullError,
+    DownloadError,
     ExpiredUrlError,
     ImageTooLargeError,
     NotAnImageError,
@@ -90,7 +91,8 @@ PNG = render_png(3, hashlib.blake2b(b"x", digest_size=16).digest(), 0, 64, 64)
 
 @pytest.fixture
 async def dribbling_host() -> AsyncIterator[str]:
-    """Serves ``/png?first=N``: the PNG's first N bytes, a pause, then the rest."""
+    """Serves ``/png?first=N``: the PNG's first N bytes, a pause, then the rest (and
+    ``/slow``, below)."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
         first = int(request.query["first"])
@@ -103,8 +105,22 @@ async def dribbling_host() -> AsyncIterator[str]:
         await resp.write_eof()
         return resp
 
+    async def slow(request: web.Request) -> web.StreamResponse:
+        """``/slow?chunks=N&every=S``: the PNG in N pieces, S seconds apart."""
+        chunks, every = int(request.query["chunks"]), float(request.query["every"])
+        resp = web.StreamResponse(headers={"Content-Type": "image/png"})
+        resp.content_length = len(PNG)
+        await resp.prepare(request)
+        step = -(-len(PNG) // chunks)
+        for start in range(0, len(PNG), step):
+            await resp.write(PNG[start : start + step])
+            await asyncio.sleep(every)
+        await resp.write_eof()
+        return resp
+
     app = web.Application()
     app.router.add_get("/png", handler)
+    app.router.add_get("/slow", slow)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -216,3 +232,32 @@ def test_file_work_that_turns_slow_goes_back_to_the_worker_thread() -> None:
     for _ in range(20):
         commit._observe(cheap, 1)
     assert on_loop()  # cheap again for a while: back on the loop
+
+
+@pytest.mark.timeout(20)
+async def test_a_stalled_body_fails_on_the_idle_bound_long_before_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The emulator sends half the image, then nothing for 30 s; the deadline is 60 s.
+    monkeypatch.setattr(downloader_module, "_IDLE_S", 0.5)
+    async with (
+        Emulator(faults=FaultConfig(p_stalled_image=1.0, stall_s=30)) as emu,
+        aiohttp.ClientSession() as session,
+    ):
+        url = await image_url(emu)
+        downloader = Downloader(out_dir=tmp_path, session=session, retry=FAST, timeout_s=60)
+        with pytest.raises(DownloadError, match="deadline"):
+            await downloader.fetch(url, "images/000/a_0")
+
+
+@pytest.mark.timeout(20)
+async def test_a_slow_body_that_keeps_coming_is_not_cut_by_the_idle_bound(
+    tmp_path: Path, dribbling_host: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 8 pieces 0.25 s apart: 2 s in all, four times the idle bound, never idle that long.
+    monkeypatch.setattr(downloader_module, "_IDLE_S", 0.5)
+    url = dribbling_host.replace("/png", "/slow") + "?chunks=8&every=0.25"
+    async with aiohttp.ClientSession() as session:
+        downloader = Downloader(out_dir=tmp_path, session=session, retry=FAST, timeout_s=60)
+        stored = await downloader.fetch(url, "images/000/a_0")
+    assert (tmp_path / stored.path).read_bytes() == PNG
