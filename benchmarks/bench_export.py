@@ -23,6 +23,7 @@ about 450 MB).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import subprocess
 import sys
@@ -51,9 +52,11 @@ S3_ENV = {
 }
 
 
-def _record(i: int, status: str = "ok", path: str | None = None, size: int = 0) -> bytes:
+def _record(
+    i: int, status: str = "ok", path: str | None = None, size: int = 0, sha256: str = "0" * 64
+) -> bytes:
     row_id = f"{i:09d}"
-    image = {"path": path or f"images/{(i // 1000) % 1000:03d}/{row_id}_0.png", "sha256": "0" * 64}
+    image = {"path": path or f"images/{(i // 1000) % 1000:03d}/{row_id}_0.png", "sha256": sha256}
     record = {
         "id": row_id,
         "status": status,
@@ -91,7 +94,7 @@ def write_images_build(out: Path, n: int, image_kb: int) -> int:
             path = out / f"images/{(i // 1000) % 1000:03d}/{i:09d}_0.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-            manifest.write(_record(i, size=len(data)))
+            manifest.write(_record(i, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
             total += len(data)
     return total
 

@@ -104,6 +104,10 @@ class ExportConfig:
             raise ConfigError("--no-bytes is for --format parquet (the others hold the images)")
         if self.sort_chunk_entries < 1:
             raise ConfigError("sort_chunk_entries must be >= 1")
+        if not self.dest.strip():
+            raise ConfigError("--to is empty: give a directory or s3://bucket/prefix")
+        if not is_s3_url(self.dest) and Path(self.dest).exists() and not Path(self.dest).is_dir():
+            raise ConfigError(f"--to {self.dest} is a file, not a directory")
 
 
 @dataclass
@@ -117,6 +121,9 @@ class ExportResult:
     bytes: int = 0
     already_exported: int = 0
     failures: int = 0
+    #: records left out because an image's bytes are not what the manifest says:
+    #: ``(id, why)``; a later export takes them once they are made again
+    damaged: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, order=True)
@@ -604,6 +611,29 @@ class _Sources:
             await store.aclose()
 
 
+def _first(group: BaseExceptionGroup[Exception]) -> Exception:
+    leaf: Exception | BaseExceptionGroup[Exception] = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
+def _damage(local: Path, image: dict[str, Any]) -> str | None:
+    """Why the bytes at ``local`` are not the image its record describes, or ``None``."""
+    try:
+        size = local.stat().st_size
+        if isinstance(image.get("bytes"), int) and size != image["bytes"]:
+            return f"{size} bytes where the manifest says {image['bytes']}"
+        if isinstance(image.get("sha256"), str):
+            with open(local, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest != image["sha256"]:
+                return "its sha256 is not the manifest's (damaged or replaced)"
+    except FileNotFoundError:
+        return "missing"
+    return None
+
+
 def _ext(path: str) -> str:
     suffix = PurePosixPath(path).suffix.lower().lstrip(".")
     return "jpg" if suffix == "jpeg" else suffix or "bin"
@@ -622,12 +652,31 @@ async def export(config: ExportConfig) -> ExportResult:
         work = Path(tmp)
         async with open_store(config.dest, config.store) as dest:
             await dest.check_writable()
+            fresh = await dest.head(_STATE_KEY) is None
             state = await _load_state(dest, config.format)
+            if fresh:
+                await _claim(dest, state)
             try:
                 await _export(config, paths, dest, state, sources, work, result)
             finally:
                 await sources.aclose()
     return result
+
+
+async def _claim(dest: ImageStore, state: _State) -> None:
+    """Make ``dest`` an export's before writing a shard: refuse one that holds a file an
+    export would overwrite (not this tool's: there is no state yet), then write the state,
+    so a file found there later is an interrupted export's own, redone."""
+    first = {"webdataset": "000000.tar", "parquet": "000000.parquet"}.get(
+        state.format, "000000/metadata.jsonl"
+    )
+    for key in (first, "failures/000000.jsonl", "failures/000000.parquet"):
+        if await dest.head(key) is not None:
+            raise ConfigError(
+                f"{dest.url_for(key)} is there already, and not from an sfbatch export (there "
+                f"is no {STATE_DIR}/ beside it): export to an empty or new destination"
+            )
+    await dest.put_bytes(state.to_json(), _STATE_KEY)
 
 
 async def _fetch_ids(dest: ImageStore, files: list[dict[str, Any]], work: Path) -> list[Path]:
@@ -663,12 +712,19 @@ async def _export(
                 record = records.read(entry)
                 images = [i for i in record.get("images") or [] if isinstance(i, dict)]
                 size = sum(int(i.get("bytes") or 0) for i in images) + _RECORD_OVERHEAD_BYTES
-                if shard is not None and shard.writer.bytes + size > config.shard_size_bytes:
+                if (
+                    shard is not None
+                    and shard.records
+                    and shard.writer.bytes + size > config.shard_size_bytes
+                ):
                     await shard.finish(dest, state, result)
                     shard = None
                 if shard is None:
                     shard = _Shard.start(config, work, len(state.images))
-                await shard.add(record, images, sources)
+                damage = await shard.add(record, images, sources)
+                if damage is not None:
+                    result.damaged.append((entry.id, damage))
+                    continue
                 result.records += 1
                 result.images += len(images)
             elif entry.status == "failed" and config.include_failed:
@@ -676,7 +732,7 @@ async def _export(
                     continue
                 failures_out.write(orjson.dumps(records.read(entry)) + b"\n")
                 result.failures += 1
-        if shard is not None:
+        if shard is not None and shard.records:  # none: every record since was damaged
             await shard.finish(dest, state, result)
         failures_out.close()
         if result.failures:
@@ -749,7 +805,9 @@ class _Shard:
 
     async def add(
         self, record: dict[str, Any], images: list[dict[str, Any]], sources: _Sources
-    ) -> None:
+    ) -> str | None:
+        """Add the record and its images; or, when an image's bytes are not what the
+        record says, add nothing and say why."""
         local: list[_Image] = []
         for index, image in enumerate(images):
             path = image.get("path")
@@ -759,6 +817,12 @@ class _Shard:
             if self.writer.needs_bytes:
                 where, temporary = await sources.local(path, self.work)
             local.append(_Image(index, image, where, _ext(path), temporary))
+            why = _damage(where, image) if self.writer.needs_bytes else None
+            if why is not None:
+                for done in local:
+                    if done.temporary:
+                        done.local.unlink(missing_ok=True)
+                return f"{path}: {why}"
         try:
             # In the loop's thread: a thread trip per record costs more than the write.
             self.writer.add(record, local)
@@ -770,14 +834,18 @@ class _Shard:
         self.ids.write(orjson.dumps(record["id"]) + b"\n")
         self.records += 1
         self.images += len(images)
+        return None
 
     async def finish(self, dest: ImageStore, state: _State, result: ExportResult) -> None:
         self.ids.close()
         files = self.writer.close()
         for start in range(0, len(files), _PUTS_AT_ONCE):
-            async with asyncio.TaskGroup() as group:
-                for file in files[start : start + _PUTS_AT_ONCE]:
-                    group.create_task(dest.put_file(self.work / file, file, remove_source=True))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for file in files[start : start + _PUTS_AT_ONCE]:
+                        group.create_task(dest.put_file(self.work / file, file, remove_source=True))
+            except* Exception as group:  # the same failure, many times (a full disk): one
+                raise _first(group) from None
         ids_key = f"{STATE_DIR}/{self.name}.ids"
         await dest.put_file(self.ids_path, ids_key, remove_source=True)
         state.images.append(
@@ -838,6 +906,14 @@ def run_export(args: argparse.Namespace) -> int:
     except SfbatchError as exc:
         print(f"sfbatch export: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the destination or the work directory: a full disk, most often
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(
+            f"sfbatch export: {exc.strerror or exc}{where}; the shards written before are "
+            "kept: fix it and run the same command again",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
     print(
@@ -846,6 +922,16 @@ def run_export(args: argparse.Namespace) -> int:
         f"{result.already_exported} already exported"
         + (f"; {result.failures} failures listed" if config.include_failed else "")
     )
+    if result.damaged:
+        shown = "; ".join(f"{row_id} ({why})" for row_id, why in result.damaged[:5])
+        more = f" and {len(result.damaged) - 5} more" if len(result.damaged) > 5 else ""
+        print(
+            f"sfbatch export: {len(result.damaged)} records left out, their images are not "
+            f"what the manifest says: {shown}{more}. Run `sfbatch verify {args.dir} --repair`, "
+            "then the build again to make them again; the next export adds them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -354,3 +354,46 @@ def test_bench_export_smoke_runs() -> None:
     proc = run_benchmark("bench_export.py", "--smoke", timeout_s=170)
     assert "export 20,000-record manifest (parquet --no-bytes)" in proc.stdout
     assert "| export webdataset → moto S3" in proc.stdout
+
+
+async def test_an_image_not_what_its_record_says_is_left_out_until_made_again(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    write_build(out, [ok_record("a", "one", out), ok_record("b", "two", out)])
+    good = (out / "images/b/b_0.png").read_bytes()
+    (out / "images/b/b_0.png").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # same size
+    dest = str(tmp_path / "w")
+    for fmt in ("webdataset", "parquet", "imagefolder"):
+        code, text = await sfbatch("export", str(out), "--format", fmt, "--to", f"{dest}-{fmt}")
+        assert code == 1 and "1 records left out" in text and "b (images/b/b_0.png" in text, text
+        assert "exported 1 records" in text
+    assert set(read_webdataset(tmp_path / "w-webdataset")) == {sample_key("a", 0)}
+    # made again (here: put back), the next export adds it, and only it
+    (out / "images/b/b_0.png").write_bytes(good)
+    code, text = await sfbatch(
+        "export", str(out), "--format", "webdataset", "--to", f"{dest}-webdataset"
+    )
+    assert code == 0 and "exported 1 records" in text and "1 already exported" in text, text
+    assert set(read_webdataset(tmp_path / "w-webdataset")) == {
+        sample_key("a", 0),
+        sample_key("b", 0),
+    }
+
+
+async def test_a_destination_holding_foreign_files_an_export_would_overwrite_is_refused(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    write_build(out, [ok_record("a", "one", out)])
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "000000.tar").write_bytes(b"the user's own file")
+    (dest / "notes.txt").write_text("kept")
+    code, text = await sfbatch("export", str(out), "--format", "webdataset", "--to", str(dest))
+    assert code == 2 and "000000.tar" in text and "not from an sfbatch export" in text, text
+    assert (dest / "000000.tar").read_bytes() == b"the user's own file"
+    # files beside that an export does not write are no reason to refuse
+    (dest / "000000.tar").unlink()
+    code, text = await sfbatch("export", str(out), "--format", "webdataset", "--to", str(dest))
+    assert code == 0 and (dest / "notes.txt").read_text() == "kept", text
