@@ -24,6 +24,7 @@ and its value in :func:`build_record`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -328,10 +329,18 @@ class ManifestWriter:
         self._side.add(item_key(row_id, fp), code, line_bytes, record, is_billed)
 
     def close(self) -> None:
+        """Flush, fsync and close; on a full disk the files are closed all the same (a
+        buffer left to the collector would land its bytes after a later run's lines)."""
         if self._file.closed:
             return
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._file.close()  # closed even when this last flush fails too
+            self._side.close()
+            raise
         self._file.close()
         self._side.flush()
         self._side.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import orjson
+import pytest
 from conftest import manifest_record as rec
 
 from sfbatch.manifest import (
@@ -66,3 +68,15 @@ def test_latest_records_across_shards(tmp_path: Path) -> None:
     with ManifestWriter(b) as w:
         w.append(rec("y", "ok"))
     assert {k: v["status"] for k, v in latest_records([a, b]).items()} == {"x": "ok", "y": "ok"}
+
+
+def test_close_on_a_full_disk_still_closes_the_files(tmp_path: Path) -> None:
+    # append flushes each line: a buffered line is only left when the disk fills between
+    # two records; here the manifest is /dev/full, whose every write is ENOSPC
+    (tmp_path / "manifest.jsonl").symlink_to("/dev/full")
+    writer = ManifestWriter(tmp_path / "manifest.jsonl")
+    writer._file.write(b'{"id": "a"}\n')  # a line still in the buffer
+    with pytest.raises(OSError) as info:
+        writer.close()
+    assert info.value.errno == errno.ENOSPC
+    assert writer._file.closed  # not left for the collector to flush after a later run's lines
