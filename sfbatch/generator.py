@@ -269,11 +269,12 @@ class Generator:
         except AccountBlockedError as exc:
             assert lease is not None
             self._pool.on_error(lease)
-            self._pool.set_aside(lease.key_index, "balance")
-            if not self._pool.can_go_on(model):
-                raise
-            log.warning("key #%d set aside: %s", lease.key_index, exc)
-            return _AT_ONCE
+            if self._pool.set_aside_reason(lease.key_index, model) is None:
+                self._pool.set_aside(lease.key_index, "balance")
+                if self._pool.keys == 1:
+                    raise  # its own words (balance, verification): the run stops on them
+                log.warning("key #%d set aside: %s", lease.key_index, exc)
+            return _AT_ONCE  # the next lease says whether any key is left, and why not
         except BadRequestError:
             raise
         except TransportError as exc:

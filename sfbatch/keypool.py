@@ -379,12 +379,18 @@ class KeyPool:
             changed.set()
 
     def _no_key_left(self, model: str) -> NoKeyLeftError:
-        reasons = {self.set_aside_reason(k, model) for k in range(self.keys)}
+        """Why no key can go on; exit 4 (tomorrow) when any key is only out for the day."""
+        reasons = [self.set_aside_reason(k, model) for k in range(self.keys)]
         reason: SetAside = "daily_quota" if "daily_quota" in reasons else "balance"
-        what = "its daily quota" if reason == "daily_quota" else "its balance"
-        keys = "the key has" if self.keys == 1 else f"each of the {self.keys} keys has"
+        what = {"daily_quota": "has reached its daily quota", "balance": "has reached its balance"}
+        if self.keys == 1:
+            why = f"the key {what[reason]}"
+        elif len(set(reasons)) == 1:
+            why = f"each of the {self.keys} keys {what[reason]}"
+        else:
+            why = "; ".join(f"key #{k} {what[r]}" for k, r in enumerate(reasons) if r is not None)
         return NoKeyLeftError(
-            f"no key can go on with {model}: {keys} reached {what}"
+            f"no key can go on with {model}: {why}"
             + ("; run again tomorrow to resume" if reason == "daily_quota" else ""),
             reason=reason,
         )

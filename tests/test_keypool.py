@@ -142,6 +142,10 @@ async def test_balance_sets_a_key_aside_for_every_model() -> None:
     with pytest.raises(NoKeyLeftError) as caught:
         await mixed.acquire(KOLORS)
     assert caught.value.exit_code == 4
+    # the message says which key stopped for which reason, not "each ... daily quota"
+    assert "key #1 has reached its daily quota" in str(caught.value)
+    assert "key #0 has reached its balance" in str(caught.value)
+    assert "each of" not in str(caught.value)
     with pytest.raises(IndexError):
         mixed.set_aside(2, "balance")
 
