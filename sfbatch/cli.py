@@ -19,6 +19,7 @@ import dataclasses
 import gc
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -26,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from sfbatch import jobfile
-from sfbatch.commands import Command, add_command, flag_type
-from sfbatch.config import BASE_URLS, DEFAULT_KEY_ENV, RunConfig
+from sfbatch.commands import Command, add_command, flag_type, path_arg
+from sfbatch.config import BASE_URLS, DEFAULT_KEY_ENV, KEYS_ENV, RunConfig
 from sfbatch.errors import ConfigError, FatalApiError, SfbatchError
 from sfbatch.jobfile import Job
 from sfbatch.models import DEFAULT_MODEL
@@ -51,6 +52,7 @@ EXIT_AUTH = 3
 EXIT_QUOTA = 4
 EXIT_BLOCKED = 5  # something outside the run must be fixed (disk, balance, outage)
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a tool killed by it would end
 # The subcommands declared here, and the modules that declare the others (``COMMANDS``)
 _BUILTIN_COMMANDS = ("run", "validate")
 _COMMAND_MODULES = ("sfbatch.status", "sfbatch.gallery", "sfbatch.emulator.cli", "sfbatch.export")
@@ -63,7 +65,7 @@ log = logging.getLogger("sfbatch")
 def _flag_type(spec: Spec) -> Callable[[str], Any]:
     parse = spec.setting.parse
     if parse is None:
-        converter: Callable[[str], Any] = spec.kind
+        converter: Callable[[str], Any] = path_arg if spec.kind is Path else spec.kind
         return converter
     return flag_type(parse, ConfigError)
 
@@ -305,11 +307,16 @@ async def _run(job: Job, args: argparse.Namespace) -> int:
     from sfbatch.summary import print_summary
 
     async with _api_endpoint(job) as config:
-        if not config.api_key:
+        if not config.api_keys:
+            what = (
+                f"the keys given ({job.key_env} or {KEYS_ENV}) are only commas or spaces"
+                if config.api_key
+                else f"{job.key_env} is not set"
+            )
             log.error(
-                "%s is not set: export your key (or use --emulator to try "
-                "sfbatch against the embedded emulator)",
-                job.key_env,
+                "%s: export your key (or use --emulator to try sfbatch against the "
+                "embedded emulator)",
+                what,
             )
             return EXIT_AUTH
         try:
@@ -330,6 +337,10 @@ async def _run(job: Job, args: argparse.Namespace) -> int:
         try:
             async with progress:
                 result = await pipeline.run()
+            if pipeline.input_error is not None and not isinstance(
+                pipeline.input_error, SfbatchError
+            ):
+                raise pipeline.input_error  # the loader's own bug, not the input's: shown whole
         except ConfigError as exc:
             log.error("%s", exc)
             return EXIT_USAGE
@@ -390,7 +401,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(all_commands=not argv or argv[0] not in _BUILTIN_COMMANDS)
     args = parser.parse_args(argv)
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except BrokenPipeError:  # `sfbatch status DIR | head`: the reader has what it wanted
+        # Python flushes stdout once more on the way out: let that go nowhere, quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return code
 
 

@@ -108,9 +108,11 @@ class SiliconFlowClient(AsyncResource):
         connect_timeout_s: float = 30.0,
         max_connections: int = 100,
         deadlines: Deadlines | None = None,
+        key_name: str = "SILICONFLOW_API_KEY",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
+        self._key_name = key_name  # what a 401 tells the user to check
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
@@ -181,7 +183,7 @@ class SiliconFlowClient(AsyncResource):
             raise map_transport_error(exc, url, secret=self._api_key) from exc
         try:
             data = orjson.loads(body)["data"]
-            return [str(item["id"]) for item in data]
+            return [self._server_text(str(item["id"])) for item in data]  # shown to users
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise MalformedResponseError(f"{url}: unexpected models listing") from exc
 
@@ -247,7 +249,7 @@ class SiliconFlowClient(AsyncResource):
         fields: dict[str, Any] = {"status": status, "code": code, "trace_id": trace_id}
         if status == 401:
             return AuthenticationError(
-                f"401 from {where}: {message or 'invalid token'}; check SILICONFLOW_API_KEY "
+                f"401 from {where}: {message or 'invalid token'}; check {self._key_name} "
                 "and that the key belongs to this endpoint (.cn and .com keys differ)",
                 **fields,
             )

@@ -15,9 +15,10 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as _field
+from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Command", "Flag", "Handler", "add_command", "flag", "flag_type", "given"]
+__all__ = ["Command", "Flag", "Handler", "add_command", "flag", "flag_type", "given", "path_arg"]
 
 T = TypeVar("T")
 
@@ -71,6 +72,13 @@ def add_command(subparsers: Any, command: Command) -> argparse.ArgumentParser:
 def given(args: argparse.Namespace, flags: Iterable[Flag]) -> dict[str, Any]:
     """The config fields the flags set as given, with the values parsed."""
     return {f.field: getattr(args, f.field) for f in flags if f.field is not None}
+
+
+def path_arg(text: str) -> Path:
+    """A path flag's value: an empty one (``--out ""``) is a usage error, not the cwd."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
 
 
 def flag_type(

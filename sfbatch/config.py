@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sfbatch.errors import ConfigError
+import yarl
+
+from sfbatch.errors import ConfigError, redact_each
 from sfbatch.limiter import batch_fit_problem
 from sfbatch.retry import RetryPolicy
 from sfbatch.settings import check, setting, specs_of
@@ -47,6 +50,7 @@ __all__ = [
     "parse_concurrency",
     "parse_images_to",
     "parse_shard",
+    "split_keys",
 ]
 
 BASE_URLS = {
@@ -175,10 +179,14 @@ class Limits:
     rpm: float | None = setting(None, help="requests per minute the account allows", above=0)
     ipm: float | None = setting(None, help="images per minute the account allows", above=0)
     ipd: int | None = setting(
-        None, help="images per day: stop cleanly (exit 4) when made", at_least=0
+        None, help="images per day: stop cleanly (exit 4) when made", at_least=0, at_most=1e12
     )
     day_utc_offset_h: float = setting(
-        8.0, key="tz_offset_h", help="UTC offset in hours of the account's day (default 8)"
+        8.0,
+        key="tz_offset_h",
+        help="UTC offset in hours of the account's day (default 8)",
+        at_least=-14,  # every time zone on Earth is within -12..+14
+        at_most=14,
     )
     #: A model's own rpm/ipm/ipd (job file ``[limits.models."MODEL"]``); what it leaves
     #: out is the run's. All limits apply per (key, model).
@@ -203,6 +211,11 @@ class Limits:
         )
 
 
+# More requests or downloads in flight than any account's limit can use; a typo of many
+# digits would otherwise start that many tasks.
+_MAX_IN_FLIGHT = 10_000
+
+
 @dataclass(frozen=True, kw_only=True)
 class Workers:
     """Pool sizes and the loader's queue (job-file table ``[limits]``)."""
@@ -215,12 +228,20 @@ class Workers:
         help="generation requests in flight: auto (sized from the rate and the latency, up to "
         "max_concurrency) or a fixed N",
         at_least=1,
+        at_most=_MAX_IN_FLIGHT,
     )
     max_concurrency: int = setting(
-        256, help="most generation requests in flight with auto (default 256)", at_least=1
+        256,
+        help="most generation requests in flight with auto (default 256)",
+        at_least=1,
+        at_most=_MAX_IN_FLIGHT,
     )
-    download_concurrency: int = setting(8, help="downloads in flight (default 8)", at_least=1)
-    queue_size: int = setting(256, help="rows read ahead of the workers (default 256)", at_least=1)
+    download_concurrency: int = setting(
+        8, help="downloads in flight (default 8)", at_least=1, at_most=_MAX_IN_FLIGHT
+    )
+    queue_size: int = setting(
+        256, help="rows read ahead of the workers (default 256)", at_least=1, at_most=1_000_000
+    )
 
     def __post_init__(self) -> None:
         check(self)
@@ -311,12 +332,19 @@ class Build:
 
     SECTION: ClassVar[str] = "build"
 
-    base_seed: int = setting(0, help="base of the derived per-row seeds (default 0)")
+    base_seed: int = setting(
+        0,
+        help="base of the derived per-row seeds (default 0)",
+        at_least=-(2**63),  # a record keeps it: JSON readers take 64 bits
+        at_most=2**63 - 1,
+    )
     variations: int = setting(
-        1, help="images per prompt, each with its own derived seed", at_least=1
+        1, help="images per prompt, each with its own derived seed", at_least=1, at_most=10_000
     )
     dedupe: bool = setting(False, help="make identical prompt+parameters once")
-    limit: int | None = setting(None, help="read only the first N rows of the input", at_least=0)
+    limit: int | None = setting(
+        None, help="read only the first N rows of the input", at_least=0, at_most=2**62
+    )
     retry_failed: bool = setting(False, help="try items recorded as failed again")
 
     def __post_init__(self) -> None:
@@ -391,16 +419,19 @@ class RunConfig:
             object.__setattr__(self, part, value)
         if base_url is None:
             base_url = Environment.read().base_url or DEFAULT_BASE_URL
+        if not isinstance(api_key, str):
+            raise TypeError(
+                "api_key must be a str (one key, or several separated by commas), "
+                f"not {type(api_key).__name__}"
+            )
         object.__setattr__(self, "out_dir", Path(out_dir))
         object.__setattr__(self, "api_key", api_key)
         object.__setattr__(self, "base_url", str(base_url).rstrip("/"))
         object.__setattr__(self, "models_file", None if models_file is None else Path(models_file))
         object.__setattr__(self, "model_check", model_check)
         check(self)
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"base URL must start with http:// or https://, got {self.base_url!r}"
-            )
+        _check_keys(self.api_keys)
+        _check_base_url(self.base_url, self.api_keys)
         unfit = batch_fit_problem(self.defaults.batch_size or 1, self.limits.ipm)
         if unfit is not None:
             raise ConfigError(unfit)
@@ -432,8 +463,8 @@ class RunConfig:
 
     @property
     def api_keys(self) -> tuple[str, ...]:
-        """The run's keys: ``api_key`` holds one, or several separated by commas."""
-        return tuple(key for part in self.api_key.split(",") if (key := part.strip()))
+        """The run's keys: ``api_key`` holds one, or several (see :func:`split_keys`)."""
+        return split_keys(self.api_key)
 
     @property
     def manifest_name(self) -> str:
@@ -443,6 +474,60 @@ class RunConfig:
     @property
     def summary_name(self) -> str:
         return self.manifest_name.replace("manifest", "summary").replace(".jsonl", ".json")
+
+
+_KEY_SEPARATORS = re.compile(r"[,\s]+")
+
+
+def split_keys(api_key: str) -> tuple[str, ...]:
+    """The keys in ``api_key``: one, or several separated by commas or white space (a
+    key file's lines), empty pieces dropped.
+
+    >>> split_keys(" sk-a, sk-b,,\\nsk-c\\n")
+    ('sk-a', 'sk-b', 'sk-c')
+    """
+    return tuple(key for key in _KEY_SEPARATORS.split(api_key) if key)
+
+
+def _check_keys(keys: tuple[str, ...]) -> None:
+    """Refuse keys no request could carry, and a key listed twice (its account's limits
+    would count twice). Keys are named by their position in the list, never shown."""
+    first_at: dict[str, int] = {}
+    for index, key in enumerate(keys):
+        if not (key.isascii() and key.isprintable()):
+            raise ConfigError(
+                f"API key #{index} (counting from 0) has a control character or a character "
+                "that is not ASCII in it; copy the key again"
+            )
+        if key in first_at:
+            raise ConfigError(
+                f"API keys #{first_at[key]} and #{index} (counting from 0) are the same key: "
+                "each key is an account with limits of its own, so list each key once"
+            )
+        first_at[key] = index
+
+
+def _check_base_url(base_url: str, keys: tuple[str, ...]) -> None:
+    """Refuse a base URL no request could go to; the message never shows a key (a key
+    given where the base URL goes is not unheard of)."""
+
+    def shown(text: str) -> str:
+        return redact_each(text, keys)
+
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(shown(f"base URL must start with http:// or https://, got {base_url!r}"))
+    try:
+        url = yarl.URL(base_url)
+        has_port = url.port is not None
+    except ValueError as exc:
+        raise ConfigError(shown(f"base URL {base_url!r} is not a URL: {exc}")) from None
+    if not url.host or not has_port:
+        raise ConfigError(shown(f"base URL {base_url!r} names no host"))
+    if url.user is not None or url.password is not None:
+        raise ConfigError(
+            "base URL must not carry a user name or password (the key goes in the "
+            f"Authorization header): use {shown(str(url.with_user(None)))}"
+        )
 
 
 _PART_TYPES: dict[str, Any] = {

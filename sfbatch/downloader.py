@@ -20,9 +20,10 @@ points at a missing file; durability is paid per batch, not per image::
     stored = await downloader.fetch(url, "images/000/000000042_0")
     stored.path, stored.sha256, stored.bytes
 
-A full disk (ENOSPC, EDQUOT) while writing raises :class:`~sfbatch.errors.DiskFullError`,
-never retried: the image is paid for, so the caller keeps the item as ``generated`` with
-its URL and stops the run (exit 5).
+A full disk (ENOSPC, EDQUOT) while writing raises :class:`~sfbatch.errors.DiskFullError`
+(a directory that refuses the write, e.g. its permissions: its parent
+:class:`~sfbatch.errors.OutputWriteError`), never retried: the image is paid for,
+so the caller keeps the item as ``generated`` with its URL and stops the run (exit 5).
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ import aiohttp
 from sfbatch.deadlines import Deadlines
 from sfbatch.errors import (
     DISK_FULL_ERRNOS,
+    OUTPUT_ERRNOS,
     DiskFullError,
     DownloadError,
     ExpiredUrlError,
     ImageTooLargeError,
     NotAnImageError,
+    OutputWriteError,
 )
 from sfbatch.retry import RetryPolicy
 
@@ -64,6 +67,7 @@ __all__ = [
     "disk_full",
     "sniff_image_type",
     "tmp_dir_name",
+    "write_failed",
 ]
 
 TMP_DIR = ".tmp"
@@ -214,8 +218,8 @@ class Downloader:
             await self._commit.put(spool, os.path.join(self._root, final_rel))
         except BaseException as exc:
             spool.discard()  # sync on purpose: must run even when cancelled
-            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-                raise disk_full(exc, self.out_dir) from exc
+            if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+                raise write_failed(exc, self.out_dir) from exc
             raise
         self.bytes_written += size
         return StoredImage(path=final_rel, sha256=digest, bytes=size)
@@ -278,6 +282,22 @@ class Downloader:
         if path not in self._made_dirs:
             await aiofiles.os.makedirs(path, exist_ok=True)
             self._made_dirs.add(path)
+
+
+def write_failed(exc: OSError, out_dir: Path) -> OutputWriteError:
+    """The error for a write under ``out_dir`` that failed with ``exc`` (an errno of
+    :data:`~sfbatch.errors.OUTPUT_ERRNOS`): :func:`disk_full`, or the directory's refusal."""
+    if exc.errno in DISK_FULL_ERRNOS:
+        return disk_full(exc, out_dir)
+    path = exc.filename if isinstance(exc.filename, str) else None
+    return OutputWriteError(
+        f"cannot write into {out_dir}: {exc.strerror or exc}"
+        + (f" ({path})" if path else "")
+        + ": fix its permissions (or the disk), then run the same command again to resume; "
+        "paid images not yet written are kept by their URL",
+        errno_=exc.errno or errno.EIO,
+        path=path,
+    )
 
 
 def disk_full(exc: OSError, out_dir: Path) -> DiskFullError:
@@ -346,7 +366,7 @@ class _Spool:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or a directory refusing writes
             os.unlink(self.path)
 
 

@@ -22,7 +22,8 @@ image URLs. The tree, with the engine's reaction::
     │   │                                  fixed; no new request, rerun resumes
     │   ├── AccountBlockedError            403 balance / real-name verification /
     │   │                                  other 403 (also an ApiError)
-    │   ├── DiskFullError (OSError)        ENOSPC / EDQUOT while writing
+    │   ├── OutputWriteError (OSError)     DIR refused a write (permissions, read-only)
+    │   │   └── DiskFullError              ENOSPC / EDQUOT while writing
     │   └── OutageError                    endpoint unreachable past the outage limit
     ├── TransportError (ConnectionError)   reset, refused, truncated body: retry;
     │   │                                  ``connection_level`` when the endpoint could
@@ -44,11 +45,13 @@ environment, including a key cut in two at the end of the text.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
     "DAILY_LIMITS",
     "DISK_FULL_ERRNOS",
+    "OUTPUT_ERRNOS",
     "AccountBlockedError",
     "ApiError",
     "AuthenticationError",
@@ -67,6 +70,7 @@ __all__ = [
     "NotAnImageError",
     "OutDirInUseError",
     "OutageError",
+    "OutputWriteError",
     "QuotaReachedError",
     "RateLimitError",
     "RequestTimeoutError",
@@ -76,11 +80,25 @@ __all__ = [
     "TransportError",
     "is_connection_level",
     "redact",
+    "redact_each",
 ]
 
 # The limits a 429 can name that reset only with the account's day.
 DAILY_LIMITS = frozenset({"IPD", "RPD", "TPD"})
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# What a file write in the output directory fails with when the directory, not the run,
+# is at fault (never a network errno: a reset connection is not a disk's problem).
+OUTPUT_ERRNOS = DISK_FULL_ERRNOS | {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.EIO,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EFBIG,
+    errno.EEXIST,  # a file where a directory of DIR's tree should be
+}
 # A key fragment this short at a cut is harmless ("sk-" is public); longer ones are scrubbed.
 _MAX_FRAGMENT_CHARS = 3
 
@@ -212,8 +230,9 @@ class AccountBlockedError(RunBlockedError, ApiError):
     """403 for the account (balance, real-name verification, permission): not the key's fault."""
 
 
-class DiskFullError(RunBlockedError, OSError):
-    """ENOSPC / EDQUOT while writing into the output directory."""
+class OutputWriteError(RunBlockedError, OSError):
+    """The output directory refused a write (permissions, a read-only or failing disk):
+    the run stops (exit 5), paid images not yet written kept by their URL."""
 
     def __init__(self, message: str, *, errno_: int, path: str | None = None) -> None:
         super().__init__(errno_, message)
@@ -222,6 +241,10 @@ class DiskFullError(RunBlockedError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class DiskFullError(OutputWriteError):
+    """ENOSPC / EDQUOT while writing into the output directory."""
 
 
 class OutageError(RunBlockedError):
@@ -304,6 +327,13 @@ def redact(text: str, secret: str | None, *, max_chars: int | None = None) -> st
         return text.replace(secret, "***")
     text = _scrub_prefixes(text, secret)
     return _scrub_prefixes(text[::-1], secret[::-1])[::-1]  # the suffixes
+
+
+def redact_each(text: str, secrets: Iterable[str]) -> str:
+    """:func:`redact` for several secrets (a run's keys)."""
+    for secret in secrets:
+        text = redact(text, secret)
+    return text
 
 
 def _scrub_prefixes(text: str, secret: str) -> str:

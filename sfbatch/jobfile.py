@@ -188,6 +188,8 @@ def load(path: Path) -> JobFile:
         raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}): not a TOML file") from exc
     settings: dict[str, Any] = {}
     own: dict[str, Any] = {}
     emulator: dict[str, Any] = {}
@@ -250,6 +252,8 @@ def load(path: Path) -> JobFile:
 
 def _value(spec: Spec, value: Any, path: Path) -> Any:
     if spec.kind is Path:
+        if not str(value).strip():
+            raise ConfigError(f"{spec.id} is empty")
         return Path(os.path.normpath(path.parent / str(value)))
     if spec.id == "request.image" and isinstance(value, str) and input_kind(value) == "path":
         # A local input image, like every path in a job, is relative to the job file.

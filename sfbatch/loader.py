@@ -808,7 +808,10 @@ class PromptSource:
             raise self._read_error(exc, line) from exc
 
     def _parse_csv(self, text: io.TextIOWrapper) -> Iterator[_Parsed]:
-        reader = csv.reader(text, dialect="excel-tab" if self._fmt == ".tsv" else "excel")
+        # strict: a quote opened and never closed is an error, not the rest of the file
+        # read as one field (one paid prompt of every line after a stray quote)
+        dialect = "excel-tab" if self._fmt == ".tsv" else "excel"
+        reader = csv.reader(text, dialect=dialect, strict=True)
         columns: list[tuple[int, str]] | None = None
         width = 0
         end = 0  # the physical line the previous record ended on
@@ -820,7 +823,13 @@ class PromptSource:
                 return
             except csv.Error as exc:
                 end = reader.line_num
-                yield start, None, None, [f"malformed {self._fmt[1:].upper()} row: {exc}"]
+                problem = f"malformed {self._fmt[1:].upper()} row: {exc}"
+                if "unexpected end of data" in str(exc):
+                    problem = (
+                        f"a quoted field opened here is never closed: lines {start}-{end} "
+                        "(the end of the file) would be one field; close or remove the quote"
+                    )
+                yield start, None, None, [problem]
                 continue
             except _READ_ERRORS as exc:
                 raise self._read_error(exc, end) from exc

@@ -177,6 +177,10 @@ class ModelRegistry:
             text = Path(path).read_text("utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read models file: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path}: not valid UTF-8 (byte {exc.start}): not a TOML file"
+            ) from exc
         return registry.merged(_parse_rules(text, str(path)))
 
     def merged(self, rules: Mapping[str, ModelRule]) -> ModelRegistry:

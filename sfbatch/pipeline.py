@@ -56,16 +56,16 @@ from sfbatch.client import Generation, SiliconFlowClient
 from sfbatch.concurrency import ConcurrencyWindow
 from sfbatch.config import RunConfig
 from sfbatch.deadlines import Deadlines
-from sfbatch.downloader import Downloader, StoredImage, clean_tmp, disk_full, tmp_dir_name
+from sfbatch.downloader import Downloader, StoredImage, clean_tmp, tmp_dir_name, write_failed
 from sfbatch.errors import (
-    DISK_FULL_ERRNOS,
-    DiskFullError,
+    OUTPUT_ERRNOS,
+    ConfigError,
     DownloadError,
     ExpiredUrlError,
     FatalApiError,
-    InputFileError,
     ModelDisabledError,
     OutageError,
+    OutputWriteError,
     QuotaReachedError,
     RunBlockedError,
     SfbatchError,
@@ -87,7 +87,7 @@ from sfbatch.manifest import (
     invalid_error,
     now_iso,
 )
-from sfbatch.modelcheck import ModelOffer, check_models
+from sfbatch.modelcheck import ModelOffer, check_defaults, check_models
 from sfbatch.models import DEFAULT_MODEL, ModelRegistry
 from sfbatch.outage import OutageDetector
 from sfbatch.reasons import Reason, ReasonTally
@@ -222,6 +222,15 @@ class Pipeline:
         self._lock.acquire()
         try:
             self._build(config, rows)
+        except OSError as exc:
+            self._lock.release()
+            if exc.errno not in OUTPUT_ERRNOS:
+                raise
+            # the manifest (or its side files) cannot be read or written: before any request
+            raise ConfigError(
+                f"--out {out}: {exc.strerror or exc}"
+                + (f": {exc.filename}" if isinstance(exc.filename, str) else "")
+            ) from exc
         except BaseException:
             self._lock.release()
             raise
@@ -234,6 +243,8 @@ class Pipeline:
         manifest_path = out / config.manifest_name
         self._state = read_index([manifest_path], day_start=day_start_iso(limits.day_utc_offset_h))
         refresh_side(self._state, manifest_path)  # before the writer appends to it
+        # before the sessions: a manifest that cannot be written stops the run here, exit 2
+        self._writer = ManifestWriter(manifest_path)
         if self._state.damaged:
             places = ", ".join(f"{d.path}:{d.line}" for d in self._state.damaged[:10])
             more = len(self._state.damaged) - 10
@@ -303,8 +314,13 @@ class Pipeline:
                 request_timeout_s=config.timeouts.request_timeout_s,
                 connect_timeout_s=config.timeouts.connect_timeout_s,
                 deadlines=deadlines,
+                key_name=(
+                    "SILICONFLOW_API_KEY"
+                    if len(keys) == 1
+                    else f"key #{index} of the run's keys (counting from 0)"
+                ),
             )
-            for key in keys
+            for index, key in enumerate(keys)
         ]
         self._outage = OutageDetector(
             probe=clients[0].probe, outage_timeout_s=config.timeouts.outage_timeout_s
@@ -331,7 +347,6 @@ class Pipeline:
             tmp_dir=self._tmp_dir,
             deadlines=deadlines,
         )
-        self._writer = ManifestWriter(manifest_path)
 
     # -- control ---------------------------------------------------------------
 
@@ -434,10 +449,6 @@ class Pipeline:
             blocked = group.exceptions[0]
             assert isinstance(blocked, RunBlockedError)
             self._block(blocked)
-        except* InputFileError as group:
-            # The file broke mid-way (corrupt gzip, no CSV header): what was made is kept.
-            self.input_error = group.exceptions[0]
-            self._request_stop("input_error", str(self.input_error))
         finally:
             try:
                 with contextlib.suppress(RunBlockedError):
@@ -494,7 +505,18 @@ class Pipeline:
     async def _load(self) -> None:
         state, stats = self._state, self.stats
         jumped = 0
-        async for n, row in _numbered(self._rows):
+        numbered = _numbered(self._rows)
+        while True:
+            try:
+                n, row = await anext(numbered)
+            except StopAsyncIteration:
+                break
+            except Exception as exc:  # kept: the caller raises it again
+                # The input broke mid-way (a corrupt gzip, a caller's iterable raising):
+                # no new rows, and what is in flight still lands and is recorded.
+                self.input_error = exc
+                self._request_stop("input_error", str(exc))
+                break
             if isinstance(row, SkippedRows):  # done rows the loader jumped past, all ok
                 jumped += row.count - 1
                 stats.rows_read = n + jumped
@@ -675,7 +697,7 @@ class Pipeline:
                         else f"{self._tmp_dir}/up/{uuid.uuid4().hex}"  # uploaded by the store step
                     )
                     images.append(await self._downloader.fetch(generation.urls[index], stem))
-            except DiskFullError as exc:
+            except OutputWriteError as exc:
                 self._block(exc)
                 await self._save_generated(item)  # paid for: the next run downloads it
                 return
@@ -797,8 +819,8 @@ class Pipeline:
         try:
             self._writer.append(record)
         except OSError as exc:
-            if exc.errno in DISK_FULL_ERRNOS:
-                raise disk_full(exc, self.config.out_dir) from exc
+            if exc.errno in OUTPUT_ERRNOS:
+                raise write_failed(exc, self.config.out_dir) from exc
             raise
         self._state.set_status(record["id"], record["fingerprint"], record["status"])
         stats = self.stats
@@ -932,6 +954,7 @@ async def _numbered(rows: Iterable[Row] | AsyncIterable[Row]) -> AsyncIterator[t
 RowInput = str | Mapping[str, Any] | Row
 _BRIDGE_ITEMS = 256
 _BRIDGE_END = object()
+_NO_ROW = object()  # an empty input (None is a row: an invalid one)
 
 
 async def generate(
@@ -966,7 +989,14 @@ async def generate(
     store that refused or failed, or :class:`~sfbatch.errors.QuotaReachedError` once
     the daily quota ends it early, after yielding every record written before.
     """
+    if isinstance(rows, str | bytes | Mapping):
+        raise TypeError(
+            f"rows is one {type(rows).__name__}, not an iterable of rows: pass [rows] "
+            "for a single prompt or row"
+        )
     registry = registry or ModelRegistry.load(config.models_file)
+    # What the command refuses as flags, refused here before anything is sent or created.
+    check_defaults(config.defaults, registry, name_of=lambda field: f"RequestDefaults.{field}")
     offer = await check_models(config, registry)
     source: Iterable[Row] | AsyncGenerator[Row, None]
     if isinstance(rows, PromptSource):
@@ -1037,8 +1067,8 @@ def _as_rows(
 ) -> Iterable[Row]:
     """Rows as given, or validated rows built from strings and mappings."""
     items = iter(rows)
-    first = next(items, None)
-    if first is None:
+    first = next(items, _NO_ROW)
+    if first is _NO_ROW:
         return ()
     chained = itertools.chain((first,), items)
     if isinstance(first, Row):
@@ -1059,8 +1089,8 @@ async def _as_async_rows(
     from a queue the async iterable fills, at most ``_BRIDGE_ITEMS`` ahead.
     """
     items = aiter(rows)
-    first = await anext(items, None)
-    if first is None:
+    first = await anext(items, _NO_ROW)
+    if first is _NO_ROW:
         return
     if isinstance(first, Row):
         yield first

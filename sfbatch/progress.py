@@ -91,8 +91,9 @@ def endpoint_name(base_url: str) -> str:
     """Where requests go, as a user reads it: ``api.siliconflow.cn`` or
     ``the emulator at 127.0.0.1:8765``."""
     url = urlsplit(base_url)
-    if url.hostname in _LOOPBACK_HOSTS:
-        return f"the emulator at {url.netloc}"
+    if url.hostname in _LOOPBACK_HOSTS:  # host and port only: never a user or password
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        return f"the emulator at {host}" + (f":{url.port}" if url.port else "")
     return url.hostname or base_url
 
 

@@ -52,6 +52,8 @@ class Setting:
     """The value must be greater than this."""
     at_least: float | None = None
     """The value must be at least this."""
+    at_most: float | None = None
+    """The value must be at most this (a typo of many digits is not a setting)."""
     parse: Callable[[str], Any] | None = None
     """Turns the job file's or the flag's text into the value (the field is then text there)."""
 
@@ -65,11 +67,19 @@ def setting(
     section: str | None = None,
     above: float | None = None,
     at_least: float | None = None,
+    at_most: float | None = None,
     parse: Callable[[str], Any] | None = None,
 ) -> Any:
     """A dataclass field with its :class:`Setting`; no ``default``: required (immutable only)."""
     meta = Setting(
-        help=help, key=key, flag=flag, section=section, above=above, at_least=at_least, parse=parse
+        help=help,
+        key=key,
+        flag=flag,
+        section=section,
+        above=above,
+        at_least=at_least,
+        at_most=at_most,
+        parse=parse,
     )
     return dataclasses.field(default=default, metadata={_META: meta})
 
@@ -182,6 +192,11 @@ def _type_problem(value: Any, kind: type) -> bool:
     return not isinstance(value, kind)
 
 
+def _bound(bound: float) -> str:
+    """A bound as a user reads it: ``10,000``, ``0.5``."""
+    return f"{int(bound):,}" if float(bound).is_integer() else f"{bound:g}"
+
+
 def check(obj: Any) -> None:
     """Raise :class:`ConfigError` if a declared field of ``obj`` has the wrong type or is out
     of bounds; the message names the job-file key (``rpm must be ...``)."""
@@ -198,4 +213,6 @@ def check(obj: Any) -> None:
         if meta.above is not None and not value > meta.above:
             raise ConfigError(f"{spec.key} must be more than {meta.above:g}, got {value!r}")
         if meta.at_least is not None and not value >= meta.at_least:
-            raise ConfigError(f"{spec.key} must be at least {meta.at_least:g}, got {value!r}")
+            raise ConfigError(f"{spec.key} must be at least {_bound(meta.at_least)}, got {value!r}")
+        if meta.at_most is not None and not value <= meta.at_most:
+            raise ConfigError(f"{spec.key} must be at most {_bound(meta.at_most)}, got {value!r}")

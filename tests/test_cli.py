@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from conftest import run_sfbatch, sfbatch_env, start_sfbatch
+from conftest import REPO, run_sfbatch, sfbatch_env, start_sfbatch
 
 from sfbatch.emulator import Emulator
 from sfbatch.manifest import iter_records, latest_records, manifest_paths
@@ -422,3 +425,65 @@ def test_run_puts_the_collector_back_as_it_found_it(
     assert main(argv) == 0
     assert lines_in(tmp_path / "out" / "manifest.jsonl") == 3
     assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
+
+
+async def test_garbage_of_the_user_or_the_environment_is_a_message_never_a_traceback(
+    tmp_path: Path,
+) -> None:
+    src = prompts(tmp_path / "p.txt", 2)
+    out = str(tmp_path / "o")
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe[job]\n")
+    stray = tmp_path / "stray.csv"
+    stray.write_text('id,prompt\na,"she said, hi\n' + "".join(f"r{i},p {i}\n" for i in range(50)))
+    (tmp_path / "m" / "manifest.jsonl").mkdir(parents=True)
+    cases: list[tuple[tuple[str, ...], dict[str, str] | None, int, str]] = [
+        (("validate", str(tmp_path / "binary.toml")), None, 2, "not valid UTF-8"),
+        (("validate", str(src), "--models-file", str(tmp_path / "binary.toml")), None, 2, "UTF-8"),
+        (("run", str(src), "--out", ""), None, 2, "argument --out: an empty path"),
+        (("validate", str(src), "--tz-offset", "30"), None, 2, "tz_offset_h must be at most 14"),
+        (("validate", str(src), "--concurrency", "9" * 20), None, 2, "at most 10,000"),
+        (("validate", str(src), "--limit", "9" * 20), None, 2, "limit must be at most"),
+        (("validate", str(stray)), None, 2, f"{stray}:2: a quoted field opened here is never"),
+        (
+            ("run", str(src), "--out", out),
+            sfbatch_env(None, SILICONFLOW_API_KEYS=" , "),
+            3,
+            "only commas or spaces",
+        ),
+        (
+            ("run", str(src), "--out", out, "--base-url", "http://u:pw@127.0.0.1:9/v1"),
+            None,
+            2,
+            "must not carry a user name or password",
+        ),
+        (
+            ("run", str(src), "--out", str(tmp_path / "m"), "--emulator"),
+            None,
+            2,
+            "Is a directory",
+        ),
+    ]
+    for args, env, expected, message in cases:
+        code, output = await sfbatch(*args, env=env)
+        assert code == expected and message in output, (args, output)
+        assert "Traceback" not in output, (args, output)
+
+
+def test_a_reader_that_stops_early_is_no_traceback(tmp_path: Path) -> None:
+    # `sfbatch status DIR | head -1`: the pipe's reader is gone before sfbatch writes
+    (tmp_path / "manifest.jsonl").write_bytes(b"")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sfbatch", "status", str(tmp_path)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env=sfbatch_env(None),
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and b"Traceback" not in done.stderr, done.stderr

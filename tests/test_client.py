@@ -433,3 +433,22 @@ async def test_probe_answers_for_any_http_status_and_raises_when_unreachable(
         with pytest.raises(TransportError) as info:
             await client.probe()
     assert info.value.connection_level
+
+
+async def test_a_401_names_which_of_several_keys_to_check(server: Scripted) -> None:
+    server.reply(401, "Invalid token")
+    name = "key #1 of the run's keys (counting from 0)"
+    async with SiliconFlowClient(base_url=server.base_url, api_key=KEY, key_name=name) as client:
+        with pytest.raises(AuthenticationError) as info:
+            await client.generate({"prompt": "a cat"})
+    assert "check key #1 of the run's keys" in str(info.value)
+    assert "SILICONFLOW_API_KEY " not in str(info.value)
+    assert_no_key(info.value)
+
+
+async def test_model_names_from_the_server_never_carry_the_key(server: Scripted) -> None:
+    server.reply(200, {"data": [{"id": "Kwai-Kolors/Kolors"}, {"id": f"echo-{KEY}"}]})
+    async with client_for(server.base_url) as client:
+        models = await client.list_models()
+    assert models[0] == "Kwai-Kolors/Kolors" and models[1].startswith("echo-")
+    assert_no_key(*models)

@@ -126,6 +126,17 @@ def test_replace_and_frozen() -> None:
         ({"name_template": "{id}"}, "file naming must contain"),
         ({"name_template": "{id}/{index}"}, "path separator"),
         ({"base_url": "ftp://example.com/v1"}, "must start with http"),
+        ({"base_url": "http://127.0.0.1:99999/v1"}, "Port out of range"),
+        ({"base_url": "http://[::1:80/v1"}, "is not a URL"),
+        ({"concurrency": 99999999999999999999}, "concurrency must be at most 10,000"),
+        ({"max_concurrency": 10_001}, "max_concurrency must be at most 10,000"),
+        ({"download_concurrency": 10**6}, "download_concurrency must be at most 10,000"),
+        ({"tz_offset_h": 30}, "tz_offset_h must be at most 14"),
+        ({"tz_offset_h": math.nan}, "tz_offset_h must be a number"),
+        ({"limit": 10**20}, "limit must be at most"),
+        ({"base_seed": 2**64}, "base_seed must be at most"),
+        ({"ipd": 10**20}, "ipd must be at most"),
+        ({"variations": 10**20}, "variations must be at most 10,000"),
         ({"defaults": RequestDefaults(batch_size=4), "ipm": 2}, "can never fit"),
     ],
 )
@@ -184,3 +195,47 @@ def test_the_environment_is_read_in_one_place(monkeypatch: pytest.MonkeyPatch) -
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(sfbatch.config).failed == 0
+
+
+@pytest.mark.parametrize(
+    ("api_key", "keys"),
+    [
+        ("sk-a", ("sk-a",)),
+        (" sk-a , sk-b,,", ("sk-a", "sk-b")),
+        ("sk-a\nsk-b\n", ("sk-a", "sk-b")),  # a key file's lines: "$(cat keys.txt)"
+        (" , ,", ()),
+    ],
+)
+def test_keys_are_split_on_commas_and_white_space(api_key: str, keys: tuple[str, ...]) -> None:
+    assert RunConfig(out_dir="o", api_key=api_key).api_keys == keys
+
+
+@pytest.mark.parametrize(
+    ("api_key", "message"),
+    [
+        ("sk-a,sk-b,sk-a", r"API keys #0 and #2 \(counting from 0\) are the same key"),
+        ("sk-a,sk-\x00b", r"API key #1 \(counting from 0\) has a control character"),
+        ("sk-ä", "not ASCII"),
+    ],
+)
+def test_keys_no_request_could_carry_are_refused_without_showing_them(
+    api_key: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        RunConfig(out_dir="o", api_key=api_key)
+    assert "sk-" not in str(info.value)
+
+
+def test_the_key_is_not_shown_when_given_where_the_base_url_goes() -> None:
+    key = "sk-LEAKCANARY1234567890abcdef"
+    with pytest.raises(ConfigError, match="must start with http") as info:
+        RunConfig(out_dir="o", api_key=key, base_url=key)
+    assert "LEAKCANARY" not in str(info.value) and "cdef" not in str(info.value)
+    with pytest.raises(ConfigError, match="user name or password") as creds:
+        RunConfig(out_dir="o", api_key=key, base_url=f"http://u:{key}@127.0.0.1:8/v1")
+    assert "LEAKCANARY" not in str(creds.value) and "http://127.0.0.1:8/v1" in str(creds.value)
+
+
+def test_an_api_key_that_is_not_text_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="api_key must be a str"):
+        RunConfig(out_dir="o", api_key=None)  # type: ignore[arg-type]

@@ -161,6 +161,39 @@ async def test_a_full_disk_is_exit_5_with_the_paid_items_kept_generated(
     assert statuses(out)["failed"] == 0 and statuses(out)["ok"] == 0
 
 
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted read-only: every write in it is EROFS, root or not."""
+    mountpoint = tmp_path / "ro"
+    mountpoint.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+async def test_a_directory_refusing_writes_is_exit_5_with_the_paid_items_kept_generated(
+    tmp_path: Path, read_only_dir: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tmp").symlink_to(read_only_dir, target_is_directory=True)
+    async with Emulator(host="127.0.0.1", port=0) as emu:
+        result = await run(config_for(emu, out), prompts(10))
+    assert result.outcome == "blocked" and result.exit_code == 5
+    assert "cannot write into" in result.message and "file system" in result.message
+    kept = [r for r in every_line(out) if r["status"] == "generated"]
+    assert kept and all(r.get("urls") for r in kept)  # paid for: the next run downloads them
+    assert statuses(out)["failed"] == 0 and statuses(out)["ok"] == 0
+
+
 # -- 403 30003 ---------------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,7 @@ def test_the_public_surface_is_pinned() -> None:
         "NotAnImageError",
         "OutDirInUseError",
         "OutageError",
+        "OutputWriteError",
         "QuotaReachedError",
         "RateLimitError",
         "RecordError",
@@ -167,16 +168,77 @@ async def test_generate_takes_an_async_iterable_of_rows(tmp_path: Path) -> None:
 
 async def test_an_async_iterable_that_fails_stops_the_run_with_its_error(tmp_path: Path) -> None:
     async def rows() -> AsyncIterator[str]:
-        yield "a cat"
+        for i in range(5):
+            yield f"prompt {i}"
+        await asyncio.sleep(0.3)  # the five are in flight
         raise RuntimeError("the source broke")
 
-    async with Emulator() as emu:
+    async with Emulator(latency_s=0.5) as emu:
         config = sfbatch.RunConfig(out_dir=tmp_path, api_key=emu.api_key, base_url=emu.base_url)
-        # as a sync iterable's error does: out of the pipeline's TaskGroup
-        with pytest.raises(ExceptionGroup) as info:
-            async for _ in sfbatch.generate(rows(), config):
-                pass
-    assert info.group_contains(RuntimeError, match="the source broke")
+        results: list[sfbatch.RunResult] = []
+        seen = []
+        with pytest.raises(RuntimeError, match="the source broke"):  # its own, not a group
+            async for record in sfbatch.generate(rows(), config, on_result=results.append):
+                seen.append(record)
+        sent = emu.stats()["generation_requests"]
+    # what was in flight landed and was recorded: nothing paid for is lost (rows not yet
+    # sent are left for the next run)
+    assert sent >= 1 and [r["status"] for r in seen] == ["ok"] * sent
+    assert results[0].outcome == "input_error"
+
+
+async def test_a_sync_iterable_that_fails_midway_lands_what_is_in_flight(tmp_path: Path) -> None:
+    def rows() -> Iterator[str]:
+        yield "a cat"
+        yield "a dog"
+        raise ValueError("the caller's rows broke")
+
+    async with Emulator(latency_s=0.2) as emu:
+        config = sfbatch.RunConfig(out_dir=tmp_path, api_key=emu.api_key, base_url=emu.base_url)
+        seen = []
+        with pytest.raises(ValueError, match="the caller's rows broke"):
+            async for record in sfbatch.generate(rows(), config):
+                seen.append(record)
+        sent = emu.stats()["generation_requests"]
+    assert len(seen) == sent and all(r["status"] == "ok" for r in seen)
+
+
+async def test_none_first_is_an_invalid_row_not_an_empty_input(tmp_path: Path) -> None:
+    async def arows() -> AsyncIterator[Any]:
+        for row in (None, "a dog"):
+            yield row
+
+    async with Emulator() as emu:
+        for n, rows in enumerate(([None, "a cat"], arows())):
+            config = sfbatch.RunConfig(
+                out_dir=tmp_path / str(n), api_key=emu.api_key, base_url=emu.base_url
+            )
+            records = [r async for r in sfbatch.generate(rows, config)]
+            assert sorted(r["status"] for r in records) == ["invalid", "ok"]
+
+
+@pytest.mark.parametrize("rows", ["a cat", b"a cat", {"prompt": "a cat"}])
+async def test_one_prompt_or_row_for_rows_is_a_type_error(tmp_path: Path, rows: Any) -> None:
+    config = sfbatch.RunConfig(out_dir=tmp_path, api_key="sk-x", base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(TypeError, match=r"pass \[rows\]"):
+        async for _ in sfbatch.generate(rows, config):
+            pass
+    assert not tmp_path.joinpath("manifest.jsonl").exists()
+
+
+async def test_request_defaults_no_row_can_cure_are_refused_before_anything(
+    tmp_path: Path,
+) -> None:
+    config = sfbatch.RunConfig(
+        out_dir=tmp_path / "out",
+        api_key="sk-x",
+        base_url="http://127.0.0.1:9/v1",  # nothing listens: nothing may be sent
+        defaults=sfbatch.RequestDefaults(batch_size=9),
+    )
+    with pytest.raises(errors.ConfigError, match=r"RequestDefaults\.batch_size 9"):
+        async for _ in sfbatch.generate(["a cat"], config):
+            pass
+    assert not (tmp_path / "out").exists()
 
 
 async def test_breaking_out_of_an_async_source_early_stops_its_worker(tmp_path: Path) -> None:

@@ -419,3 +419,11 @@ def test_log_records_print_above_the_live_line_and_it_is_drawn_again(
         f"{clear}sfbatch  50%|█████     | 5/10\n"
         "sfbatch: after the bar\n"
     )
+
+
+def test_the_endpoint_is_named_by_host_and_port_never_a_user_or_password() -> None:
+    from sfbatch.progress import endpoint_name
+
+    assert endpoint_name("http://u:sk-secret@127.0.0.1:8765/v1") == "the emulator at 127.0.0.1:8765"
+    assert endpoint_name("http://[::1]:80/v1") == "the emulator at [::1]:80"
+    assert endpoint_name("https://api.siliconflow.cn/v1") == "api.siliconflow.cn"
