@@ -83,6 +83,10 @@ _IDLE_S = 30.0  # the longest wait for the answer's headers, or for more of its 
 # File work at most this long per image (page cache, tmpfs, no fsync) is done on the loop
 # at once: a trip to a worker thread and back costs more than the work itself.
 _INLINE_MAX_S = 200e-6
+# Room kept free on the output's file system once images have filled the rest, for the
+# records of paid items (each about 1 KB); how many image bytes between two looks at it.
+_RESERVE_BYTES = 16 << 20
+_ROOM_CHECK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +185,7 @@ class Downloader:
         self._max_bytes = max_bytes
         self._retry = retry or RetryPolicy(max_retries=3, base_s=0.5, cap_s=10.0)
         self._rng = rng or random.Random()
-        self._commit = _GroupCommit(fsync=fsync)
+        self._commit = _GroupCommit(fsync=fsync, root=os.fspath(out_dir))
         self._made_dirs: set[str] = set()
         # Paths are str on the hot path (a Path join per image costs more than the join);
         # temporary names are this downloader's prefix and a counter: unique, no uuid each.
@@ -336,6 +340,11 @@ class _Spool:
         # True while a group commit works on it in a worker thread, which then owns it.
         self.busy = False
 
+    @property
+    def held(self) -> int:
+        """Bytes in memory, not yet in the file."""
+        return self._held
+
     def hold(self, chunk: bytes) -> None:
         """Keep ``chunk`` in memory (a whole small image: the caller bounds its size)."""
         self._chunks.append(chunk)
@@ -393,8 +402,10 @@ class _GroupCommit:
     write), goes to the worker thread.
     """
 
-    def __init__(self, *, fsync: bool) -> None:
+    def __init__(self, *, fsync: bool, root: str | None = None) -> None:
         self._fsync = fsync
+        self._root = root  # the output directory: its file system keeps room for the manifest
+        self._unchecked_bytes = _ROOM_CHECK_BYTES  # the first batch checks
         self._waiting: list[tuple[_Landing, asyncio.Future[None]]] = []
         self._runner: asyncio.Task[None] | None = None
         self._made_dirs: set[str] = set()
@@ -450,6 +461,12 @@ class _GroupCommit:
     def _land(self, batch: list[_Landing]) -> float:
         """The batch's file work (errors are kept per image); the seconds it took."""
         started = time.perf_counter()
+        if self._root is not None and not self._room_for(batch):
+            for landing in batch:
+                landing.error = OSError(
+                    errno.ENOSPC, "the last free space is kept for the manifest", self._root
+                )
+            return time.perf_counter() - started
         written: list[tuple[_Landing, IO[bytes]]] = []
         for landing in batch:
             try:
@@ -478,6 +495,24 @@ class _GroupCommit:
                 for landing in placed:
                     landing.error = exc
         return time.perf_counter() - started
+
+    def _room_for(self, batch: list[_Landing]) -> bool:
+        """Whether the output's file system keeps ``_RESERVE_BYTES`` free after ``batch``
+        (looked at once every ``_ROOM_CHECK_BYTES`` of images): the records of what is
+        paid and not yet written must still fit when the images have filled the disk."""
+        size = sum(landing.spool.held for landing in batch)
+        self._unchecked_bytes += size
+        if self._unchecked_bytes < _ROOM_CHECK_BYTES:
+            return True
+        assert self._root is not None
+        try:
+            stat = os.statvfs(self._root)
+        except OSError:
+            return True  # cannot say: the writes will
+        if stat.f_bavail * stat.f_frsize - size < _RESERVE_BYTES:
+            return False  # and the next batch looks again
+        self._unchecked_bytes = 0
+        return True
 
 
 def _fsync_dir(path: str) -> None:

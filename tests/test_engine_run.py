@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -17,12 +19,14 @@ from typing import Any
 import orjson
 import pytest
 
+import sfbatch.downloader as downloader_module
 from sfbatch.config import RunConfig
 from sfbatch.emulator import Emulator, Limits
 from sfbatch.loader import PromptSource
 from sfbatch.manifest import ManifestRecord, iter_records, latest_records
 from sfbatch.models import ModelRegistry
 from sfbatch.pipeline import Pipeline, RunResult
+from sfbatch.summary import print_summary
 
 REG = ModelRegistry.builtin()
 REPO = Path(__file__).resolve().parent.parent
@@ -161,6 +165,24 @@ async def test_a_full_disk_is_exit_5_with_the_paid_items_kept_generated(
     assert statuses(out)["failed"] == 0 and statuses(out)["ok"] == 0
 
 
+async def test_images_stop_short_of_filling_the_disk_so_the_paid_items_records_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if the disk had just less free than the reserve: images stop, the records of what
+    # is paid for and not written still fit (a disk filled by images had no room left for
+    # them, and a torn last record was cut by the next run)
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(downloader_module, "_RESERVE_BYTES", free + 1)
+    out = tmp_path / "out"
+    async with Emulator(host="127.0.0.1", port=0) as emu:
+        result = await run(config_for(emu, out), prompts(10))
+    assert result.outcome == "blocked" and result.exit_code == 5
+    assert "no space left" in result.message
+    kept = [r for r in every_line(out) if r["status"] == "generated"]
+    assert kept and all(r.get("urls") for r in kept)
+    assert statuses(out)["ok"] == 0 and not list(out.glob("images/*/*"))
+
+
 @pytest.fixture
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs mounted read-only: every write in it is EROFS, root or not."""
@@ -180,18 +202,25 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 async def test_a_directory_refusing_writes_is_exit_5_with_the_paid_items_kept_generated(
-    tmp_path: Path, read_only_dir: Path
+    tmp_path: Path,
+    read_only_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / ".tmp").symlink_to(read_only_dir, target_is_directory=True)
     async with Emulator(host="127.0.0.1", port=0) as emu:
-        result = await run(config_for(emu, out), prompts(10))
+        config = config_for(emu, out)
+        result = await run(config, prompts(10))
     assert result.outcome == "blocked" and result.exit_code == 5
     assert "cannot write into" in result.message and "file system" in result.message
     kept = [r for r in every_line(out) if r["status"] == "generated"]
     assert kept and all(r.get("urls") for r in kept)  # paid for: the next run downloads them
     assert statuses(out)["failed"] == 0 and statuses(out)["ok"] == 0
+    with caplog.at_level(logging.INFO, logger="sfbatch"):
+        print_summary(result, config)  # the closing summary says what is paid and waiting
+    assert f"{len(kept)} paid and not downloaded yet" in capsys.readouterr().err
 
 
 # -- 403 30003 ---------------------------------------------------------------------------
