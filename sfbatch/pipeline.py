@@ -867,8 +867,12 @@ class Pipeline:
         summary = self._summary(outcome)
         path = self.config.out_dir / self.config.summary_name
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-        tmp.replace(path)
+        try:
+            tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+            tmp.replace(path)
+        except OSError as exc:  # the manifest holds the truth; the summary is its digest
+            tmp.unlink(missing_ok=True)
+            log.error("could not write %s: %s", path, exc.strerror or exc)
         return RunResult(
             outcome=outcome,
             summary=summary,

@@ -103,6 +103,10 @@ def _headline(result: RunResult, summary: dict[str, Any]) -> str:
     if run.get("duplicate"):
         parts.append(plural(run["duplicate"], "duplicate"))
     parts += _skipped(run)
+    if run.get("regenerated_expired"):  # paid twice: say so
+        parts.append(f"{count(run['regenerated_expired'])} generated again (their URLs expired)")
+    if pending := (summary.get("manifest") or {}).get("generated"):
+        parts.append(f"{count(pending)} paid and not downloaded yet (the next run downloads them)")
     what = {
         "done": f"finished in {elapsed}",
         "quota": f"stopped at the daily quota after {elapsed}",
