@@ -93,8 +93,14 @@ class StoreConfig:
     part_size_bytes: int = 16 << 20
     parts_in_flight: int = 4
     presign_expires_s: int = 3600
+    # A store that takes the connection and never answers fails each attempt after these,
+    # not botocore's 60 s read timeout (times the attempts, for every object in flight).
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
+        if not (self.connect_timeout_s > 0 and self.read_timeout_s > 0):
+            raise ConfigError("store connect_timeout_s and read_timeout_s must be > 0")
         if self.concurrency < 1 or self.parts_in_flight < 1 or self.max_attempts < 1:
             raise ConfigError("store concurrency, parts_in_flight and max_attempts must be >= 1")
         if self.part_size_bytes < _MIN_PART_BYTES:
@@ -276,10 +282,18 @@ class S3Store(ImageStore):
         config = AioConfig(
             retries={"max_attempts": self.config.max_attempts, "mode": "standard"},
             max_pool_connections=self.config.concurrency + self.config.parts_in_flight,
+            connect_timeout=self.config.connect_timeout_s,
+            read_timeout=self.config.read_timeout_s,
         )
         self._client = await self._stack.enter_async_context(
             session.create_client("s3", config=config)
         )
+        # "Expect: 100-continue" on uploads: aiohttp waits for the 100 with no read timeout,
+        # so a store that takes the connection and never answers would hold the run for ever.
+        # Without it the body goes at once and the read timeout bounds the wait for the answer.
+        from botocore.handlers import add_expect_header
+
+        self._client.meta.events.unregister("before-call.s3", add_expect_header)
 
     async def aclose(self) -> None:
         await self._stack.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from pathlib import Path
@@ -146,3 +147,22 @@ async def test_s3_unreachable_endpoint_is_refused(
     async with open_store(f"s3://{s3.bucket}", StoreConfig(max_attempts=1)) as store:
         with pytest.raises(StoreAccessError):
             await store.check_writable()
+
+
+async def test_s3_a_store_that_never_answers_fails_on_its_read_timeout(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Takes the connection, reads the request, never answers (a hung or stopped store).
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 20)
+        await asyncio.sleep(60)
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    config = StoreConfig(max_attempts=2, read_timeout_s=0.3)
+    started = asyncio.get_running_loop().time()
+    async with server, open_store(f"s3://{s3.bucket}", config) as store:
+        with pytest.raises(StorageError):
+            await store.put_bytes(b"x", "a.bin")
+    assert asyncio.get_running_loop().time() - started < 30  # not botocore's 60 s, twice
