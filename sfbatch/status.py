@@ -248,13 +248,15 @@ def _pending(
         base_seed=reading.base_seed,
         variations=reading.variations or _variations(latest),
     )
-    rows = pending = images = matched = estimated = 0
+    rows = pending = images = estimated = 0
+    matched: set[str] = set()
     for row in source:
         rows += 1
         record = latest.get(row.id)
         if record is not None and record.get("fingerprint") not in (None, row.fingerprint):
             record = None  # a record of what this id asked for before the edit
-        matched += record is not None
+        if record is not None:
+            matched.add(row.id)
         error = record.get("error") if record is not None else None
         repaired = isinstance(error, dict) and error.get("code") == DAMAGED_CODE
         if record is None or record.get("status") not in DONE_STATUSES or repaired:
@@ -267,7 +269,8 @@ def _pending(
                     estimated += 1
     images += math.ceil(estimated * per_row)
     found = _pending_dict(rows, pending, images, "scan")
-    found["history"] = len(latest) - matched
+    found["history_ids"] = {row_id for row_id in latest if row_id not in matched}
+    found["history"] = len(found["history_ids"])
     return found
 
 
@@ -300,7 +303,14 @@ def status_report(
     latency: list[float] = []
     inference: list[float] = []
     finished: list[str] = []
-    for record in scan.latest.values():
+    pending = None
+    history: set[str] = set()
+    if input_path is not None:  # the counts are the input's rows; history apart
+        pending = _pending(input_path, scan.latest, _summary_reading(out_dir))
+        history = pending.pop("history_ids")
+    for row_id, record in scan.latest.items():
+        if row_id in history:
+            continue
         status = str(record.get("status"))
         counts[status] += 1
         if isinstance(stamp := record.get("finished_at"), str):
@@ -326,9 +336,6 @@ def status_report(
             reasons[status][group] += 1
             examples.setdefault(group, message)
 
-    pending = None
-    if input_path is not None:
-        pending = _pending(input_path, scan.latest, _summary_reading(out_dir))
     ipd_source: str | None = "--ipd" if ipd is not None else None
     if ipd is None:
         ipd, ipd_source = _summary_ipd(out_dir)

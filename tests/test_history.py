@@ -89,6 +89,8 @@ async def test_an_edited_file_says_what_changed_and_keeps_the_rest_as_history(
     report = status_report(out, input_path=prompts)
     assert report["pending"] == 0 and report["input_rows"] == 7
     assert report["history"] == 3
+    assert report["counts"]["ok"] == 7  # the input's rows, as summary.json says; not 10
+    assert status_report(out)["counts"]["ok"] == 10  # without --input: every id's latest
 
 
 async def test_a_failed_prompt_edited_away_no_longer_fails_every_run(tmp_path: Path) -> None:
