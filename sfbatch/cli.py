@@ -184,6 +184,12 @@ def job_from_args(args: argparse.Namespace) -> Job:
 def _add_run(subparsers: Any) -> None:
     parser = add_command(subparsers, Command("run", run_command))
     add_config_flags(parser)
+    _add_run_flags(parser)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """``run``'s own flags (key variable, emulator, output); ``validate`` takes them too,
+    so a run's command line with ``run`` changed to ``validate`` checks as it is."""
     parser.add_argument(
         "--key-env",
         metavar="NAME",
@@ -200,7 +206,9 @@ def _add_run(subparsers: Any) -> None:
 
 
 def _add_validate(subparsers: Any) -> None:
-    add_config_flags(add_command(subparsers, Command("validate", validate_command)))
+    parser = add_command(subparsers, Command("validate", validate_command))
+    add_config_flags(parser)
+    _add_run_flags(parser)
 
 
 def validate_command(args: argparse.Namespace) -> int:

@@ -487,3 +487,11 @@ def test_a_reader_that_stops_early_is_no_traceback(tmp_path: Path) -> None:
     finally:
         os.close(write)
     assert done.returncode == 141 and b"Traceback" not in done.stderr, done.stderr
+
+
+async def test_validate_takes_a_run_command_line_as_it_is(tmp_path: Path) -> None:
+    src = prompts(tmp_path / "p.txt", 3)
+    flags = ("--out", str(tmp_path / "o"), "-q", "--no-progress", "--key-env", "MY_KEY")
+    code, output = await sfbatch("validate", str(src), *flags, "--emulator", "--log-format", "json")
+    assert code == 0 and "3 rows: 3 valid" in output, output
+    assert not (tmp_path / "o").exists()  # validate writes nothing
