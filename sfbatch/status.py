@@ -414,6 +414,8 @@ class VerifyReport:
     orphans: list[str] = field(default_factory=list)
     leftover_parts: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    #: of ``bytes``, those of objects in a store checked by HEAD and size only (no --deep)
+    sized_only_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -588,8 +590,11 @@ def verify(out_dir: Path, *, workers: int | None = None, deep: bool = False) -> 
             for result in pool.map(lambda item: _check(out_dir, *item), batch):
                 tally(result)
     if objects:
+        before = report.bytes
         for result in asyncio.run(_check_objects(objects, deep=deep)):
             tally(result)
+        if not deep:
+            report.sized_only_bytes = report.bytes - before
 
     images_dir = out_dir / "images"
     report.orphans = sorted(
@@ -770,9 +775,15 @@ def _list(title: str, items: list[str], show_all: bool) -> list[str]:
 def format_verify(report: VerifyReport, *, show_all: bool = False) -> str:
     """The human report of :func:`verify`."""
     checked = report.files + len(report.missing) + len(report.mismatched)
+    hashed = human_bytes(report.bytes - report.sized_only_bytes)
+    sized = (
+        f", {human_bytes(report.sized_only_bytes)} in the store checked by size only (--deep)"
+        if report.sized_only_bytes
+        else ""
+    )
     lines = [
         f"{report.out_dir}: checked {checked:,} "
-        f"images of {report.records:,} ok records ({human_bytes(report.bytes)} hashed "
+        f"images of {report.records:,} ok records ({hashed} hashed{sized} "
         f"in {report.elapsed_s:.1f} s)"
     ]
     if report.missing:

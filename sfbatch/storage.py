@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import uuid
@@ -278,6 +279,9 @@ class S3Store(ImageStore):
             from aiobotocore.session import get_session
         except ImportError as exc:
             raise MissingExtraError("s3", "aiobotocore") from exc
+        # "Found credentials in environment variables." on every command: not the user's news
+        for name in ("botocore.credentials", "aiobotocore.credentials"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         session = get_session()
         config = AioConfig(
             retries={"max_attempts": self.config.max_attempts, "mode": "standard"},

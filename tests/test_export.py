@@ -326,6 +326,7 @@ async def test_cli_export_and_its_errors(s3: S3Server, tmp_path: Path) -> None:
         "export", str(out), "--format", "parquet", "--to", f"s3://{s3.bucket}-missing/x"
     )
     assert code == 3 and "NoSuchBucket" in text, text
+    assert "Found credentials" not in text  # botocore's news is not the user's
     code, text = await sfbatch(
         "export", str(tmp_path / "nowhere"), "--format", "parquet", "--to", "d"
     )

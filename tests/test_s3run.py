@@ -219,6 +219,8 @@ async def test_kill_9_then_resume_pays_nothing_twice_and_verify_checks_the_objec
 
     code, output = await sfbatch("verify", str(out), env=env)
     assert code == 0, output
+    assert "0 B hashed" in output and "checked by size only" in output  # HEADs, not hashes
+    assert "Found credentials" not in output
     code, output = await sfbatch("verify", str(out), "--deep", "--json", env=env)
     assert code == 0, output
     report = orjson.loads(output.splitlines()[0])
