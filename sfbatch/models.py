@@ -124,6 +124,15 @@ class ModelRule:
         lo, hi = self.batch_size
         if not 1 <= lo <= hi:
             raise ConfigError(f"model {self.name}: batch_size range {lo}..{hi} is empty")
+        lo, hi = self.steps
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"model {self.name}: steps range {lo}..{hi} is empty")
+        if not lo <= self.default_steps <= hi:
+            raise ConfigError(
+                f"model {self.name}: default_steps {self.default_steps} is outside steps {lo}..{hi}"
+            )
+        if self.guidance[0] > self.guidance[1]:
+            raise ConfigError(f"model {self.name}: guidance range {self.guidance} is empty")
         unknown = [f for f in self.image_fields if f not in IMAGE_FIELDS]
         if unknown:
             raise ConfigError(
@@ -229,28 +238,61 @@ def _rule_from_spec(name: str, spec: dict[str, Any]) -> ModelRule:
     kwargs: dict[str, Any] = {"name": name}
     for key, value in spec.items():
         if key in ("image_sizes", "endpoints", "image_fields", "image_required"):
-            kwargs[key] = tuple(str(v) for v in value)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"{key} must be a list of text, got {value!r}")
+            kwargs[key] = tuple(value)
         elif key == "takes_image":  # the older spelling: one required `image`
             if not isinstance(value, bool):
                 raise TypeError(f"takes_image must be true or false, got {value!r}")
             if value:
                 kwargs.setdefault("image_fields", ("image",))
                 kwargs.setdefault("image_required", ("image",))
-        elif key in ("steps", "batch_size"):
-            lo, hi = value
-            kwargs[key] = (int(lo), int(hi))
-        elif key == "guidance":
-            lo, hi = value
-            kwargs[key] = (float(lo), float(hi))
+        elif key in ("steps", "batch_size", "guidance"):
+            number = float if key == "guidance" else int
+            if (
+                not isinstance(value, list)
+                or len(value) != 2
+                or not all(_is_number(v, number) for v in value)
+            ):
+                what = "numbers" if number is float else "whole numbers"
+                raise TypeError(f"{key} must be [low, high], two {what}, got {value!r}")
+            kwargs[key] = (number(value[0]), number(value[1]))
         elif key in ("takes_size", "sizes_recommended") and not isinstance(value, bool):
             raise TypeError(f"{key} must be true or false, got {value!r}")
         else:
+            _check_type(key, value)
             kwargs[key] = value
     if kwargs.get("guidance_field") == "":
         kwargs.setdefault("default_guidance", None)
     if "fixed_steps" in kwargs:
         kwargs.setdefault("default_steps", kwargs["fixed_steps"])
     return ModelRule(**kwargs)
+
+
+# The plain keys of a models file and what each holds (None: may be left out by ``null``
+# in code only; TOML has no null, so the key is simply absent).
+_PLAIN_KINDS: dict[str, tuple[type, ...]] = {
+    "max_pixels": (int,),
+    "soft_max_pixels": (int,),
+    "default_size": (str,),
+    "fixed_steps": (int,),
+    "default_steps": (int,),
+    "guidance_field": (str,),
+    "default_guidance": (int, float),
+}
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) if kind is float else isinstance(value, int)
+
+
+def _check_type(key: str, value: Any) -> None:
+    kinds = _PLAIN_KINDS.get(key)
+    if kinds is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+        what = "a whole number" if kinds == (int,) else "a number" if float in kinds else "text"
+        raise TypeError(f"{key} must be {what}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,16 @@ def test_user_models_file_adds_and_overrides(tmp_path: Path) -> None:
         ('[models."x"]\ntakes_size = false\nimage_required = ["image"]\n', "not taken"),
         ('[models."x"]\ntakes_size = "no"\n', "takes_size must be true or false"),
         ("title = 1\n", "expected [models"),
+        ('[models."x"]\nmax_pixels = "big"\n', "max_pixels must be a whole number, got 'big'"),
+        ('[models."x"]\nmax_pixels = 9\nsteps = "x"\n', "steps must be [low, high]"),
+        ('[models."x"]\nmax_pixels = 9\nsteps = [1, "x"]\n', "steps must be [low, high]"),
+        ('[models."x"]\nmax_pixels = 9\nsteps = [100, 1]\n', "steps range 100..1 is empty"),
+        (
+            '[models."x"]\nmax_pixels = 9\nsteps = [1, 10]\ndefault_steps = 50\n',
+            "default_steps 50 is outside steps 1..10",
+        ),
+        ('[models."x"]\nimage_sizes = "1x1"\n', "image_sizes must be a list of text"),
+        ('[models."x"]\nmax_pixels = 9\nguidance = [5, 1]\n', "guidance range"),
     ],
 )
 def test_bad_models_file_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
