@@ -76,13 +76,17 @@ class EmulatorSettings:
 
     SECTION: ClassVar[str] = "emulator"
 
-    latency_s: float | None = setting(None, help="seconds per generation")
-    latency_jitter_s: float | None = setting(None, help="± seconds of random latency")
-    image_px: int | None = setting(None, help="side of the square images served")
-    rpm: int | None = setting(None, help="the emulated account's requests per minute")
-    ipm: int | None = setting(None, help="the emulated account's images per minute")
-    ipd: int | None = setting(None, help="the emulated account's images per day")
-    url_ttl_s: float | None = setting(None, help="how long image URLs live")
+    # The bounds are the emulator's own (sfbatch.emulator.server), checked here so that
+    # validate says what run would stop on.
+    latency_s: float | None = setting(None, help="seconds per generation", at_least=0)
+    latency_jitter_s: float | None = setting(None, help="± seconds of random latency", at_least=0)
+    image_px: int | None = setting(
+        None, help="side of the square images served", at_least=1, at_most=4096
+    )
+    rpm: int | None = setting(None, help="the emulated account's requests per minute", at_least=1)
+    ipm: int | None = setting(None, help="the emulated account's images per minute", at_least=1)
+    ipd: int | None = setting(None, help="the emulated account's images per day", at_least=1)
+    url_ttl_s: float | None = setting(None, help="how long image URLs live", above=0)
     seed: int | None = setting(None, help="seed of the server-picked seeds and latencies")
 
     def __post_init__(self) -> None:

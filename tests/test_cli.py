@@ -319,6 +319,10 @@ async def test_demo_job_runs_on_the_embedded_emulator_without_a_key(tmp_path: Pa
             "[api]\nprofile = 'eu'\n[job]\ninputs = ['p.txt']\nout = 'o'\n",
             "profile must be cn or com",
         ),
+        (
+            "[emulator]\nimage_px = -1\n[job]\ninputs = ['p.txt']\nout = 'o'\nemulator = 'on'\n",
+            "image_px must be at least 1",
+        ),
     ],
 )
 async def test_bad_job_files_name_the_key_and_file(tmp_path: Path, job: str, message: str) -> None:
