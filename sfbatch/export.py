@@ -457,7 +457,9 @@ class _TarWriter(_ShardWriter):
                 self._tar.addfile(_tarinfo(f"{key}.{image.ext}", size), f)
             meta = orjson.dumps({**record, "image_index": image.index})
             self._tar.addfile(_tarinfo(f"{key}.json", len(meta)), io.BytesIO(meta))
-            self.bytes += size + len(meta) + 1024
+        # the tar as written (headers, padding): --shard-size holds for small images too
+        assert self._tar.fileobj is not None
+        self.bytes = self._tar.fileobj.tell()
 
     def close(self) -> list[str]:
         self._tar.close()
