@@ -53,11 +53,10 @@ from sfbatch.manifest import (
     STATUSES,
     ManifestRecord,
     latest_records,
-    manifest_paths,
     safe_relpath,
 )
 from sfbatch.reasons import Reason
-from sfbatch.status import NoManifestError
+from sfbatch.status import NoManifestError, required_manifests
 from sfbatch.storage import ImageStore, StoreConfig, is_s3_url, open_store, parse_s3_url
 
 __all__ = ["COMMANDS", "GalleryResult", "build_gallery"]
@@ -533,9 +532,7 @@ def build_gallery(
     if page_size < 1 or thumb_px < 1:
         raise ValueError("page_size and thumb_px must be 1 or more")
     started = time.monotonic()
-    paths = manifest_paths(out_dir) if out_dir.is_dir() else []
-    if not paths:
-        raise NoManifestError(f"{out_dir}: no manifest (manifest.jsonl or manifest-I-of-N.jsonl)")
+    paths = required_manifests(out_dir)
     latest = latest_records(paths)
     records = sorted(latest.values(), key=_sort_key)
     gallery_dir = out_dir / "gallery"

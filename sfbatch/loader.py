@@ -390,6 +390,12 @@ def _format_of(name: str) -> tuple[str, bool]:
         lower = lower[:-3]
     ext = os.path.splitext(lower)[1]
     if ext not in FORMATS:
+        if os.path.isdir(name):
+            raise ConfigError(f"{name} is a directory, not a prompt file")
+        if ext == ".toml":
+            raise ConfigError(
+                f"{name} is a job file, not a prompt file: give one of the job's inputs"
+            )
         supported = ", ".join(f"{f}, {f}.gz" for f in FORMATS)
         raise ConfigError(
             f"{name}: unknown prompt file type; supported: {supported}, or - for stdin"

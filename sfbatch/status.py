@@ -69,6 +69,7 @@ __all__ = [
     "message_class",
     "percentile",
     "repair",
+    "required_manifests",
     "status_report",
     "verify",
 ]
@@ -110,13 +111,22 @@ class _Scan:
     billed_today: int = 0
 
 
-def _scan(out_dir: Path, day_start: str = "") -> _Scan:
-    paths = manifest_paths(out_dir) if out_dir.is_dir() else []
+def required_manifests(out_dir: Path) -> list[Path]:
+    """``out_dir``'s manifests; :class:`NoManifestError` saying why there are none."""
+    if not out_dir.exists():
+        raise NoManifestError(f"{out_dir}: no manifest: no such directory")
+    if not out_dir.is_dir():
+        raise NoManifestError(f"{out_dir}: no manifest: not a directory (give a run's --out)")
+    paths = manifest_paths(out_dir)
     if not paths:
         raise NoManifestError(f"{out_dir}: no manifest (manifest.jsonl or manifest-I-of-N.jsonl)")
-    scan = _Scan(paths=paths)
+    return paths
+
+
+def _scan(out_dir: Path, day_start: str = "") -> _Scan:
+    scan = _Scan(paths=required_manifests(out_dir))
     latest = scan.latest
-    for path in paths:
+    for path in scan.paths:
         for record in iter_records(path):
             scan.lines += 1
             latest[record["id"]] = record

@@ -467,6 +467,20 @@ async def test_garbage_of_the_user_or_the_environment_is_a_message_never_a_trace
             "Is a directory",
         ),
     ]
+    status_dir = tmp_path / "st"
+    status_dir.mkdir()
+    (status_dir / "manifest.jsonl").write_bytes(b"")
+    cases += [
+        (("validate", str(tmp_path)), None, 2, "is a directory, not a prompt file"),
+        (("status", str(tmp_path / "nosuch")), None, 2, "no manifest: no such directory"),
+        (("status", str(src)), None, 2, "no manifest: not a directory"),
+        (
+            ("status", str(status_dir), "--input", str(tmp_path / "binary.toml")),
+            None,
+            2,
+            "is a job file",
+        ),
+    ]
     for args, env, expected, message in cases:
         code, output = await sfbatch(*args, env=env)
         assert code == expected and message in output, (args, output)
