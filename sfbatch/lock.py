@@ -180,6 +180,12 @@ def check_out_dir(path: Path, *, min_free_bytes: int = MIN_FREE_BYTES) -> None:
             Path(probe).unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {path} is not writable: {_reason(exc)}") from exc
+    for name, what in (("images", "its images"), (".tmp", "its downloads in progress")):
+        if (path / name).exists() and not (path / name).is_dir():
+            raise ConfigError(
+                f"--out {path}: {path / name} is a file, where sfbatch keeps {what}: "
+                "move it away"
+            )
     free = shutil.disk_usage(path).free
     if free < min_free_bytes:
         raise ConfigError(

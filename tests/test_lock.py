@@ -161,6 +161,15 @@ def test_a_file_in_the_way_is_a_usage_error(tmp_path: Path) -> None:
         check_out_dir(tmp_path / "f" / "sub" / "out")
 
 
+@pytest.mark.parametrize("name", ["images", ".tmp"])
+def test_a_file_where_sfbatch_keeps_a_directory_is_a_usage_error(
+    tmp_path: Path, name: str
+) -> None:
+    (tmp_path / name).write_text("the user's")
+    with pytest.raises(ConfigError, match=f"{name} is a file, where sfbatch keeps"):
+        check_out_dir(tmp_path)
+
+
 def test_too_little_free_space_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="MiB free"):
         check_out_dir(tmp_path / "out", min_free_bytes=2**62)
