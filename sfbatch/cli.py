@@ -407,10 +407,12 @@ async def _api_endpoint(job: Job) -> AsyncIterator[RunConfig]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(all_commands=not argv or argv[0] not in _BUILTIN_COMMANDS)
-    args = parser.parse_args(argv)
     try:
+        parser = build_parser(all_commands=not argv or argv[0] not in _BUILTIN_COMMANDS)
+        args = parser.parse_args(argv)
         code: int = args.handler(args)
+    except KeyboardInterrupt:  # Ctrl-C before a run is under way (or in another command)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `sfbatch status DIR | head`: the reader has what it wanted
         # Python flushes stdout once more on the way out: let that go nowhere, quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
