@@ -513,3 +513,17 @@ async def test_validate_takes_a_run_command_line_as_it_is(tmp_path: Path) -> Non
     code, output = await sfbatch("validate", str(src), *flags, "--emulator", "--log-format", "json")
     assert code == 0 and "3 rows: 3 valid" in output, output
     assert not (tmp_path / "o").exists()  # validate writes nothing
+
+
+def test_ctrl_c_in_a_command_before_any_run_is_exit_130_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sfbatch.status
+    from sfbatch.cli import main
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    (tmp_path / "manifest.jsonl").write_bytes(b"")
+    monkeypatch.setattr(sfbatch.status, "status_report", interrupted)
+    assert main(["status", str(tmp_path)]) == 130
