@@ -125,24 +125,31 @@ async def test_an_outage_that_ends_completes_the_run_with_no_item_failed(tmp_pat
     assert statuses(tmp_path) == Counter(ok=20)
 
 
-def full_tmpfs(mountpoint: Path) -> Iterator[Path]:
-    """A tiny tmpfs filled up: every write in it is ENOSPC. Skips where mount is refused."""
+@contextlib.contextmanager
+def tmpfs(mountpoint: Path, options: str) -> Iterator[Path]:
+    """A tiny tmpfs mounted at ``mountpoint`` with ``options``. Skips where mount is refused."""
     mountpoint.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mountpoint)],
+        ["mount", "-t", "tmpfs", "-o", f"{options},size=64k", "tmpfs", str(mountpoint)],
         capture_output=True,
         check=False,
     )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def full_tmpfs(mountpoint: Path) -> Iterator[Path]:
+    """A tiny tmpfs filled up: every write in it is ENOSPC."""
+    with tmpfs(mountpoint, "rw") as mounted:
         with contextlib.suppress(OSError), (mountpoint / "filler").open("wb") as filler:
             while True:
                 filler.write(b"\0" * 4096)
                 filler.flush()
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        yield mounted
 
 
 @pytest.fixture
@@ -150,19 +157,42 @@ def full_dir(tmp_path: Path) -> Iterator[Path]:
     yield from full_tmpfs(tmp_path / "full")
 
 
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted read-only: every write in it is EROFS, root or not."""
+    with tmpfs(tmp_path / "ro", "ro") as mounted:
+        yield mounted
+
+
+def out_dir(out: Path, downloads_in: Path | None) -> Path:
+    """``out``, its ``.tmp`` a link to ``downloads_in`` (where downloads land) if given."""
+    out.mkdir()
+    if downloads_in is not None:
+        (out / ".tmp").symlink_to(downloads_in, target_is_directory=True)
+    return out
+
+
+async def blocked_run(
+    out: Path, *, downloads_in: Path | None = None
+) -> tuple[RunResult, RunConfig, list[ManifestRecord]]:
+    """Ten prompts into ``out`` that must stop with exit 5 before any image is in place;
+    the run, its config and the records kept as ``generated``."""
+    out = out_dir(out, downloads_in)
+    async with Emulator(host="127.0.0.1", port=0) as emu:
+        config = config_for(emu, out)
+        result = await run(config, prompts(10))
+    assert result.outcome == "blocked" and result.exit_code == 5
+    kept = [r for r in every_line(out) if r["status"] == "generated"]
+    assert kept and all(r.get("urls") for r in kept)  # paid for: the next run downloads them
+    assert statuses(out)["failed"] == 0 and statuses(out)["ok"] == 0
+    return result, config, kept
+
+
 async def test_a_full_disk_is_exit_5_with_the_paid_items_kept_generated(
     tmp_path: Path, full_dir: Path
 ) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / ".tmp").symlink_to(full_dir, target_is_directory=True)  # downloads land there
-    async with Emulator(host="127.0.0.1", port=0) as emu:
-        result = await run(config_for(emu, out), prompts(10))
-    assert result.outcome == "blocked" and result.exit_code == 5
+    result, _, _ = await blocked_run(tmp_path / "out", downloads_in=full_dir)
     assert "no space left" in result.message
-    kept = [r for r in every_line(out) if r["status"] == "generated"]
-    assert kept and all(r.get("urls") for r in kept)
-    assert statuses(out)["failed"] == 0 and statuses(out)["ok"] == 0
 
 
 async def test_images_stop_short_of_filling_the_disk_so_the_paid_items_records_fit(
@@ -171,34 +201,10 @@ async def test_images_stop_short_of_filling_the_disk_so_the_paid_items_records_f
     # As if the disk had just less free than the reserve: images stop, the records of what
     # is paid for and not written still fit (a disk filled by images had no room left for
     # them, and a torn last record was cut by the next run)
-    free = shutil.disk_usage(tmp_path).free
-    monkeypatch.setattr(downloader_module, "_RESERVE_BYTES", free + 1)
-    out = tmp_path / "out"
-    async with Emulator(host="127.0.0.1", port=0) as emu:
-        result = await run(config_for(emu, out), prompts(10))
-    assert result.outcome == "blocked" and result.exit_code == 5
+    monkeypatch.setattr(downloader_module, "_RESERVE_BYTES", shutil.disk_usage(tmp_path).free + 1)
+    result, _, _ = await blocked_run(tmp_path / "out")
     assert "no space left" in result.message
-    kept = [r for r in every_line(out) if r["status"] == "generated"]
-    assert kept and all(r.get("urls") for r in kept)
-    assert statuses(out)["ok"] == 0 and not list(out.glob("images/*/*"))
-
-
-@pytest.fixture
-def read_only_dir(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs mounted read-only: every write in it is EROFS, root or not."""
-    mountpoint = tmp_path / "ro"
-    mountpoint.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    assert not list((tmp_path / "out").glob("images/*/*"))
 
 
 async def test_a_directory_refusing_writes_is_exit_5_with_the_paid_items_kept_generated(
@@ -207,17 +213,8 @@ async def test_a_directory_refusing_writes_is_exit_5_with_the_paid_items_kept_ge
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / ".tmp").symlink_to(read_only_dir, target_is_directory=True)
-    async with Emulator(host="127.0.0.1", port=0) as emu:
-        config = config_for(emu, out)
-        result = await run(config, prompts(10))
-    assert result.outcome == "blocked" and result.exit_code == 5
+    result, config, kept = await blocked_run(tmp_path / "out", downloads_in=read_only_dir)
     assert "cannot write into" in result.message and "file system" in result.message
-    kept = [r for r in every_line(out) if r["status"] == "generated"]
-    assert kept and all(r.get("urls") for r in kept)  # paid for: the next run downloads them
-    assert statuses(out)["failed"] == 0 and statuses(out)["ok"] == 0
     with caplog.at_level(logging.INFO, logger="sfbatch"):
         print_summary(result, config)  # the closing summary says what is paid and waiting
     assert f"{len(kept)} paid and not downloaded yet" in capsys.readouterr().err

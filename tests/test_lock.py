@@ -162,9 +162,7 @@ def test_a_file_in_the_way_is_a_usage_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["images", ".tmp"])
-def test_a_file_where_sfbatch_keeps_a_directory_is_a_usage_error(
-    tmp_path: Path, name: str
-) -> None:
+def test_a_file_where_sfbatch_keeps_a_directory_is_a_usage_error(tmp_path: Path, name: str) -> None:
     (tmp_path / name).write_text("the user's")
     with pytest.raises(ConfigError, match=f"{name} is a file, where sfbatch keeps"):
         check_out_dir(tmp_path)
