@@ -183,8 +183,7 @@ def check_out_dir(path: Path, *, min_free_bytes: int = MIN_FREE_BYTES) -> None:
     for name, what in (("images", "its images"), (".tmp", "its downloads in progress")):
         if (path / name).exists() and not (path / name).is_dir():
             raise ConfigError(
-                f"--out {path}: {path / name} is a file, where sfbatch keeps {what}: "
-                "move it away"
+                f"--out {path}: {path / name} is a file, where sfbatch keeps {what}: move it away"
             )
     free = shutil.disk_usage(path).free
     if free < min_free_bytes:
