@@ -182,8 +182,9 @@ class ConcurrencyWindow:
             fills_at=fills_at,
         )
 
-    def hint(self) -> str | None:
-        """Once: the message saying the window, not the limit, holds the rate down."""
+    def hint(self, *, limit_known: Callable[[], bool] = lambda: True) -> str | None:
+        """Once: the message saying the window, not the limit, holds the rate down.
+        ``limit_known`` is asked last (while it says no, the hint waits)."""
         if (  # asked after every answer: the cheap checks first
             self._hinted
             or self._target is None
@@ -201,6 +202,7 @@ class ConcurrencyWindow:
             or self._size < self.max_size
             or stats.target_rate_per_min is None
             or self._size * 60.0 / latency >= _BOTTLENECK * stats.target_rate_per_min
+            or not limit_known()
         ):
             return None
         self._hinted = True

@@ -292,7 +292,8 @@ class Generator:
             if window is not None:
                 window.release(latency_s=latency_s, outcome=outcome)
                 window.set_target_rate(self._pool.target_rate_per_min())
-                if (hint := window.hint()) is not None:
+                # "about N would fill it" is of a limit, not of a probe's try at one
+                if (hint := window.hint(limit_known=self._pool.knows_its_limits)) is not None:
                     log.info("%s", hint)
 
     def _backoff(self, failures: int, exc: SfbatchError) -> float:

@@ -306,6 +306,15 @@ class KeyPool:
             total += rate
         return total or None
 
+    def knows_its_limits(self) -> bool:
+        """Whether no usable (key, model) limiter is probing an unknown limit: the rate
+        aimed for is a limit, told or learned, not a try at one."""
+        return not any(
+            slot.limiter.probing
+            for (key_index, model), slot in self._slots.items()
+            if self.set_aside_reason(key_index, model) is None
+        )
+
     def statistics(self) -> list[KeyStatistics]:
         return [
             KeyStatistics(

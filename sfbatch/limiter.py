@@ -556,6 +556,11 @@ class RateLimiter:
         """Mean images per admitted request so far (1.0 before the first); O(1)."""
         return self._images_admitted / self._acquires if self._acquires else 1.0
 
+    @property
+    def probing(self) -> bool:
+        """Whether a limit is being probed: its rate is a try, not a known limit."""
+        return self._requests.probe_from is not None or self._images.probe_from is not None
+
     def target_rate_per_min(self, images_per_request: float = 1.0) -> float | None:
         """The requests per minute this limiter may admit now (its buckets' rates).
 

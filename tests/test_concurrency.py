@@ -68,6 +68,8 @@ async def test_fixed_window_says_once_when_it_is_the_bottleneck() -> None:
         await window.acquire()
         window.release(latency_s=10.0)
     assert window.size == 4  # fixed: never resized
+    # while the rate aimed for is a probe's try, not a limit, the hint waits
+    assert window.hint(limit_known=lambda: False) is None
     assert window.hint() == ("concurrency 4 holds the rate below the limit; about 64 would fill it")
     assert window.hint() is None
 

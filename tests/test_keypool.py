@@ -242,3 +242,17 @@ async def test_a_waiter_switches_keys_when_its_key_cools_down() -> None:
     lease = await waiting
     assert lease.key_index == 1 - refused.key_index
     assert now() - start == pytest.approx(10 / SAFETY, abs=0.01)
+
+
+@virtual_time
+async def test_the_pool_knows_its_limits_only_when_none_is_being_probed() -> None:
+    told = KeyPool(keys=1, limits=ModelLimits(ipm=60))
+    await told.acquire(KOLORS)
+    assert told.knows_its_limits()
+    unknown = KeyPool(keys=1, limits=ModelLimits(), probe_after_latency_s=1.0)
+    lease = await unknown.acquire(KOLORS)
+    assert unknown.knows_its_limits()  # unlimited until it probes: nothing to fill
+    for _ in range(4):  # answers that take seconds: the pool probes the unknown limit
+        unknown.on_success(lease, latency_s=5.0)
+        lease = await unknown.acquire(KOLORS)
+    assert not unknown.knows_its_limits()
