@@ -19,7 +19,8 @@ recorded size and sha256, and lists orphan files under ``DIR/images/`` and lefto
 leftovers alone are warnings (exit 0): they waste space but lose nothing, and a resumed
 run clears ``.tmp/`` itself. Images stored as objects (``s3://`` paths, a run with
 ``--images-to``) are checked with a HEAD (exists, size); ``deep=True`` (``--deep``)
-downloads them and checks the sha256 too. Orphan objects are not looked for.
+downloads them and checks the sha256 too; objects under a run's ``.../images/`` that
+no record names (a crash between an upload and its record) are listed as orphans.
 """
 
 from __future__ import annotations
@@ -538,6 +539,21 @@ async def _check_objects(
     return results
 
 
+async def _orphan_objects(referenced: set[str]) -> list[str]:
+    """Objects under a run's ``s3://.../images/`` that no latest record refers to (what a
+    crash left between an upload and its record)."""
+    roots = {url.rpartition("/images/")[0] for url in referenced if "/images/" in url}
+    orphans: list[str] = []
+    for root in sorted(r for r in roots if is_s3_url(r)):
+        async with open_store(root) as store:
+            orphans += [
+                url
+                async for key in store.keys("images/")
+                if (url := store.url_for(key)) not in referenced
+            ]
+    return orphans
+
+
 def _batches(
     items: Iterable[tuple[str, ImageEntry]],
 ) -> Iterator[list[tuple[str, ImageEntry]]]:
@@ -571,15 +587,18 @@ def verify(out_dir: Path, *, workers: int | None = None, deep: bool = False) -> 
     started = time.monotonic()
     scan = _scan(out_dir)
     report = VerifyReport(out_dir=out_dir, manifests=[p.name for p in scan.paths])
-    referenced: set[str] = set()
+    referenced: set[str] = set()  # local paths and s3:// URLs of every latest record
     to_check: list[tuple[str, ImageEntry]] = []
     objects: list[tuple[str, ImageEntry]] = []
     for row_id, record in scan.latest.items():
         images = _images(record)
         for image in images:
-            rel = None if is_s3_url(image.get("path", "")) else safe_relpath(image.get("path"))
+            path = image.get("path", "")
+            rel = None if is_s3_url(path) else safe_relpath(path)
             if rel is not None:
                 referenced.add(rel.as_posix())
+            elif is_s3_url(path):
+                referenced.add(path)
         if record.get("status") == "ok":
             report.records += 1
             for image in images:
@@ -605,12 +624,16 @@ def verify(out_dir: Path, *, workers: int | None = None, deep: bool = False) -> 
             tally(result)
         if not deep:
             report.sized_only_bytes = report.bytes - before
+        report.orphans += asyncio.run(_orphan_objects(referenced))
 
     images_dir = out_dir / "images"
     report.orphans = sorted(
-        rel
-        for rel in (path.relative_to(out_dir).as_posix() for path in _walk_files(images_dir))
-        if rel not in referenced
+        report.orphans
+        + [
+            rel
+            for rel in (path.relative_to(out_dir).as_posix() for path in _walk_files(images_dir))
+            if rel not in referenced
+        ]
     )
     tmp_dir = out_dir / ".tmp"
     if tmp_dir.is_dir():

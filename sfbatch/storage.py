@@ -159,6 +159,10 @@ class ImageStore(AsyncResource):
         """Stream ``key``'s bytes in chunks of about 1 MiB; StorageError if it is missing."""
         raise NotImplementedError
 
+    def keys(self, prefix: str) -> AsyncIterator[str]:
+        """Every key under ``prefix`` (``images/``), in no promised order."""
+        raise NotImplementedError
+
     async def read(self, key: str) -> bytes:
         """The whole object (for small objects; use :meth:`open` for images)."""
         return b"".join([chunk async for chunk in self.open(key)])
@@ -218,6 +222,12 @@ class LocalStore(ImageStore):
         with f:
             while chunk := await asyncio.to_thread(f.read, _CHUNK_BYTES):
                 yield chunk
+
+    async def keys(self, prefix: str) -> AsyncIterator[str]:
+        top = self._path(prefix)
+        found = await asyncio.to_thread(lambda: [p for p in top.rglob("*") if p.is_file()])
+        for path in found:
+            yield path.relative_to(self.root).as_posix()
 
     async def presign(self, key: str, *, expires_s: int | None = None) -> str:
         return self._path(key).resolve().as_uri()
@@ -394,6 +404,16 @@ class S3Store(ImageStore):
                 async with answer["Body"] as body:
                     while chunk := await body.read(_CHUNK_BYTES):
                         yield chunk
+
+    async def keys(self, prefix: str) -> AsyncIterator[str]:
+        start = len(self.prefix) + 1 if self.prefix else 0
+        with _mapped(self.url_for(prefix)):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix)
+            )
+            async for page in pages:
+                for entry in page.get("Contents", ()):
+                    yield entry["Key"][start:]
 
     async def presign(self, key: str, *, expires_s: int | None = None) -> str:
         url: str = await self.client.generate_presigned_url(

@@ -244,8 +244,12 @@ async def test_verify_finds_missing_and_changed_objects(tmp_path: Path, s3: S3Se
     client.delete_object(Bucket=s3.bucket, Key=keys[0])
     body = objects(s3)[keys[1]]
     client.put_object(Bucket=s3.bucket, Key=keys[1], Body=bytes(reversed(body)))  # same size
+    # what a crash leaves between an upload and its record: an object no record names
+    client.put_object(Bucket=s3.bucket, Key="v/images/999/left-behind_0.png", Body=b"x")
+    client.put_object(Bucket=s3.bucket, Key="elsewhere/images/1.png", Body=b"x")  # not ours
 
     shallow = await asyncio.to_thread(verify, out)
+    assert shallow.orphans == [f"s3://{s3.bucket}/v/images/999/left-behind_0.png"]
     assert [p.problem for p in shallow.missing] == ["missing"]
     assert shallow.missing[0].path == f"s3://{s3.bucket}/{keys[0]}"
     assert not shallow.mismatched and shallow.files == 5

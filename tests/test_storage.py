@@ -58,6 +58,7 @@ async def test_local_store_round_trip(tmp_path: Path) -> None:
         assert await store.head("images/000/a.bin") == 3 << 20
         assert await store.head("images/000/missing.bin") is None
         assert await store.read("images/000/a.bin") == src.read_bytes()
+        assert [key async for key in store.keys("images/")] == ["images/000/a.bin"]
         await store.put_file(src, "b.bin", remove_source=True)
         assert not src.exists()
         with pytest.raises(StorageError):
@@ -88,6 +89,7 @@ async def test_s3_round_trip_small_and_multipart(s3: S3Server, tmp_path: Path) -
         assert not big.exists()
         assert await store.head("images/000/x.png") == 200_000
         assert await store.head("shards/000000.tar") == (12 << 20) + 123
+        assert [key async for key in store.keys("images/")] == ["images/000/x.png"]
         assert await store.head("nothing-here") is None
         assert await store.read("images/000/x.png") == small.read_bytes()
         digest = hashlib.sha256()
