@@ -259,7 +259,7 @@ def _pending(
         base_seed=reading.base_seed,
         variations=reading.variations or _variations(latest),
     )
-    rows = pending = images = estimated = 0
+    rows = pending = images = estimated = paid = 0
     matched: set[str] = set()
     for row in source:
         rows += 1
@@ -272,6 +272,8 @@ def _pending(
         repaired = isinstance(error, dict) and error.get("code") == DAMAGED_CODE
         if record is None or record.get("status") not in DONE_STATUSES or repaired:
             pending += 1
+            if record is not None and record.get("status") == "generated" and not repaired:
+                paid += 1  # paid for: only to download (still counted in pending_images)
             if row.request is not None:
                 batch = row.request.get("batch_size")
                 if isinstance(batch, int) and batch > 1:
@@ -280,6 +282,7 @@ def _pending(
                     estimated += 1
     images += math.ceil(estimated * per_row)
     found = _pending_dict(rows, pending, images, "scan")
+    found["pending_paid"] = paid
     found["history_ids"] = {row_id for row_id in latest if row_id not in matched}
     found["history"] = len(found["history_ids"])
     return found
@@ -371,6 +374,8 @@ def status_report(
         "pending": pending["pending"] if pending else None,
         "history": pending["history"] if pending else None,
         "pending_images": pending["pending_images"] if pending else None,
+        # of the pending rows, those paid for and not downloaded yet
+        "pending_paid": pending["pending_paid"] if pending else None,
         "pending_method": pending["method"] if pending else None,
         "images": images,
         "bytes": size,
@@ -743,7 +748,12 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
             "pending",
             f"{report['pending']:,}",
             f"of {plural(report['input_rows'], 'input row')}; "
-            f"~{plural(report['pending_images'], 'image')}",
+            f"~{plural(report['pending_images'], 'image')}"
+            + (
+                f"; {report['pending_paid']:,} of them paid, only to download"
+                if report.get("pending_paid")
+                else ""
+            ),
         )
         row(
             "history",

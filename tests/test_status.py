@@ -285,6 +285,8 @@ def test_pending_by_id_when_rows_cannot_be_counted_cheaply(tmp_path: Path) -> No
     assert report["input_rows"] == 3 and report["pending"] == 2  # beta, gamma
     assert report["history"] == 1  # nonsense
     assert report["pending_images"] == 4  # 3 + 1
+    assert report["pending_paid"] == 1  # gamma: paid for, only to download
+    assert "1 of them paid, only to download" in format_status(report)
     assert report["quota"]["nights_left"] == 2
 
 
