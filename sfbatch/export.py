@@ -705,6 +705,7 @@ async def _export(
     shard: _Shard | None = None
     failures_path = work / "failures.pending"
     failures_out = _open_write(failures_path)
+    changed = False
     try:
         for entry in latest_index(paths, work, chunk_entries=config.sort_chunk_entries):
             if entry.status == "ok":
@@ -730,14 +731,16 @@ async def _export(
                 result.records += 1
                 result.images += len(images)
             elif entry.status == "failed" and config.include_failed:
-                if entry.id in failed_before:
-                    continue
+                changed |= entry.id not in failed_before
                 failures_out.write(orjson.dumps(records.read(entry)) + b"\n")
                 result.failures += 1
         if shard is not None and shard.records:  # none: every record since was damaged
             await shard.finish(dest, state, result)
         failures_out.close()
-        if result.failures:
+        # The table lists what fails now: a failure made ok since leaves it, so it is
+        # written again whole when that set changed (ids in order: a merge, no set).
+        listed_before = sum(int(entry["records"]) for entry in state.failures)
+        if config.include_failed and (changed or result.failures != listed_before):
             await _write_failures(config, failures_path, dest, state, work, result)
     finally:
         failures_out.close()
@@ -752,15 +755,24 @@ async def _write_failures(
     work: Path,
     result: ExportResult,
 ) -> None:
-    name = f"{len(state.failures):06d}"
+    """The whole failures table again (``failures/000000``), then the state, then what
+    earlier exports listed under other names is removed."""
+    old = state.failures
+    name = "000000"
     ids_path = work / f"failures-{name}.ids"
     file = _failures_files(config.format, pending, work, name, ids_path)
-    await dest.put_file(work / file, file, remove_source=True)
     ids_key = f"{STATE_DIR}/failures-{name}.ids"
-    await dest.put_file(ids_path, ids_key, remove_source=True)
-    state.failures.append({"file": file, "ids": ids_key, "records": result.failures})
+    if result.failures:
+        await dest.put_file(work / file, file, remove_source=True)
+        await dest.put_file(ids_path, ids_key, remove_source=True)
+        state.failures = [{"file": file, "ids": ids_key, "records": result.failures}]
+        result.files.append(file)
+    else:
+        state.failures = []
     await dest.put_bytes(state.to_json(), _STATE_KEY)
-    result.files.append(file)
+    kept = {key for entry in state.failures for key in (entry["file"], entry["ids"])}
+    for key in {key for entry in old for key in (entry["file"], entry["ids"])} - kept:
+        await dest.delete(key)
 
 
 def _failures_files(fmt: Format, pending: Path, work: Path, name: str, ids_path: Path) -> str:

@@ -163,6 +163,10 @@ class ImageStore(AsyncResource):
         """Every key under ``prefix`` (``images/``), in no promised order."""
         raise NotImplementedError
 
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; nothing to do if it is not there."""
+        raise NotImplementedError
+
     async def read(self, key: str) -> bytes:
         """The whole object (for small objects; use :meth:`open` for images)."""
         return b"".join([chunk async for chunk in self.open(key)])
@@ -222,6 +226,9 @@ class LocalStore(ImageStore):
         with f:
             while chunk := await asyncio.to_thread(f.read, _CHUNK_BYTES):
                 yield chunk
+
+    async def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     async def keys(self, prefix: str) -> AsyncIterator[str]:
         top = self._path(prefix)
@@ -404,6 +411,11 @@ class S3Store(ImageStore):
                 async with answer["Body"] as body:
                     while chunk := await body.read(_CHUNK_BYTES):
                         yield chunk
+
+    async def delete(self, key: str) -> None:
+        with _mapped(self.url_for(key)):
+            async with self._slots:
+                await self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     async def keys(self, prefix: str) -> AsyncIterator[str]:
         start = len(self.prefix) + 1 if self.prefix else 0

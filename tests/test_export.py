@@ -412,3 +412,25 @@ async def test_webdataset_shards_of_small_images_keep_to_the_shard_size(tmp_path
     # one sample (about 3 KB here) and tar's closing blocks (10 KB), not by 15 %
     for tar in dest.glob("*.tar"):
         assert tar.stat().st_size <= 100_000 + 3_500 + 10_240, (tar.name, tar.stat().st_size)
+
+
+async def test_the_failures_table_lists_what_fails_now(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_build(out, [ok_record("a", "one", out), failed_record("b", "two")])
+    dest = tmp_path / "w"
+    config = ExportConfig(source_dir=out, dest=str(dest), format="webdataset", include_failed=True)
+
+    def listed() -> list[str]:
+        return [orjson.loads(line)["id"] for line in (dest / "failures/000000.jsonl").open()]
+
+    assert (await export(config)).failures == 1 and listed() == ["b"]
+    assert (await export(config)).files == []  # nothing changed: nothing written again
+    # b made ok (with --retry-failed), c fails now: the table says so, not b any more
+    write_build(out, [ok_record("b", "two", out), failed_record("c", "three")])
+    again = await export(config)
+    assert again.failures == 1 and listed() == ["c"] and again.records == 1
+    write_build(out, [ok_record("c", "three", out)])
+    assert (await export(config)).failures == 0
+    assert not (dest / "failures").exists() or not any((dest / "failures").iterdir())
+    state = orjson.loads((dest / ".sfbatch-export/state.json").read_bytes())
+    assert state["failures"] == []

@@ -59,6 +59,10 @@ async def test_local_store_round_trip(tmp_path: Path) -> None:
         assert await store.head("images/000/missing.bin") is None
         assert await store.read("images/000/a.bin") == src.read_bytes()
         assert [key async for key in store.keys("images/")] == ["images/000/a.bin"]
+        await store.delete("images/000/a.bin")
+        await store.delete("images/000/a.bin")
+        assert await store.head("images/000/a.bin") is None
+        await store.put_file(src, "images/000/a.bin")
         await store.put_file(src, "b.bin", remove_source=True)
         assert not src.exists()
         with pytest.raises(StorageError):
@@ -101,6 +105,10 @@ async def test_s3_round_trip_small_and_multipart(s3: S3Server, tmp_path: Path) -
         url = await store.presign("images/000/x.png", expires_s=60)
         with pytest.raises(StorageError):
             await store.read("nothing-here")
+        await store.put_bytes(b"x", "gone.bin")
+        await store.delete("gone.bin")
+        await store.delete("gone.bin")  # gone already: nothing to do
+        assert await store.head("gone.bin") is None
     async with aiohttp.ClientSession() as http, http.get(url) as fetched:
         assert fetched.status == 200
         assert await fetched.read() == small.read_bytes()
