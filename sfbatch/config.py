@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import string
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -304,7 +305,11 @@ class Output:
             _checked_shard(self.shard)
         if self.images_to is not None:
             parse_images_to(self.images_to)
-        if "{id}" not in self.name_template or "{index}" not in self.name_template:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.name_template) if f}
+        except ValueError as exc:
+            raise ConfigError(f"file naming {self.name_template!r}: {exc}") from exc
+        if not {"id", "index"} <= fields:  # with a format spec too: {index:03d}
             raise ConfigError(
                 f"file naming must contain {{id}} and {{index}}, got {self.name_template!r}"
             )

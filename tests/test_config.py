@@ -124,6 +124,7 @@ def test_replace_and_frozen() -> None:
         ({"limit": -1}, "limit must be at least 0"),
         ({"shard": (2, 2)}, "shard"),
         ({"name_template": "{id}"}, "file naming must contain"),
+        ({"name_template": "{id}_{index"}, "expected '}' before end of string"),
         ({"name_template": "{id}/{index}"}, "path separator"),
         ({"base_url": "ftp://example.com/v1"}, "must start with http"),
         ({"base_url": "http://127.0.0.1:99999/v1"}, "Port out of range"),
@@ -239,3 +240,8 @@ def test_the_key_is_not_shown_when_given_where_the_base_url_goes() -> None:
 def test_an_api_key_that_is_not_text_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="api_key must be a str"):
         RunConfig(out_dir="o", api_key=None)  # type: ignore[arg-type]
+
+
+def test_file_naming_may_format_its_fields() -> None:
+    config = RunConfig(out_dir="o", api_key="k", name_template="{id}_{index:03d}")
+    assert config.output.name_template.format(id="a", index=1) == "a_001"
