@@ -64,7 +64,9 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         check(self)
         if self.cap_s < self.base_s:
-            raise ConfigError(f"cap_s ({self.cap_s!r}) must be at least base_s ({self.base_s!r})")
+            raise ConfigError(  # by their job keys (flags --backoff-cap, --backoff-base)
+                f"backoff_cap_s ({self.cap_s:g}) must be at least backoff_base_s ({self.base_s:g})"
+            )
 
     def max_delay_s(self, retry: int) -> float:
         """The longest wait before retry number ``retry`` (1 for the first retry).
