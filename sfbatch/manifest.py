@@ -390,16 +390,20 @@ def _complete_lines(path: Path) -> Iterator[bytes]:
             yield raw
 
 
-def iter_records(path: Path) -> Iterator[ManifestRecord]:
-    """Every complete record of one manifest, in file order; torn or corrupt lines are skipped."""
-    for raw in _complete_lines(path):
+def iter_records(path: Path, damaged: list[str] | None = None) -> Iterator[ManifestRecord]:
+    """Every complete record of one manifest, in file order; torn or corrupt lines are
+    skipped (a torn last line may be a running run's), corrupt ones named in ``damaged``
+    as ``NAME:LINE`` when it is given."""
+    for number, raw in enumerate(_complete_lines(path), start=1):
         try:
             record = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            continue
+            record = None
         # Typed by trust: a hand-edited line may lack fields, so readers use .get().
         if isinstance(record, dict) and isinstance(record.get("id"), str):
             yield record  # type: ignore[misc]
+        elif damaged is not None:
+            damaged.append(f"{path.name}:{number}")
 
 
 def latest_records(paths: Iterable[Path]) -> dict[str, ManifestRecord]:

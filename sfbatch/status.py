@@ -91,6 +91,7 @@ _MIN_RATE_SPAN_S = 60.0
 _HASH_CHUNK = 1 << 20
 _HASH_BATCH = 1024
 _LIST_LIMIT = 50
+_DAMAGED_SHOWN = 5  # manifest lines that are not records, named in the report
 _DEFAULT_TZ_OFFSET_H = 8.0
 
 
@@ -108,6 +109,7 @@ class _Scan:
     paths: list[Path]
     latest: dict[str, ManifestRecord] = field(default_factory=dict)
     lines: int = 0
+    damaged: list[str] = field(default_factory=list)  # NAME:LINE of lines not records
     billed_total: int = 0
     billed_today: int = 0
 
@@ -128,7 +130,7 @@ def _scan(out_dir: Path, day_start: str = "") -> _Scan:
     scan = _Scan(paths=required_manifests(out_dir))
     latest = scan.latest
     for path in scan.paths:
-        for record in iter_records(path):
+        for record in iter_records(path, scan.damaged):
             scan.lines += 1
             latest[record["id"]] = record
             # billed_images counts what one run was charged for this record, so a
@@ -360,6 +362,8 @@ def status_report(
         "out_dir": str(out_dir),
         "manifests": [path.name for path in scan.paths],
         "lines": scan.lines,
+        "damaged_lines": len(scan.damaged),
+        "damaged_examples": scan.damaged[:_DAMAGED_SHOWN],
         "ids": len(scan.latest),
         "counts": dict(counts),
         "reasons": {
@@ -738,6 +742,16 @@ def format_status(report: dict[str, Any], *, reasons_shown: int = 10) -> str:
         "paid for, not downloaded (resume fetches them)",
     )
     row("duplicate", f"{counts.get('duplicate', 0):,}")
+    if report["damaged_lines"]:
+        more = report["damaged_lines"] - len(report["damaged_examples"])
+        row(
+            "damaged",
+            f"{report['damaged_lines']:,}",
+            "manifest lines that are not records ("
+            + ", ".join(report["damaged_examples"])
+            + (f" and {more:,} more" if more else "")
+            + "): the next run makes their items again",
+        )
     for status, n in counts.items():
         if status not in STATUSES:
             row(status, f"{n:,}", "unknown status")

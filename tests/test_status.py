@@ -520,3 +520,16 @@ async def test_pending_reads_the_input_as_the_run_did(tmp_path: Path) -> None:
     # without the summary (an older run's directory) the defaults apply: all pending
     (out / "summary.json").unlink()
     assert status_report(out, input_path=prompts)["pending"] == 12
+
+
+def test_manifest_lines_that_are_not_records_are_counted_and_named(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write(out / "manifest.jsonl", [record("a", "ok"), record("b", "ok")])
+    with open(out / "manifest.jsonl", "ab") as f:
+        f.write(b"\x00\x01 not json\n[1, 2]\n")  # damage, then a torn last line (a run's)
+        f.write(b'{"id": "c", "status"')
+    report = status_report(out, now=NOW)
+    assert report["counts"]["ok"] == 2
+    assert report["damaged_lines"] == 2
+    assert report["damaged_examples"] == ["manifest.jsonl:3", "manifest.jsonl:4"]
+    assert "damaged" in format_status(report) and "manifest.jsonl:3" in format_status(report)
