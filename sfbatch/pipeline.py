@@ -47,6 +47,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
@@ -241,6 +242,7 @@ class Pipeline:
         self._tmp_dir = tmp_dir_name(shard)
         clean_tmp(out, shard)
         manifest_path = out / config.manifest_name
+        self._last_outcome = _last_outcome(out / config.summary_name)
         self._state = read_index([manifest_path], day_start=day_start_iso(limits.day_utc_offset_h))
         refresh_side(self._state, manifest_path)  # before the writer appends to it
         # before the sessions: a manifest that cannot be written stops the run here, exit 2
@@ -588,10 +590,13 @@ class Pipeline:
             return
         history = sum(state.counts(matched=False).values())
         if stats.new_rows or history:
+            what = "new or changed since the manifest was written"
+            if self._last_outcome not in (None, "done"):  # it stopped before the end
+                what = "not recorded yet (new, changed, or not reached by the last run)"
             log.info(
-                "%d rows new or changed since the manifest was written; %d earlier records "
-                "are no longer in the input (kept as history)",
+                "%d rows %s; %d earlier records are no longer in the input (kept as history)",
                 stats.new_rows,
+                what,
                 history,
             )
 
@@ -937,6 +942,15 @@ class Pipeline:
             "keys": [dataclasses.asdict(key) for key in self._pool.statistics()],
             "outage": dataclasses.asdict(self._outage.statistics()),
         }
+
+
+def _last_outcome(summary: Path) -> str | None:
+    """How the last run in DIR ended (its ``summary.json``), or None if that is not known."""
+    try:
+        outcome = orjson.loads(summary.read_bytes()).get("outcome")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return None
+    return outcome if isinstance(outcome, str) else None
 
 
 async def _numbered(rows: Iterable[Row] | AsyncIterable[Row]) -> AsyncIterator[tuple[int, Row]]:

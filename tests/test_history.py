@@ -203,3 +203,21 @@ async def test_validate_reads_a_job_of_two_inputs_as_run_does(tmp_path: Path) ->
     assert code == 2, output
     assert "b.jsonl:2" in output and "duplicate id dog" in output and "a.jsonl:2" in output
     assert "4 rows: 3 valid, 1 invalid" in output
+
+
+async def test_after_a_run_that_stopped_early_pending_rows_are_not_called_new(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prompts = lines(tmp_path / "p.txt", PROMPTS[:5])
+    out = tmp_path / "out"
+    async with Emulator() as emu:
+        first = await run(config_for(emu, out), lines(tmp_path / "q.txt", PROMPTS[:3]))
+        assert first.exit_code == 0
+        summary = orjson.loads((out / "summary.json").read_bytes())
+        # as if the last run had been interrupted before its end
+        (out / "summary.json").write_bytes(orjson.dumps({**summary, "outcome": "interrupted"}))
+        with caplog.at_level(logging.INFO, logger="sfbatch"):
+            again = await run(config_for(emu, out), prompts)
+    assert again.exit_code == 0
+    assert "2 rows not recorded yet (new, changed, or not reached by the last run)" in caplog.text
+    assert "new or changed since the manifest was written" not in caplog.text
