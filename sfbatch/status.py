@@ -433,6 +433,8 @@ class VerifyReport:
     mismatched: list[FileProblem] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     leftover_parts: list[str] = field(default_factory=list)
+    #: manifest lines that are not records (``NAME:LINE``): the next run remakes their items
+    damaged_lines: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     #: of ``bytes``, those of objects in a store checked by HEAD and size only (no --deep)
     sized_only_bytes: int = 0
@@ -454,10 +456,12 @@ class VerifyReport:
             "records": self.records,
             "files": self.files,
             "bytes": self.bytes,
+            "sized_only_bytes": self.sized_only_bytes,
             "missing": [vars(p) for p in self.missing],
             "mismatched": [vars(p) for p in self.mismatched],
             "orphans": self.orphans,
             "leftover_parts": self.leftover_parts,
+            "damaged_lines": self.damaged_lines,
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
@@ -596,6 +600,7 @@ def verify(out_dir: Path, *, workers: int | None = None, deep: bool = False) -> 
     started = time.monotonic()
     scan = _scan(out_dir)
     report = VerifyReport(out_dir=out_dir, manifests=[p.name for p in scan.paths])
+    report.damaged_lines = scan.damaged
     referenced: set[str] = set()  # local paths and s3:// URLs of every latest record
     to_check: list[tuple[str, ImageEntry]] = []
     objects: list[tuple[str, ImageEntry]] = []
@@ -859,6 +864,12 @@ def format_verify(report: VerifyReport, *, show_all: bool = False) -> str:
         lines += _list(
             "warning: leftover partial downloads (the next run removes them)",
             report.leftover_parts,
+            show_all,
+        )
+    if report.damaged_lines:
+        lines += _list(
+            "warning: manifest lines that are not records (the next run makes their items again)",
+            report.damaged_lines,
             show_all,
         )
     lines.append(

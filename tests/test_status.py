@@ -15,6 +15,7 @@ from sfbatch.manifest import ManifestWriter, day_start_iso
 from sfbatch.status import (
     NoManifestError,
     format_status,
+    format_verify,
     message_class,
     percentile,
     status_report,
@@ -533,3 +534,14 @@ def test_manifest_lines_that_are_not_records_are_counted_and_named(tmp_path: Pat
     assert report["damaged_lines"] == 2
     assert report["damaged_examples"] == ["manifest.jsonl:3", "manifest.jsonl:4"]
     assert "damaged" in format_status(report) and "manifest.jsonl:3" in format_status(report)
+
+
+def test_verify_warns_of_manifest_lines_that_are_not_records(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write(out / "manifest.jsonl", [record("a", "failed")])
+    with open(out / "manifest.jsonl", "ab") as f:
+        f.write(b"garbage\n")
+    report = verify(out)
+    assert report.damaged_lines == ["manifest.jsonl:2"] and report.ok  # a warning
+    assert report.as_dict()["damaged_lines"] == ["manifest.jsonl:2"]
+    assert "manifest.jsonl:2" in format_verify(report)
