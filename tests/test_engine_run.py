@@ -220,6 +220,18 @@ async def test_a_directory_refusing_writes_is_exit_5_with_the_paid_items_kept_ge
     assert f"{len(kept)} paid and not downloaded yet" in capsys.readouterr().err
 
 
+async def test_a_summary_that_cannot_be_written_is_an_error_line_after_the_work(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "summary.json").mkdir()  # in the way
+    async with Emulator(host="127.0.0.1", port=0) as emu:
+        with caplog.at_level(logging.ERROR, logger="sfbatch"):
+            result = await run(config_for(emu, tmp_path), prompts(5))
+    assert result.exit_code == 0 and statuses(tmp_path) == Counter(ok=5)
+    assert "could not write" in caplog.text and "summary.json" in caplog.text
+    assert "summary.json.tmp" not in os.listdir(tmp_path)
+
+
 # -- 403 30003 ---------------------------------------------------------------------------
 
 
@@ -244,6 +256,25 @@ async def test_a_disabled_model_fails_its_rows_and_the_other_model_goes_on(tmp_p
 # -- keys and limits ---------------------------------------------------------------------
 
 KEYS = ("sk-alpha-0001", "sk-bravo-0002", "sk-charlie-0003")
+
+
+async def test_keys_out_for_different_reasons_say_which_and_end_in_one_exit_code(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Emulator(
+        host="127.0.0.1", port=0, api_keys=frozenset(KEYS), key_blocks={KEYS[1]: "balance"}
+    ) as emu:
+        for key in (KEYS[0], KEYS[2]):
+            emu.set_key_limits(key, Limits(ipd=2))
+        cfg = config_for(emu, tmp_path, api_key=",".join(KEYS))
+        with caplog.at_level(logging.WARNING, logger="sfbatch"):
+            result = await run(cfg, prompts(20))
+    # tomorrow keys 0 and 2 go on: exit 4 whatever order the refusals came in
+    assert result.outcome == "quota" and result.exit_code == 4, result.message
+    assert "key #1 has reached its balance" in result.message
+    assert "key #0 has reached its daily quota" in result.message
+    assert "key #2 has reached its daily quota" in result.message
+    assert caplog.text.count("key #1 set aside") == 1
 
 
 async def test_three_keys_one_out_of_quota_the_others_finish(tmp_path: Path) -> None:
